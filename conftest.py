@@ -1,0 +1,3 @@
+"""pytest configuration: the attnspec plugin (--impl, Hypothesis profiles) and the repo on sys.path."""
+
+pytest_plugins = ["spec.plugin"]

@@ -1,0 +1,20 @@
+"""The outcomes a check can raise besides passing. Everything else raised inside a check is a bug
+in the module under test (wrapped as a Violation by spec.case) or in attnspec itself."""
+
+
+class Violation(AssertionError):
+    """The module under test breaks an invariant; the message names the offending values."""
+
+
+class NotApplicable(Exception):
+    """The invariant cannot observe what it needs on this target (e.g. fused attention hides its
+    weights, or the adapter does not say where the projections live). Never counted as a pass."""
+
+
+class Unsupported(Exception):
+    """The target (through its adapter) declines this configuration; the example is skipped and
+    counted in the report."""
+
+
+class UsageError(Exception):
+    """Bad command-line or target input: unknown kind, malformed or unimportable target."""

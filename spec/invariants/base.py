@@ -1,0 +1,43 @@
+"""The invariant record. The catalogue is data: the CLI, the pytest tests, SPEC.md and the reports
+all read it. Adding an invariant means adding one decorated check function to a section module."""
+
+from dataclasses import dataclass, field
+
+ALL_KINDS = ("self-attention", "causal-attention", "mha-wrapper", "mha", "transformer-block")
+CAUSAL_KINDS = ("causal-attention", "mha-wrapper", "mha", "transformer-block")
+DROPOUT_KINDS = CAUSAL_KINDS
+OBSERVES = {
+    "forward": "black-box: calls forward only",
+    "weights": "the attention weights, recorded by a softmax/dropout/matmul probe",
+    "params": "the query/key/value/output projections (seed names or an adapter)",
+    "weights+params": "the attention weights and the projections",
+    "structure": "named sub-modules: the wrapper's heads, the block's att/ff (seed names or an adapter)",
+}
+
+CATALOGUE = []
+
+
+@dataclass(frozen=True)
+class Invariant:
+    id: str  # stable: used by --only/--skip, reports and repro commands
+    statement: str  # one line, the math
+    kinds: tuple
+    observes: str  # a key of OBSERVES
+    section: str  # the spec module it lives in
+    check: object = field(repr=False)  # check(case) -> None; raises Violation or NotApplicable
+    configs: dict = field(default_factory=dict, repr=False)  # keyword overrides for strategies.configs
+
+    def applies_to(self, kind):
+        return kind.name in self.kinds
+
+
+def invariant(id, statement, kinds, observes, **configs):
+    """Register ``check(case)`` as an invariant of the catalogue."""
+    assert observes in OBSERVES, observes
+
+    def register(check):
+        section = check.__module__.rsplit(".", 1)[-1]
+        CATALOGUE.append(Invariant(id, statement, tuple(kinds), observes, section, check, configs))
+        return check
+
+    return register

@@ -1,0 +1,92 @@
+"""The GPT-2 block: pre-LayerNorm sub-layers, GELU feed-forward, residual connections.
+
+Sub-layer inputs and outputs are observed with forward hooks on the adapter's (attention,
+feed_forward) submodules (``att`` and ``ff`` by default)."""
+
+import contextlib
+
+import torch
+
+from spec import oracle
+from spec.errors import NotApplicable, Violation
+from spec.invariants.base import invariant
+from spec.tolerance import assert_close
+
+
+@contextlib.contextmanager
+def _hooked(case, replace_outputs=False):
+    """Record {name: (input, output)} of the block's sub-layers; optionally make them output zeros."""
+    sublayers = case.guard("the adapter's sublayers()", case.target.adapter.sublayers, case.module)
+    if sublayers is None:
+        raise NotApplicable("the block's sub-layers are not found (no `att`/`ff`; an adapter can name them)")
+    seen, handles = {}, []
+    for name, layer in zip(("att", "ff"), sublayers):
+        def hook(module, inputs, output, name=name):
+            seen[name] = (inputs[0].detach(), output.detach())
+            return torch.zeros_like(output) if replace_outputs else None
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _randomize_norms(case, parts):
+    """Random scale/shift, so a swapped or ignored scale/shift shows (both default to 1 and 0)."""
+    generator = torch.Generator().manual_seed(case.cfg.seed)
+    with torch.no_grad():
+        for name in ("norm1", "norm2"):
+            for p in parts[name]:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p))
+
+
+@invariant("layernorm-pre-sublayer",
+           "each sub-layer sees scale*(h-mean)/sqrt(biased var+1e-5)+shift of its input h (pre-LN, per token)",
+           ("transformer-block",), "params")
+def layernorm_pre_sublayer(case):
+    parts = case.projections()
+    _randomize_norms(case, parts)
+    x = case.input()
+    with _hooked(case) as seen:
+        out = case.forward(x)
+    if set(seen) != {"att", "ff"}:
+        raise Violation(f"forward did not call the sub-layers {sorted({'att', 'ff'} - set(seen))}")
+    att_in, att_out = seen["att"]
+    middle = x + att_out  # the residual stream between the sub-layers (eval: dropout is the identity)
+    for name, h, norm in (("att", x, "norm1"), ("ff", middle, "norm2")):
+        expected = oracle.layer_norm(h.double(), oracle.cast(parts[norm], torch.float64))
+        measured = (oracle.layer_norm(h, oracle.cast(parts[norm], h.dtype)) - expected).abs().max()
+        assert_close(seen[name][0], expected, dtype=x.dtype, measured=measured,
+                     what=f"input of {name} vs LayerNorm via {norm} of the residual stream")
+    del out
+
+
+@invariant("feedforward-gelu-tanh", "ff(h) = W2 gelu_tanh(W1 h + b1) + b2 with W1: emb_dim -> 4*emb_dim",
+           ("transformer-block",), "params")
+def feedforward_gelu_tanh(case):
+    parts = case.projections()
+    (w1, _), (w2, _) = parts["ff"]
+    emb = case.cfg.d_in
+    if tuple(w1.shape) != (4 * emb, emb) or tuple(w2.shape) != (emb, 4 * emb):
+        raise Violation(f"feed-forward weights {tuple(w1.shape)}, {tuple(w2.shape)}; expected ({4 * emb}, {emb}), ({emb}, {4 * emb})")
+    with _hooked(case) as seen:
+        case.forward(case.input())
+    h, ff_out = seen["ff"]
+
+    def ff(dtype):
+        (a, b), (c, d) = oracle.cast(parts["ff"], dtype)
+        return oracle.linear(oracle.gelu_tanh(oracle.linear(h.to(dtype), (a, b))), (c, d))
+
+    expected = ff(torch.float64)
+    assert_close(ff_out, expected, dtype=h.dtype, measured=(ff(h.dtype) - expected).abs().max(),
+                 what="feed-forward output vs W2 gelu_tanh(W1 h + b1) + b2")
+
+
+@invariant("block-residual-identity", "with both sub-layers outputting zeros, the block is the identity (residuals)",
+           ("transformer-block",), "structure")
+def block_residual_identity(case):
+    x = case.input()
+    with _hooked(case, replace_outputs=True):
+        out = case.forward(x)
+    assert_close(out, x, dtype=x.dtype, what="block output with zeroed sub-layers vs its input")

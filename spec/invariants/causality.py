@@ -1,0 +1,72 @@
+"""Where information may flow: causality, prefixes, the batch, token order."""
+
+import torch
+
+from spec.errors import Violation
+from spec.invariants.base import CAUSAL_KINDS, invariant
+from spec.tolerance import assert_close
+
+
+def _magnitude(*tensors):
+    return max(t.detach().abs().max().item() for t in tensors)
+
+
+@invariant("causal-perturbation", "changing tokens after t leaves outputs at positions <= t unchanged",
+           CAUSAL_KINDS, "forward", min_tokens=2)
+def causal_perturbation(case):
+    x = case.input()
+    out = case.forward(x)
+    noise = case.input(salt=1)
+    for t in range(x.shape[-2] - 1):
+        perturbed = x.clone()
+        perturbed[..., t + 1:, :] = noise[..., t + 1:, :]
+        changed = case.forward(perturbed)
+        assert_close(changed[..., : t + 1, :], out[..., : t + 1, :], dtype=x.dtype,
+                     magnitude=_magnitude(out, x), what=f"outputs at positions <= {t} after changing tokens > {t}")
+
+
+@invariant("prefix-consistency", "forward(x[:, :t]) equals forward(x)[:, :t] for every t < num_tokens",
+           CAUSAL_KINDS, "forward", min_tokens=2)
+def prefix_consistency(case):
+    x = case.input()
+    out = case.forward(x)
+    for t in range(1, x.shape[-2]):
+        assert_close(case.forward(x[..., :t, :]), out[..., :t, :], dtype=x.dtype,
+                     magnitude=_magnitude(out, x), what=f"forward of the {t}-token prefix vs the first {t} outputs")
+
+
+@invariant("gradient-causality", "d out_t / d x_s = 0 for every s > t",
+           CAUSAL_KINDS, "forward", min_tokens=2)
+def gradient_causality(case):
+    x = case.input().requires_grad_(True)
+    out = case.forward(x)
+    for t in range(x.shape[-2] - 1):
+        (grad,) = case.guard("backward", torch.autograd.grad, out[..., t, :].sum(), x, retain_graph=True,
+                             allow_unused=True)
+        if grad is None:
+            continue  # output at t does not depend on x at all: trivially causal
+        future = grad[..., t + 1:, :]
+        assert_close(future, torch.zeros_like(future), dtype=x.dtype, magnitude=_magnitude(grad),
+                     what=f"d out[{t}] / d x[s > {t}] (should be 0)")
+
+
+@invariant("batch-independence", "each batch element's output equals forward of that element alone",
+           ("causal-attention", "mha-wrapper", "mha", "transformer-block"), "forward", min_batch=2)
+def batch_independence(case):
+    x = case.input()
+    out = case.forward(x)
+    for i in range(x.shape[0]):
+        assert_close(case.forward(x[i:i + 1]), out[i:i + 1], dtype=x.dtype, magnitude=_magnitude(out, x),
+                     what=f"batch element {i} alone vs in the batch of {x.shape[0]}")
+
+
+@invariant("permutation-equivariance", "non-causal self-attention commutes with token permutations: f(Px) = P f(x)",
+           ("self-attention",), "forward", min_tokens=2)
+def permutation_equivariance(case):
+    x = case.input()
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(case.cfg.seed))
+    if torch.equal(perm, torch.arange(x.shape[0])):
+        perm = perm.roll(1)
+    out = case.forward(x)
+    assert_close(case.forward(x[perm]), out[perm], dtype=x.dtype, magnitude=_magnitude(out, x),
+                 what=f"f(x[perm]) vs f(x)[perm] with perm={perm.tolist()}")

@@ -1,0 +1,68 @@
+"""The forward contract: what any module of the kind returns, and what it must leave alone."""
+
+import torch
+from hypothesis import strategies as st
+
+from spec.errors import Violation
+from spec.invariants.base import ALL_KINDS, DROPOUT_KINDS, invariant
+from spec.strategies import LARGE_SCALES
+from spec.tolerance import assert_close
+
+
+@invariant("output-contract", "forward(x) is a Tensor of the kind's output shape, x's dtype and device",
+           ALL_KINDS, "forward")
+def output_contract(case):
+    x = case.input()
+    out = case.forward(x)  # checks Tensor and shape
+    if out.dtype != x.dtype or out.device != x.device:
+        raise Violation(f"output dtype/device {out.dtype}/{out.device}, expected {x.dtype}/{x.device}")
+
+
+@invariant("finite-output", "finite x of any magnitude (|x| up to 1e4) gives finite output; softmax must not overflow",
+           ALL_KINDS, "forward", scales=LARGE_SCALES)
+def finite_output(case):
+    out = case.forward(case.input())
+    if not torch.isfinite(out).all():
+        index = tuple(int(i) for i in (~torch.isfinite(out)).nonzero()[0])
+        raise Violation(f"output[{index}] = {out[index].item()} for finite input of scale {case.cfg.scale:g}")
+
+
+@invariant("input-not-mutated", "forward leaves its input bit-for-bit unchanged, in eval and in train mode",
+           ALL_KINDS, "forward")
+def input_not_mutated(case):
+    x = case.input()
+    before = x.clone()
+    for train in (False, True):
+        case.forward(x, train=train)
+        if not torch.equal(x, before):
+            changed = (x != before).nonzero()[0].tolist()
+            raise Violation(f"forward ({'train' if train else 'eval'}) changed input at index {tuple(changed)}: "
+                            f"{before[tuple(changed)].item():.6g} -> {x[tuple(changed)].item():.6g}")
+
+
+@invariant("state-unchanged", "forward leaves every parameter and buffer unchanged (no in-place mask or weight edits)",
+           ALL_KINDS, "forward")
+def state_unchanged(case):
+    before = {k: v.detach().clone() for k, v in case.module.state_dict().items()}
+    x = case.input()
+    for train in (False, True):
+        case.forward(x, train=train)
+        for name, value in case.module.state_dict().items():
+            if name not in before or not torch.equal(value, before[name]):
+                raise Violation(f"forward ({'train' if train else 'eval'}) changed {name!r}")
+
+
+@invariant("eval-deterministic", "in eval mode forward is a function: two calls on the same x agree",
+           ALL_KINDS, "forward")
+def eval_deterministic(case):
+    x = case.input()
+    first = case.forward(x)
+    torch.manual_seed(case.cfg.seed + 1)  # a different RNG state: eval must not use it
+    assert_close(case.forward(x), first, dtype=x.dtype, what="second eval forward vs first")
+
+
+@invariant("train-p0-equals-eval", "with dropout=0, train-mode forward equals eval-mode forward",
+           DROPOUT_KINDS, "forward", dropouts=st.just(0.0))
+def train_p0_equals_eval(case):
+    x = case.input()
+    assert_close(case.forward(x, train=True), case.forward(x), dtype=x.dtype, what="train (p=0) vs eval output")

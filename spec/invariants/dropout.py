@@ -1,0 +1,68 @@
+"""Dropout on the attention weights: inverted dropout, unbiased, at the configured rate.
+
+Statistical checks run at a stated false-alarm rate FALSE_ALARM per example; their randomness
+comes from the config's seed, so a verdict is reproducible and CI (derandomized) is deterministic."""
+
+import math
+from statistics import NormalDist
+
+import torch
+
+from spec.errors import Violation
+from spec.invariants.base import invariant
+from spec.strategies import NONZERO_DROPOUTS
+from spec.tolerance import allowed_error, assert_close
+
+FALSE_ALARM = 1e-6  # probability that a correct module fails one example of a statistical check
+DRAWS = 1024  # dropout draws averaged by dropout-unbiased
+
+
+def binomial_two_sided_p(k, n, p):
+    """Exact two-sided p-value of k successes in n Bernoulli(p) trials (sum of outcomes no likelier than k)."""
+    def log_pmf(i):
+        return math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+    observed = log_pmf(k)
+    return min(1.0, sum(math.exp(log_pmf(i)) for i in range(n + 1) if log_pmf(i) <= observed + 1e-9))
+
+
+@invariant("dropout-on-weights",
+           "train mode: each applied weight is 0 or w/(1-p) (w its eval weight), and a fraction ~p of w>0 is zeroed",
+           ("causal-attention", "mha-wrapper", "mha", "transformer-block"), "weights", dropouts=NONZERO_DROPOUTS)
+def dropout_on_weights(case):
+    x, p = case.input(), case.cfg.dropout
+    _, eval_seen = case.observe(x)
+    _, train_seen = case.observe(x, train=True)
+    zeroed = total = 0
+    for w, a in zip(eval_seen.applied_weights(), train_seen.applied_weights()):
+        if a.shape != w.shape:
+            raise Violation(f"train-mode weights have shape {tuple(a.shape)}, eval-mode {tuple(w.shape)}")
+        kept = a != 0
+        assert_close(a[kept], (w / (1 - p))[kept], dtype=x.dtype, magnitude=1 / (1 - p),
+                     what=f"kept train-mode weights vs eval weights / (1 - p={p})")
+        positive = w > 0
+        zeroed += int((positive & ~kept).sum())
+        total += int(positive.sum())
+    if total and binomial_two_sided_p(zeroed, total, p) < FALSE_ALARM:
+        raise Violation(f"dropout zeroed {zeroed} of {total} positive weights ({zeroed / total:.3f}), "
+                        f"expected a fraction p={p} (exact binomial test, p-value < {FALSE_ALARM:g})")
+
+
+@invariant("dropout-unbiased",
+           f"train mode is unbiased: the mean of {DRAWS} dropout draws of forward(x) matches eval forward(x)",
+           ("causal-attention", "mha-wrapper", "mha"), "forward", dropouts=NONZERO_DROPOUTS, dtypes=("float64",))
+def dropout_unbiased(case):
+    x = case.input()
+    expected = case.forward(x)
+    draws = case.forward(x.repeat(DRAWS, *([1] * (x.dim() - 1))), train=True)  # batch elements are independent draws
+    draws = draws.reshape(DRAWS, *expected.shape).double()
+    mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(DRAWS)
+    # Bonferroni over the elements: a correct module exceeds z_crit anywhere with probability < FALSE_ALARM
+    # (normal approximation of the mean of DRAWS independent draws).
+    z_crit = NormalDist().inv_cdf(1 - FALSE_ALARM / (2 * expected.numel()))
+    slack = z_crit * stderr + allowed_error(x.dtype, expected.abs().max().item())
+    excess = (mean - expected.double()).abs() - slack
+    if (excess > 0).any():
+        index = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+        raise Violation(f"mean of {DRAWS} train-mode outputs at {index} is {mean[index].item():.5g}, eval output "
+                        f"{expected[index].item():.5g} (± {slack[index].item():.2g} at false-alarm rate {FALSE_ALARM:g}); "
+                        f"ratio {mean[index].item() / expected[index].item():.3f}")

@@ -1,0 +1,60 @@
+"""Differential checks against the float64 oracle on the module's own parameters."""
+
+import torch
+
+from spec import oracle
+from spec.errors import Violation
+from spec.invariants.base import ALL_KINDS, invariant
+from spec.tolerance import assert_close
+
+
+def _projection_leaves(kind, parts):
+    """(label, (weight, bias)) for every query/key/value projection in ``parts``."""
+    if kind.name == "mha-wrapper":
+        return [(f"head {h} {n}", head[n]) for h, head in enumerate(parts) for n in ("query", "key", "value")]
+    att = parts["att"] if kind.name == "transformer-block" else parts
+    return [(n, att[n]) for n in ("query", "key", "value")]
+
+
+def _tensors(parts):
+    if isinstance(parts, torch.Tensor):
+        return [parts]
+    values = parts.values() if isinstance(parts, dict) else parts if isinstance(parts, (list, tuple)) else []
+    return [t for v in values for t in _tensors(v)]
+
+
+@invariant("oracle-float64", "eval forward(x) equals the float64 oracle evaluated on the module's own parameters",
+           ALL_KINDS, "params")
+def oracle_float64(case):
+    parts, x = case.projections(), case.input()
+    expected = oracle.reference(case.kind, case.cfg, parts, x)
+    measured = (oracle.reference(case.kind, case.cfg, parts, x, dtype=x.dtype) - expected).abs().max()
+    assert_close(case.forward(x), expected, dtype=x.dtype, measured=measured,
+                 magnitude=max(expected.abs().max().item(), 1e-30), what="output vs float64 oracle")
+
+
+@invariant("qkv-bias", "qkv_bias=True gives the query/key/value projections a bias, qkv_bias=False none",
+           ALL_KINDS, "params")
+def qkv_bias(case):
+    for label, (_, bias) in _projection_leaves(case.kind, case.projections()):
+        if (bias is not None) != case.cfg.qkv_bias:
+            raise Violation(f"qkv_bias={case.cfg.qkv_bias} but the {label} projection "
+                            f"{'has a bias' if bias is not None else 'has no bias'}")
+
+
+@invariant("weight-transfer",
+           "the seed's weight transfer: a module built from another seed, given these projections, computes the same output",
+           ALL_KINDS, "params")
+def weight_transfer(case):
+    source = case.projections()
+    other = case.build(seed=case.cfg.seed + 1)
+    destination = case.projections(other)
+    pairs = list(zip(_tensors(destination), _tensors(source)))
+    if len(pairs) != len(_tensors(source)) or any(d.shape != s.shape for d, s in pairs):
+        raise Violation("modules built from two seeds have differently shaped projections")
+    with torch.no_grad():
+        for d, s in pairs:
+            d.copy_(s)
+    x = case.input()
+    assert_close(case.forward(x, module=other), case.forward(x), dtype=x.dtype,
+                 what="output of a module given this module's projections vs this module")

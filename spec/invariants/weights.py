@@ -1,0 +1,78 @@
+"""The attention weights: a probability distribution over the past, as the seed builds it."""
+
+import math
+
+import torch
+
+from spec import oracle
+from spec.errors import Violation
+from spec.invariants.base import ALL_KINDS, CAUSAL_KINDS, invariant
+from spec.tolerance import assert_close
+
+
+def _first(mask):
+    return tuple(int(i) for i in mask.nonzero()[0])
+
+
+@invariant("weights-rows-sum-to-one", "in eval mode every row of the applied attention weights sums to 1",
+           ALL_KINDS, "weights")
+def rows_sum_to_one(case):
+    _, seen = case.observe(case.input())
+    for weights in seen.applied_weights():
+        sums = weights.sum(-1)
+        assert_close(sums, torch.ones_like(sums), dtype=weights.dtype, magnitude=1.0,
+                     what=f"row sums of the attention weights {tuple(weights.shape)} (index = row)")
+
+
+@invariant("weights-future-zero", "w[i, j] == 0 exactly for every key j after query i",
+           CAUSAL_KINDS, "weights")
+def future_zero(case):
+    _, seen = case.observe(case.input())
+    for weights in seen.applied_weights():
+        future = oracle.causal_mask(weights.shape[-1], weights.device).expand_as(weights) & (weights != 0)
+        if future.any():
+            index = _first(future)
+            raise Violation(f"future position (query {index[-2]}, key {index[-1]}) at index {index} "
+                            f"has weight {weights[index].item():.4g}")
+
+
+@invariant("masked-softmax-renormalized",
+           "the applied weights equal the seed's multiply-and-renormalize: tril(softmax(S)) / row sums",
+           CAUSAL_KINDS, "weights")
+def masked_softmax_renormalized(case):
+    _, seen = case.observe(case.input())
+    for head, applied in zip(seen.heads, seen.applied_weights()):
+        scores = head.scores.to(torch.float64)
+        scores = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))  # future values are irrelevant
+        expected = oracle.renormalized_causal(torch.softmax(scores, -1))
+        measured = (oracle.renormalized_causal(torch.softmax(scores.to(applied.dtype), -1)) - expected).abs().max()
+        assert_close(applied, expected, dtype=applied.dtype, magnitude=1.0, measured=measured,
+                     what="applied weights vs tril(softmax(scores)) renormalized")
+
+
+@invariant("scaling-sqrt-head-dim", "the softmax input is Q_h K_h^T / sqrt(head_dim): weights equal the oracle's",
+           ALL_KINDS, "weights+params")
+def scaling_sqrt_head_dim(case):
+    parts = case.projections()
+    x = case.input()
+    _, seen = case.observe(x)
+    observed = torch.cat([h.weights.reshape(-1) for h in seen.heads])
+    expected = oracle.reference_weights(case.kind, case.cfg, parts, x).reshape(-1)
+    if observed.numel() != expected.numel():
+        raise Violation(f"observed {observed.numel()} attention weights, expected {expected.numel()} "
+                        f"(num_heads={case.cfg.num_heads}, num_tokens={case.cfg.num_tokens})")
+    measured = (oracle.reference_weights(case.kind, case.cfg, parts, x, dtype=x.dtype).reshape(-1) - expected).abs().max()
+    try:
+        assert_close(observed, expected, dtype=x.dtype, magnitude=1.0, measured=measured,
+                     what=f"attention weights vs softmax(QK^T/sqrt({case.kind.attention_head_dim(case.cfg)}))")
+    except Violation as mismatch:
+        head_dim, cfg = case.kind.attention_head_dim(case.cfg), case.cfg
+        for label, d_k in ((f"sqrt(d_out={cfg.d_out})", cfg.d_out), (f"sqrt(d_in={cfg.d_in})", cfg.d_in),
+                           ("1 (no scaling)", 1), (f"head_dim={head_dim} (not its sqrt)", head_dim**2)):
+            if d_k == head_dim:
+                continue
+            other = oracle.reference_weights(case.kind, cfg, parts, x, d_k=d_k).reshape(-1)
+            if (observed.double() - other).abs().max() <= 1e3 * max(measured.item(), 1e-7):
+                raise Violation(f"{mismatch}; the weights match scores divided by {label}, "
+                                f"expected sqrt(head_dim)={math.sqrt(head_dim):.4g}") from None
+        raise

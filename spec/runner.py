@@ -1,0 +1,188 @@
+"""Run invariants against targets under a Hypothesis profile; the repro is added here, once.
+
+Each (invariant, target) pair becomes one ``@given`` test (``hypothesis_test``): pytest runs it
+directly, ``check_target`` runs it and turns the outcome into a Result. Before searching, the
+strategy's simplest configuration is tried once: a structural n/a or a plain bug is settled in
+milliseconds, and that example is already minimal."""
+
+import json
+import shlex
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from hypothesis import Phase, event, find, given, note, seed as hypothesis_seed, settings
+
+from spec.case import Case
+from spec.errors import NotApplicable, Unsupported, UsageError, Violation
+from spec.invariants import BY_ID, CATALOGUE
+from spec.strategies import configs
+
+
+@dataclass
+class Options:
+    """What to draw and how hard to look. ``dtypes``/``device``/``sizes`` feed the strategies."""
+
+    max_examples: int = None  # None: the profile's
+    seed: int = None  # None: the profile's (derandomized in ci)
+    dtypes: tuple = ("float32", "float64")
+    device: str = "cpu"
+    sizes: dict = None
+    time_limit: float = None  # per constructor/forward call, seconds
+    only: tuple = ()
+    skip: tuple = ()
+
+    def selected(self):
+        for name in (*self.only, *self.skip):
+            if name not in BY_ID:
+                raise UsageError(f"unknown invariant id {name!r}: run `attnspec list` for the ids")
+        return [inv for inv in CATALOGUE if (not self.only or inv.id in self.only) and inv.id not in self.skip]
+
+
+@dataclass
+class Tally:
+    """What happened across the examples of one invariant on one target."""
+
+    checked: int = 0
+    not_applicable: int = 0
+    unsupported: int = 0
+    na_reason: str = ""
+    unsupported_reason: str = ""
+    failure: tuple = None  # (cfg, message) of the latest failing example: after shrinking, the minimal one
+    printed: list = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    invariant: str
+    status: str  # "pass", "fail" or "not-applicable"
+    examples: int = 0
+    unsupported: int = 0
+    seconds: float = 0.0
+    reason: str = ""  # why not applicable, or what failed
+    counterexample: dict = None
+    repro: str = ""
+    printed: int = 0  # characters the module printed to stdout (captured, not shown)
+
+
+def strategy_for(inv, kind, options):
+    kwargs = dict(dtypes=options.dtypes, device=options.device, sizes=options.sizes)
+    kwargs.update(inv.configs)
+    return configs(kind, **kwargs)
+
+
+def repro_command(inv, target, cfg):
+    return f"attnspec check {shlex.quote(target.spec)} --only {inv.id} --example {shlex.quote(cfg.to_json())}"
+
+
+def run_example(inv, target, cfg, tally, time_limit=None):
+    """Check one configuration; raises Violation (recorded in tally) if the invariant is broken."""
+    case = Case(target, cfg, time_limit=time_limit, stdout_sink=tally.printed)
+    try:
+        inv.check(case)
+        tally.checked += 1
+    except NotApplicable as e:
+        tally.not_applicable += 1
+        tally.na_reason = str(e)
+    except Unsupported as e:
+        tally.unsupported += 1
+        tally.unsupported_reason = str(e)
+    except Violation as e:
+        tally.failure = (cfg, str(e))
+        raise
+    except Exception as e:  # a bug in attnspec itself: say so loudly, with where
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        tally.failure = (cfg, f"internal error in attnspec ({where.filename}:{where.lineno}): {type(e).__name__}: {e}")
+        raise Violation(tally.failure[1]) from e
+
+
+def hypothesis_test(inv, target, options=None, tally=None):
+    """The @given test driving ``inv`` over configurations of ``target``'s kind."""
+    options = options or Options()
+    tally = Tally() if tally is None else tally
+
+    @given(cfg=strategy_for(inv, target.kind, options))
+    def test(cfg):
+        note(f"reproduce: {repro_command(inv, target, cfg)}")
+        event(f"num_heads={cfg.num_heads} num_tokens={'full' if cfg.num_tokens == cfg.context_length else 'short'}")
+        run_example(inv, target, cfg, tally, options.time_limit)
+
+    # Hypothesis keys its example database by the test's source; ours is shared, so add the pair.
+    test._hypothesis_internal_add_digest = f"{inv.id}|{target.spec}".encode()
+    if options.max_examples is not None:
+        test = settings(settings.default, max_examples=options.max_examples)(test)
+    if options.seed is not None:
+        test = settings(settings.default, derandomize=False)(hypothesis_seed(options.seed)(test))
+    return test
+
+
+def simplest_config(inv, kind, options):
+    """The strategy's simplest configuration (Hypothesis tries the all-zero choice sequence first)."""
+    return find(strategy_for(inv, kind, options), lambda cfg: True,
+                settings=settings(database=None, max_examples=1, phases=[Phase.generate]))
+
+
+def check_invariant(inv, target, options, example=None):
+    """One Result for ``inv`` on ``target``: pass, fail (with the minimal counterexample), or n/a."""
+    start, tally = time.perf_counter(), Tally()
+
+    def result(status, **kw):
+        return Result(inv.id, status, examples=tally.checked, unsupported=tally.unsupported,
+                      seconds=round(time.perf_counter() - start, 3), printed=sum(map(len, tally.printed)), **kw)
+
+    def failed():
+        cfg, message = tally.failure
+        return result("fail", reason=message, counterexample=json.loads(cfg.to_json()),
+                      repro=repro_command(inv, target, cfg))
+
+    if not inv.applies_to(target.kind):
+        return result("not-applicable", reason=f"does not apply to kind {target.kind.name}")
+    first = example or simplest_config(inv, target.kind, options)
+    if example is not None:
+        reason = target.kind.invalid_reason(example)
+        if reason:
+            raise UsageError(f"--example is not a valid {target.kind.name} configuration: {reason}")
+    try:
+        run_example(inv, target, first, tally, options.time_limit)
+    except Violation:
+        return failed()
+    if tally.not_applicable or example is not None:
+        status = "not-applicable" if tally.not_applicable else "pass"
+        return result(status, reason=tally.na_reason or tally.unsupported_reason)
+    try:
+        hypothesis_test(inv, target, options, tally)()
+    except Violation:
+        return failed()
+    if tally.checked == 0:
+        return result("not-applicable", reason=tally.na_reason or f"every configuration unsupported: {tally.unsupported_reason}")
+    return result("pass", reason=f"unsupported: {tally.unsupported_reason}" if tally.unsupported else "")
+
+
+@dataclass
+class TargetReport:
+    target: object
+    results: list
+
+    @property
+    def failed(self):
+        return any(r.status == "fail" for r in self.results)
+
+    @property
+    def printed(self):
+        return sum(r.printed for r in self.results)
+
+
+def check_target(target, options, progress=None, example=None):
+    """Every selected invariant on one target; ``progress(result)`` is called after each."""
+    results = []
+    contract_broken = None
+    for inv in options.selected():
+        if contract_broken and inv.applies_to(target.kind):
+            results.append(Result(inv.id, "not-applicable", reason=f"not checked: {contract_broken}"))
+        else:
+            results.append(check_invariant(inv, target, options, example))
+            if inv.id == "output-contract" and results[-1].status == "fail" and results[-1].examples == 0:
+                contract_broken = f"the simplest configuration fails output-contract ({results[-1].reason})"
+        if progress:
+            progress(results[-1])
+    return TargetReport(target, results)

@@ -1,0 +1,203 @@
+"""Targets: resolve ``KIND=TARGET`` into something that builds modules, and adapters.
+
+TARGET is ``package.module:Attr`` or ``path/to/file.py:Attr``. Attr is a class or factory with the
+kind's constructor signature, or an ``Adapter`` (a subclass, an instance, or any object with a
+``build(cfg)`` method) for modules whose constructor or parameter layout differs from the seed's.
+"""
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+from spec.errors import Unsupported, UsageError
+from spec.kinds import KINDS, Kind
+
+
+class Adapter:
+    """How to check a module whose constructor or layout is not the seed's.
+
+    Override ``build``; raise ``Unsupported(reason)`` for configurations the module does not support
+    (they are skipped and counted, never silently). Override ``projections`` to say where the
+    query/key/value/output projections live, so parameter-level invariants apply; returning None
+    makes them not applicable."""
+
+    kind = None  # optional: the kind this adapter is written for
+
+    def build(self, cfg):
+        raise NotImplementedError
+
+    def projections(self, module):
+        """Per kind (each projection a ``(weight (out, in), bias or None)`` pair, nn.Linear's layout):
+
+        * self-attention, causal-attention, mha: ``{"query", "key", "value"[, "out"]}``
+        * mha-wrapper: a list of such dicts, one per head, in output order
+        * transformer-block: ``{"att": <mha dict>, "norm1": (scale, shift), "norm2": (scale, shift),
+          "ff": [(W1, b1), (W2, b2)]}``"""
+        return seed_projections(module)
+
+    def heads(self, module):
+        """mha-wrapper only: the head modules whose outputs are concatenated, or None."""
+        heads = getattr(module, "heads", None)
+        return list(heads) if isinstance(heads, (nn.ModuleList, list, tuple)) else None
+
+    def sublayers(self, module):
+        """transformer-block only: ``(attention, feed_forward)`` submodules, or None."""
+        att, ff = getattr(module, "att", None), getattr(module, "ff", None)
+        return (att, ff) if isinstance(att, nn.Module) and isinstance(ff, nn.Module) else None
+
+
+def _linear(obj, transpose_parameter):
+    if isinstance(obj, nn.Linear):
+        return (obj.weight, obj.bias)
+    if isinstance(obj, nn.Parameter) and obj.dim() == 2 and transpose_parameter:
+        return (obj.T, None)  # SelfAttention_v1 stores (d_in, d_out); nn.Linear's layout is (out, in)
+    return None
+
+
+def _norm(obj):
+    for scale, shift in (("scale", "shift"), ("weight", "bias")):
+        s, b = getattr(obj, scale, None), getattr(obj, shift, None)
+        if isinstance(s, nn.Parameter) and isinstance(b, nn.Parameter):
+            return (s, b)
+    return None
+
+
+def seed_projections(module):
+    """Projections under the seed's names (W_query, W_key, W_value, out_proj; heads; att/ff/norm1/norm2)."""
+    if hasattr(module, "W_query"):
+        parts = {name: _linear(getattr(module, attr, None), True)
+                 for name, attr in (("query", "W_query"), ("key", "W_key"), ("value", "W_value"))}
+        if any(p is None for p in parts.values()):
+            return None
+        if isinstance(getattr(module, "out_proj", None), nn.Linear):
+            parts["out"] = _linear(module.out_proj, False)
+        return parts
+    if isinstance(getattr(module, "heads", None), (nn.ModuleList, list)):
+        heads = [seed_projections(h) for h in module.heads]
+        return None if any(h is None for h in heads) else heads
+    if hasattr(module, "att") and hasattr(module, "ff"):
+        att = seed_projections(module.att)
+        linears = [m for m in module.ff.modules() if isinstance(m, nn.Linear)]
+        norms = _norm(getattr(module, "norm1", None)), _norm(getattr(module, "norm2", None))
+        if att is None or "out" not in att or len(linears) != 2 or None in norms:
+            return None
+        return {"att": att, "norm1": norms[0], "norm2": norms[1],
+                "ff": [(linears[0].weight, linears[0].bias), (linears[1].weight, linears[1].bias)]}
+    return None
+
+
+class ConstructorAdapter(Adapter):
+    """A class or factory called with the kind's constructor arguments, in the seed's order."""
+
+    def __init__(self, factory, kind):
+        self.factory, self.kind = factory, kind.name
+        self._kind = kind
+        try:
+            params = inspect.signature(factory).parameters
+            self.accepts_qkv_bias = "qkv_bias" in params or any(
+                p.kind is p.VAR_KEYWORD for p in params.values())
+        except (TypeError, ValueError):  # builtins without a signature: just try
+            self.accepts_qkv_bias = True
+
+    def build(self, cfg):
+        args, kwargs = self._kind.constructor_args(cfg)
+        if "qkv_bias" in kwargs and not self.accepts_qkv_bias:
+            if kwargs.pop("qkv_bias"):
+                raise Unsupported("the constructor has no qkv_bias parameter")
+        return self.factory(*args, **kwargs)
+
+
+@dataclass
+class Target:
+    """One thing to check: a kind, the user's TARGET text, and the adapter that builds modules."""
+
+    kind: Kind
+    name: str
+    adapter: Adapter
+
+    @property
+    def spec(self):
+        return f"{self.kind.name}={self.name}"
+
+
+def _import(module_part):
+    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+        path = Path(module_part).resolve()
+        if not path.is_file():
+            raise UsageError(f"target file {module_part!r} not found")
+        sys.path.insert(0, str(path.parent))  # so the file can import its siblings
+        name = f"attnspec_target_{path.stem}_{abs(hash(str(path)))}"
+        if name in sys.modules:
+            return sys.modules[name]
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException as e:  # the user's file is broken: say so, do not crash
+            del sys.modules[name]
+            raise UsageError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from None
+        return module
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_part)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"cannot import module {module_part!r}: {e}") from None
+    except BaseException as e:
+        raise UsageError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from None
+
+
+def _is_adapter(obj):
+    if isinstance(obj, type):
+        return issubclass(obj, Adapter) or (not issubclass(obj, nn.Module) and callable(getattr(obj, "build", None)))
+    return isinstance(obj, Adapter) or (not isinstance(obj, nn.Module) and callable(getattr(obj, "build", None)))
+
+
+def resolve(text):
+    """``KIND=TARGET`` -> Target, or UsageError with a one-line message saying what is wrong."""
+    kind_name, sep, ref = text.partition("=")
+    if not sep or not kind_name or not ref:
+        raise UsageError(f"malformed target {text!r}: expected KIND=module:Attr or KIND=path/to/file.py:Attr")
+    kind = KINDS.get(kind_name)
+    if kind is None:
+        raise UsageError(f"unknown kind {kind_name!r} in {text!r}: expected one of {', '.join(KINDS)}")
+    module_part, sep, attr = ref.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise UsageError(f"malformed target {ref!r}: expected module:Attr or path/to/file.py:Attr")
+    module = _import(module_part)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(module) if not n.startswith("_"))
+            raise UsageError(f"{module_part!r} has no attribute {attr!r} (it has: {', '.join(public[:12])})")
+        obj = getattr(obj, part)
+    if _is_adapter(obj):
+        adapter = obj() if isinstance(obj, type) else obj
+        declared = getattr(adapter, "kind", None)
+        if declared and declared != kind.name:
+            raise UsageError(f"adapter {attr!r} is written for kind {declared!r}, not {kind.name!r}")
+        for hook in ("projections", "heads", "sublayers"):  # duck-typed adapters get the defaults
+            if not callable(getattr(adapter, hook, None)):
+                setattr(adapter, hook, getattr(Adapter(), hook))
+    elif callable(obj):
+        adapter = ConstructorAdapter(obj, kind)
+    else:
+        raise UsageError(f"{ref!r} is a {type(obj).__name__}, not a class, factory or adapter")
+    return Target(kind, ref, adapter)
+
+
+BUNDLED = [
+    "self-attention=impl:SelfAttention_v1",
+    "self-attention=impl:SelfAttention_v2",
+    "causal-attention=impl:CausalAttention",
+    "mha-wrapper=impl:MultiHeadAttentionWrapper",
+    "mha=impl:MultiHeadAttention",
+    "transformer-block=impl:TransformerBlock",
+]
