@@ -115,6 +115,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"attnspec: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `attnspec list | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

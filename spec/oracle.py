@@ -103,12 +103,12 @@ def reference(kind, cfg, parts, x, dtype=torch.float64):
 
 
 def reference_weights(kind, cfg, parts, x, dtype=torch.float64, d_k=None):
-    """The eval-mode attention weights: (..., H, T, T); the wrapper's heads concatenated along dim 0."""
+    """The eval-mode attention weights, heads stacked: (..., H, T, T)."""
     parts, x = cast(parts, dtype), x.detach().to(dtype)
     if kind.name == "transformer-block":
         x, parts = layer_norm(x, parts["norm1"]), parts["att"]
-    if kind.name == "mha-wrapper":  # one softmax call per head: head-major, like the module's calls
-        return torch.cat([attention(x, head, causal=True, d_k=d_k)[1].squeeze(-3) for head in parts], dim=0)
+    if kind.name == "mha-wrapper":
+        return torch.cat([attention(x, head, causal=True, d_k=d_k)[1] for head in parts], dim=-3)
     num_heads = cfg.num_heads if kind.name in ("mha", "transformer-block") else 1
     return attention(x, parts, causal=kind.causal, num_heads=num_heads, d_k=d_k)[1]
 

@@ -2,7 +2,7 @@
 
 A ``TorchFunctionMode`` records the calls a module makes to softmax (``torch.softmax``,
 ``F.softmax``, ``Tensor.softmax``), dropout (``F.dropout``, ``nn.Dropout``) and matmul (``@``,
-``torch.matmul``, ``bmm``). A softmax over a (num_tokens, num_tokens) score matrix is an
+``torch.matmul``, ``bmm``, ``einsum``). A softmax over a (num_tokens, num_tokens) score matrix is an
 attention softmax; the left operand of the next (…, T, T) @ V matmul is the weights actually
 applied (after any renormalization or dropout). A fused ``scaled_dot_product_attention`` hides
 its weights: then nothing is observed and weight-level invariants are not applicable.
@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax}
 DROPOUT = {F.dropout, torch.dropout}
-MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.einsum}
 
 
 @dataclass
@@ -25,8 +25,8 @@ class Head:
 
     scores: torch.Tensor  # the softmax input, (..., T, T)
     weights: torch.Tensor  # the softmax output
-    applied: torch.Tensor = None  # left operand of the following weights @ values, if seen
-    dropout_p: float = None  # p of a dropout applied to these weights, if seen
+    applied: torch.Tensor = None  # the weights operand of the following weights @ values, if seen
+    dropped: torch.Tensor = None  # the output of a train-mode dropout applied to these weights, if seen
 
 
 @dataclass
@@ -34,8 +34,9 @@ class Observation:
     heads: list = field(default_factory=list)
 
     def applied_weights(self):
-        """The weights multiplied into the values, per softmax call (the softmax output if no matmul seen)."""
-        return [h.applied if h.applied is not None else h.weights for h in self.heads]
+        """The weights multiplied into the values, per softmax call: the matmul operand if seen, else the
+        dropout output if seen, else the softmax output."""
+        return [next(w for w in (h.applied, h.dropped, h.weights) if w is not None) for h in self.heads]
 
 
 class AttentionProbe(TorchFunctionMode):
@@ -55,11 +56,13 @@ class AttentionProbe(TorchFunctionMode):
             self._open = Head(scores=args[0].detach().clone(), weights=out.detach().clone())
             self.observation.heads.append(self._open)
         elif func in DROPOUT and self._open is not None and self._is_square(out):
-            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-            training = kwargs.get("training", args[2] if len(args) > 2 else True)
-            if training:
-                self._open.dropout_p = float(p)
-        elif func in MATMUL and self._open is not None and self._is_square(args[0]):
-            self._open.applied = args[0].detach().clone()
-            self._open = None
+            self._open.dropped = out.detach().clone()
+        elif func in MATMUL and self._open is not None:
+            operands = args[1:] if func is torch.einsum else args[:1]  # einsum(equation, *operands)
+            if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+                operands = operands[0]
+            square = [t for t in operands if self._is_square(t)]
+            if square:
+                self._open.applied = square[0].detach().clone()
+                self._open = None
         return out

@@ -30,7 +30,7 @@ def matrix(reports):
         marks = []
         for rep in reports:
             result = next((r for r in rep.results if r.invariant == inv_id), None)
-            marks.append("·" if result is None or not BY_ID[inv_id].applies_to(rep.target.kind) else MARK[result.status])
+            marks.append(MARK[result.status] if result else "·")
         lines.append(f"{inv_id:<{width}}  " + "  ".join(f"{m:>5}" for m in marks))
     lines.append("(· = the invariant does not apply to the kind)")
     for col, rep in zip(cols, reports):
@@ -59,8 +59,7 @@ def details(reports):
             total = sum(r.unsupported for r in unsupported)
             lines.append(f"note: {rep.target.spec}: {total} drawn configurations skipped as unsupported "
                          f"({unsupported[0].reason})")
-        skipped = [r for r in rep.results if r.status == "not-applicable" and not r.reason.startswith("does not apply")]
-        for r in skipped:
+        for r in (r for r in rep.results if r.status == "not-applicable"):
             lines.append(f"n/a {r.invariant} on {rep.target.spec}: {r.reason}")
         if rep.printed:
             lines.append(f"warning: {rep.target.spec} printed {rep.printed} characters to stdout during the "
@@ -105,7 +104,7 @@ def write_json(path, reports, profile, options):
 
 def to_markdown(reports, profile):
     ids = [inv_id for inv_id in BY_ID if any(r.invariant == inv_id for rep in reports for r in rep.results)]
-    icon = {"pass": "✅", "fail": "❌", "not-applicable": "—"}
+    icon = {"pass": "✅", "fail": "❌", "not-applicable": "n/a"}
     lines = [f"## attnspec conformance ({profile} profile)", "",
              "| invariant | " + " | ".join(f"`{rep.target.spec}`" for rep in reports) + " |",
              "|---|" + "---|" * len(reports)]
@@ -113,7 +112,7 @@ def to_markdown(reports, profile):
         cells = []
         for rep in reports:
             result = next((r for r in rep.results if r.invariant == inv_id), None)
-            cells.append(icon[result.status] if result else "")
+            cells.append(icon[result.status] if result else "·")
         lines.append(f"| `{inv_id}` | " + " | ".join(cells) + " |")
     failures = [(rep, r) for rep in reports for r in rep.results if r.status == "fail"]
     if failures:

@@ -173,11 +173,11 @@ class TargetReport:
 
 
 def check_target(target, options, progress=None, example=None):
-    """Every selected invariant on one target; ``progress(result)`` is called after each."""
+    """Every selected invariant that applies to the target's kind; ``progress(result)`` after each."""
     results = []
     contract_broken = None
-    for inv in options.selected():
-        if contract_broken and inv.applies_to(target.kind):
+    for inv in (inv for inv in options.selected() if inv.applies_to(target.kind)):
+        if contract_broken:
             results.append(Result(inv.id, "not-applicable", reason=f"not checked: {contract_broken}"))
         else:
             results.append(check_invariant(inv, target, options, example))

@@ -48,8 +48,30 @@ class Adapter:
 
     def sublayers(self, module):
         """transformer-block only: ``(attention, feed_forward)`` submodules, or None."""
-        att, ff = getattr(module, "att", None), getattr(module, "ff", None)
-        return (att, ff) if isinstance(att, nn.Module) and isinstance(ff, nn.Module) else None
+        att, ff = (_named(module, NAMES[n], nn.Module) for n in ("att", "ff"))
+        return (att, ff) if att is not None and ff is not None else None
+
+
+# The seed's names first, then the common alternatives (nanoGPT, Hugging Face).
+NAMES = {
+    "query": ("W_query", "q_proj", "query", "W_q"),
+    "key": ("W_key", "k_proj", "key", "W_k"),
+    "value": ("W_value", "v_proj", "value", "W_v"),
+    "out": ("out_proj", "o_proj"),
+    "att": ("att", "attn", "attention", "self_attn"),
+    "ff": ("ff", "mlp", "ffn", "feed_forward"),
+    "norm1": ("norm1", "ln_1", "ln1"),
+    "norm2": ("norm2", "ln_2", "ln2"),
+}
+
+
+def _named(module, names, types):
+    """The first attribute of ``module`` among ``names`` that is an instance of ``types``."""
+    for name in names:
+        obj = getattr(module, name, None)
+        if isinstance(obj, types):
+            return obj
+    return None
 
 
 def _linear(obj, transpose_parameter):
@@ -69,23 +91,20 @@ def _norm(obj):
 
 
 def seed_projections(module):
-    """Projections under the seed's names (W_query, W_key, W_value, out_proj; heads; att/ff/norm1/norm2)."""
-    if hasattr(module, "W_query"):
-        parts = {name: _linear(getattr(module, attr, None), True)
-                 for name, attr in (("query", "W_query"), ("key", "W_key"), ("value", "W_value"))}
-        if any(p is None for p in parts.values()):
-            return None
-        if isinstance(getattr(module, "out_proj", None), nn.Linear):
-            parts["out"] = _linear(module.out_proj, False)
-        return parts
+    """Projections found by name (the seed's first, see NAMES): q/k/v[/out]; a wrapper's heads; a block's parts."""
+    qkv = {n: _linear(_named(module, NAMES[n], (nn.Linear, nn.Parameter)), True) for n in ("query", "key", "value")}
+    if all(p is not None for p in qkv.values()):
+        out = _named(module, NAMES["out"], nn.Linear)
+        return qkv if out is None else {**qkv, "out": _linear(out, False)}
     if isinstance(getattr(module, "heads", None), (nn.ModuleList, list)):
         heads = [seed_projections(h) for h in module.heads]
-        return None if any(h is None for h in heads) else heads
-    if hasattr(module, "att") and hasattr(module, "ff"):
-        att = seed_projections(module.att)
-        linears = [m for m in module.ff.modules() if isinstance(m, nn.Linear)]
-        norms = _norm(getattr(module, "norm1", None)), _norm(getattr(module, "norm2", None))
-        if att is None or "out" not in att or len(linears) != 2 or None in norms:
+        return None if not heads or any(h is None for h in heads) else heads
+    att, ff = (_named(module, NAMES[n], nn.Module) for n in ("att", "ff"))
+    if att is not None and ff is not None:
+        att = seed_projections(att)
+        linears = [m for m in ff.modules() if isinstance(m, nn.Linear)]
+        norms = [_norm(_named(module, NAMES[n], nn.Module)) for n in ("norm1", "norm2")]
+        if not isinstance(att, dict) or "out" not in att or len(linears) != 2 or None in norms:
             return None
         return {"att": att, "norm1": norms[0], "norm2": norms[1],
                 "ff": [(linears[0].weight, linears[0].bias), (linears[1].weight, linears[1].bias)]}

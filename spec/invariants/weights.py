@@ -56,12 +56,15 @@ def scaling_sqrt_head_dim(case):
     parts = case.projections()
     x = case.input()
     _, seen = case.observe(x)
-    observed = torch.cat([h.weights.reshape(-1) for h in seen.heads])
-    expected = oracle.reference_weights(case.kind, case.cfg, parts, x).reshape(-1)
-    if observed.numel() != expected.numel():
-        raise Violation(f"observed {observed.numel()} attention weights, expected {expected.numel()} "
-                        f"(num_heads={case.cfg.num_heads}, num_tokens={case.cfg.num_tokens})")
-    measured = (oracle.reference_weights(case.kind, case.cfg, parts, x, dtype=x.dtype).reshape(-1) - expected).abs().max()
+    T = x.shape[-2]
+    lead = (x.shape[0],) if case.kind.batched else ()
+    # Heads stacked as (..., H, T, T) whether computed in one softmax call or one call per head.
+    observed = torch.cat([h.weights.reshape(*lead, -1, T, T) for h in seen.heads], dim=-3)
+    expected = oracle.reference_weights(case.kind, case.cfg, parts, x).reshape(*lead, -1, T, T)
+    if observed.shape != expected.shape:
+        raise Violation(f"observed attention weights of shape {tuple(observed.shape)} (heads stacked), expected "
+                        f"{tuple(expected.shape)} (num_heads={case.cfg.num_heads}, num_tokens={T})")
+    measured = (oracle.reference_weights(case.kind, case.cfg, parts, x, dtype=x.dtype).reshape(expected.shape) - expected).abs().max()
     try:
         assert_close(observed, expected, dtype=x.dtype, magnitude=1.0, measured=measured,
                      what=f"attention weights vs softmax(QK^T/sqrt({case.kind.attention_head_dim(case.cfg)}))")
@@ -71,7 +74,7 @@ def scaling_sqrt_head_dim(case):
                            ("1 (no scaling)", 1), (f"head_dim={head_dim} (not its sqrt)", head_dim**2)):
             if d_k == head_dim:
                 continue
-            other = oracle.reference_weights(case.kind, cfg, parts, x, d_k=d_k).reshape(-1)
+            other = oracle.reference_weights(case.kind, cfg, parts, x, d_k=d_k).reshape(expected.shape)
             if (observed.double() - other).abs().max() <= 1e3 * max(measured.item(), 1e-7):
                 raise Violation(f"{mismatch}; the weights match scores divided by {label}, "
                                 f"expected sqrt(head_dim)={math.sqrt(head_dim):.4g}") from None

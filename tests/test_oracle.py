@@ -1,0 +1,102 @@
+"""Theorems of the spec itself, tested on the oracle and the harness's own machinery."""
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+from spec import oracle
+from spec.errors import Violation
+from spec.invariants.dropout import binomial_two_sided_p
+from spec.probe import AttentionProbe
+from spec.tolerance import allowed_error, assert_close
+
+import pytest
+
+
+@st.composite
+def score_matrices(draw, max_tokens=6):
+    """A (T, T) float64 score matrix with entries in [-30, 30]."""
+    t = draw(st.integers(1, max_tokens), label="num_tokens")
+    values = draw(st.lists(st.floats(-30, 30), min_size=t * t, max_size=t * t), label="scores")
+    return torch.tensor(values, dtype=torch.float64).reshape(t, t)
+
+
+@given(score_matrices())
+def test_masked_softmax_equals_renormalized_masking(scores):
+    """softmax(S with -inf above the diagonal) == tril(softmax(S)) / row sums, for any S."""
+    masked = torch.softmax(scores.masked_fill(oracle.causal_mask(scores.shape[0]), -math.inf), -1)
+    assert_close(masked, oracle.renormalized_causal(torch.softmax(scores, -1)), dtype=torch.float64,
+                 magnitude=1.0, what="masked softmax vs renormalized masking")
+
+
+@given(st.integers(1, 8), st.floats(0.0, 0.95), st.lists(st.floats(0.0, 1.0), min_size=8, max_size=8))
+def test_inverted_dropout_expectation_is_identity(n, p, weights):
+    """E[m * w / (1-p)] = w, m ~ Bernoulli(1-p) per element: exact sum over all 2^n masks."""
+    w = torch.tensor(weights[:n], dtype=torch.float64)
+    expectation = torch.zeros_like(w)
+    for mask in itertools.product((0, 1), repeat=n):
+        m = torch.tensor(mask, dtype=torch.float64)
+        probability = math.prod((1 - p) if keep else p for keep in mask)
+        expectation += probability * m * w / (1 - p)
+    assert_close(expectation, w, dtype=torch.float64, magnitude=1.0, what="E[dropout(w)]")
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**16))
+def test_head_split_reshape_equals_per_head_loop(num_heads, head_dim, num_tokens, d_in, seed):
+    """Splitting by reshape/transpose equals attending with each head's row slice, concatenated."""
+    g = torch.Generator().manual_seed(seed)
+    d_out = num_heads * head_dim
+    parts = {n: (torch.randn(d_out, d_in, generator=g, dtype=torch.float64), None) for n in ("query", "key", "value")}
+    x = torch.randn(2, num_tokens, d_in, generator=g, dtype=torch.float64)
+    joint = oracle.attention(x, parts, causal=True, num_heads=num_heads)[0]
+    looped = torch.cat([oracle.attention(x, h, causal=True)[0] for h in oracle.head_slices(parts, num_heads)], -1)
+    note(f"d_out={d_out}")
+    assert_close(joint, looped, dtype=torch.float64, what="reshape split vs per-head loop")
+
+
+def test_gelu_tanh_matches_torch_tanh_approximation():
+    x = torch.linspace(-6, 6, 101, dtype=torch.float64)
+    assert_close(oracle.gelu_tanh(x), F.gelu(x, approximate="tanh"), dtype=torch.float64, what="gelu")
+
+
+def test_assert_close_rejects_nan_and_names_the_worst_element():
+    with pytest.raises(Violation, match="non-finite"):
+        assert_close(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]), dtype=torch.float32, what="x")
+    with pytest.raises(Violation, match=r"index \(1,\)"):
+        assert_close(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]), dtype=torch.float32, what="x")
+    assert_close(torch.tensor([1.0, 2.0 + 1e-7]), torch.tensor([1.0, 2.0]), dtype=torch.float32, what="x")
+
+
+def test_tolerance_grows_with_magnitude_and_shrinks_with_precision():
+    assert allowed_error(torch.float32, 100.0) > allowed_error(torch.float32, 1.0)
+    assert allowed_error(torch.float64, 1.0) < allowed_error(torch.float32, 1.0) < allowed_error(torch.bfloat16, 1.0)
+    assert allowed_error(torch.float32, 1.0, measured=1e-3) >= 1e-3  # the measured oracle error dominates
+
+
+def test_binomial_p_value_is_a_probability_and_flags_wrong_rates():
+    assert binomial_two_sided_p(50, 100, 0.5) == pytest.approx(1.0)
+    assert binomial_two_sided_p(0, 100, 0.5) < 1e-20  # "dropout" that zeroes nothing at p=0.5
+    assert binomial_two_sided_p(3, 10, 0.3) > 0.5
+
+
+@pytest.mark.parametrize("softmax", [torch.softmax, F.softmax, torch.Tensor.softmax, lambda s, dim: torch.nn.Softmax(dim)(s)],
+                         ids=["torch.softmax", "F.softmax", "Tensor.softmax", "nn.Softmax"])
+def test_probe_sees_every_softmax_spelling_and_the_applied_weights(softmax):
+    scores, values = torch.randn(2, 3, 3), torch.randn(2, 3, 4)
+    with AttentionProbe(3) as probe:
+        weights = softmax(scores, dim=-1)
+        renormalized = weights / weights.sum(-1, keepdim=True)
+        renormalized @ values
+    (head,) = probe.observation.heads
+    assert torch.equal(head.weights, weights) and torch.equal(head.applied, renormalized)
+
+
+def test_probe_sees_nothing_in_fused_attention():
+    q = torch.randn(1, 2, 3, 4)
+    with AttentionProbe(3) as probe:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert probe.observation.heads == []
