@@ -53,8 +53,12 @@ def dropout_on_weights(case):
 def dropout_unbiased(case):
     x = case.input()
     expected = case.forward(x)
-    draws = case.forward(x.repeat(DRAWS, *([1] * (x.dim() - 1))), train=True)  # batch elements are independent draws
+    # Replicas along the batch are independent draws; chunked so T x T weights fit in memory at real sizes.
+    chunk = max(1, min(DRAWS, 2**22 // (x.numel() * x.shape[-2] * case.cfg.num_heads)))
+    draws = torch.cat([case.forward(x.repeat(n, *([1] * (x.dim() - 1))), train=True, seed_salt=start).cpu()
+                       for start in range(0, DRAWS, chunk) for n in [min(chunk, DRAWS - start)]])
     draws = draws.reshape(DRAWS, *expected.shape).double()
+    expected = expected.cpu()
     mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(DRAWS)
     # Bonferroni over the elements: a correct module exceeds z_crit anywhere with probability < FALSE_ALARM
     # (normal approximation of the mean of DRAWS independent draws).
