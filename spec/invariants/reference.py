@@ -35,13 +35,17 @@ def oracle_float64(case):
                  magnitude=max(expected.abs().max().item(), 1e-30), what="output vs float64 oracle")
 
 
-@invariant("qkv-bias", "qkv_bias=True gives the query/key/value projections a bias, qkv_bias=False none",
+@invariant("qkv-bias", "qkv_bias=True gives the query/key/value projections a bias, False none; out_proj always has one",
            ALL_KINDS, "params")
 def qkv_bias(case):
-    for label, (_, bias) in _projection_leaves(case.kind, case.projections()):
+    parts = case.projections()
+    for label, (_, bias) in _projection_leaves(case.kind, parts):
         if (bias is not None) != case.cfg.qkv_bias:
             raise Violation(f"qkv_bias={case.cfg.qkv_bias} but the {label} projection "
                             f"{'has a bias' if bias is not None else 'has no bias'}")
+    out = (parts["att"] if case.kind.name == "transformer-block" else parts).get("out") if isinstance(parts, dict) else None
+    if out is not None and out[1] is None:
+        raise Violation("the output projection has no bias (the seed's out_proj is nn.Linear(d_out, d_out), with bias)")
 
 
 @invariant("weight-transfer",

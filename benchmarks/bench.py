@@ -1,0 +1,98 @@
+"""Speed of attnspec under a profile (default ci): time to a verdict per bundled target, time per
+invariant, and time to reject each planted bug of tests/planted.py (search and shrinking included).
+
+    python benchmarks/bench.py [--profile ci] [--repeat 3] [--bugs] [--json PATH]
+
+Prints Markdown tables (medians over --repeat runs). Targets on the 2-core CI machine: median
+verdict for one correct mha target <= 10 s; every planted bug rejected in <= 20 s."""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hypothesis import settings  # noqa: E402
+
+from spec import profiles  # noqa: E402,F401  (registers the profiles)
+from spec.runner import Options, check_target  # noqa: E402
+from spec.targets import BUNDLED, resolve  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def bench_bundled(repeat):
+    rows, per_invariant = [], {}
+    for spec in BUNDLED:
+        target = resolve(spec)
+        times = []
+        for _ in range(repeat):
+            seconds, rep = timed(lambda: check_target(target, Options()))
+            times.append(seconds)
+            assert not rep.failed, f"{spec} failed: {[r.invariant for r in rep.results if r.status == 'fail']}"
+            for r in rep.results:
+                per_invariant.setdefault(r.invariant, {}).setdefault(spec, []).append(r.seconds)
+        rows.append({"target": spec, "median_s": round(statistics.median(times), 2), "max_s": round(max(times), 2)})
+    table = {inv: {spec: round(statistics.median(v), 3) for spec, v in by_target.items()}
+             for inv, by_target in per_invariant.items()}
+    return rows, table
+
+
+def bench_bugs():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from planted import CORPUS
+
+    rows = []
+    for bug in CORPUS:
+        target = resolve(f"{bug.kind}=tests/planted.py:{bug.name}")
+        seconds, rep = timed(lambda: check_target(target, Options()))
+        failed = [r for r in rep.results if r.status == "fail"]
+        first = min((r.seconds for r in failed), default=None)
+        rows.append({"bug": bug.name, "kind": bug.kind, "verdict_s": round(seconds, 2),
+                     "fastest_rejecting_invariant_s": first, "rejected_by": len(failed), "rejected": bool(failed)})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="ci", choices=profiles.PROFILES)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--bugs", action="store_true", help="also time the rejection of every planted bug")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    settings.load_profile(args.profile)
+    rows, table = bench_bundled(args.repeat)
+    print(f"## Time to a verdict, bundled targets ({args.profile} profile, median of {args.repeat})\n")
+    print("| target | median s | max s |\n|---|---|---|")
+    for r in rows:
+        print(f"| `{r['target']}` | {r['median_s']} | {r['max_s']} |")
+    print("\n## Time per invariant (median s)\n")
+    short = [s.split(":")[-1] for s in BUNDLED]
+    print("| invariant | " + " | ".join(short) + " |\n|---|" + "---|" * len(short))
+    for inv, by_target in table.items():
+        print(f"| `{inv}` | " + " | ".join(str(by_target.get(s, "·")) for s in BUNDLED) + " |")
+    figures = {"profile": args.profile, "bundled": rows, "per_invariant": table}
+    if args.bugs:
+        bugs = bench_bugs()
+        figures["bugs"] = bugs
+        times = [b["verdict_s"] for b in bugs]
+        print(f"\n## Planted bugs: time to a verdict (all invariants; search and shrinking included)\n")
+        print(f"{sum(b['rejected'] for b in bugs)}/{len(bugs)} rejected; verdict median {statistics.median(times):.2f} s, "
+              f"max {max(times):.2f} s\n")
+        print("| bug | kind | verdict s | fastest rejecting invariant s | invariants failing |\n|---|---|---|---|---|")
+        for b in bugs:
+            print(f"| `{b['bug']}` | {b['kind']} | {b['verdict_s']} | {b['fastest_rejecting_invariant_s']} | {b['rejected_by']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
