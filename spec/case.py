@@ -59,7 +59,7 @@ class Case:
             raise
         except _Timeout:
             raise Violation(f"{what} did not return within {self.time_limit:g} s") from None
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # sys.exit() in a module must not end the harness
             raise Violation(f"{what} raised {type(e).__name__}: {e}") from None
         finally:
             if buffer.getvalue() and self.stdout_sink is not None:
