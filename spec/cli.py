@@ -4,10 +4,11 @@ Exit status of check: 0 every applicable invariant holds for every target; 1 at 
 violated; 2 usage error (unknown kind, malformed or unimportable target, bad option)."""
 
 import argparse
+import os
 import sys
 import time
 
-from hypothesis import settings
+import torch
 
 from spec import profiles, report
 from spec.errors import UsageError
@@ -50,6 +51,29 @@ def _split_ids(values):
     return tuple(i for v in values for i in v.split(",") if i)
 
 
+def _check_device(device):
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {device!r} is not a torch device: {str(e).splitlines()[0]}") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device!r}: this torch build has no CUDA device available")
+
+
+def _parse_example(text, targets):
+    try:
+        example = Config.from_json(text)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--example is not a configuration JSON: {e}") from None
+    if example.dtype not in DTYPES:
+        raise UsageError(f"--example dtype {example.dtype!r} is not one of {', '.join(DTYPES)}")
+    for target in targets:
+        reason = target.kind.invalid_reason(example)
+        if reason:
+            raise UsageError(f"--example is not a valid {target.kind.name} configuration: {reason}")
+    return example
+
+
 def cmd_list(args):
     if args.markdown:
         print(report.catalogue_markdown(CATALOGUE, OBSERVES), end="")
@@ -65,21 +89,21 @@ def cmd_list(args):
 
 def cmd_check(args):
     profile = args.profile or profiles.default_profile()
-    settings.load_profile(profile)
     if args.max_examples is not None and args.max_examples < 1:
         raise UsageError(f"--max-examples={args.max_examples} must be at least 1")
-    options = Options(max_examples=args.max_examples, seed=args.seed,
+    options = Options(profile=profile, max_examples=args.max_examples, seed=args.seed,
                       dtypes=tuple(args.dtype or ("float32", "float64")), device=args.device,
                       sizes=GPT2_SIZES if args.size == "gpt2" else None, time_limit=args.time_limit,
                       only=_split_ids(args.only), skip=_split_ids(args.skip))
     options.selected()  # validates the ids
-    example = None
-    if args.example:
-        try:
-            example = Config.from_json(args.example)
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--example is not a configuration JSON: {e}") from None
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise UsageError(f"--time-limit={args.time_limit} must be a positive number of seconds")
+    _check_device(args.device)
+    for flag, path in (("--report-json", args.report_json), ("--report-md", args.report_md)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"{flag} {path!r}: directory {os.path.dirname(os.path.abspath(path))!r} does not exist")
     targets = [resolve(t) for t in (args.targets or BUNDLED)]
+    example = _parse_example(args.example, targets) if args.example else None
     err = sys.stderr
     print(report.header(profile, options, targets), file=err)
     reports = []

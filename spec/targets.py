@@ -5,6 +5,7 @@ kind's constructor signature, or an ``Adapter`` (a subclass, an instance, or any
 ``build(cfg)`` method) for modules whose constructor or parameter layout differs from the seed's.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -151,14 +152,13 @@ def _import(module_part):
         if not path.is_file():
             raise UsageError(f"target file {module_part!r} not found")
         sys.path.insert(0, str(path.parent))  # so the file can import its siblings
-        name = f"attnspec_target_{path.stem}_{abs(hash(str(path)))}"
-        if name in sys.modules:
-            return sys.modules[name]
+        name = f"attnspec_target_{path.stem}_{abs(hash(str(path)))}"  # loaded afresh on every resolve
         loader_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[name] = module
         try:
-            loader_spec.loader.exec_module(module)
+            with contextlib.redirect_stdout(sys.stderr):  # prints at import must not corrupt the report
+                loader_spec.loader.exec_module(module)
         except BaseException as e:  # the user's file is broken: say so, do not crash
             del sys.modules[name]
             raise UsageError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from None
@@ -166,7 +166,8 @@ def _import(module_part):
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        return importlib.import_module(module_part)
+        with contextlib.redirect_stdout(sys.stderr):
+            return importlib.import_module(module_part)
     except ModuleNotFoundError as e:
         raise UsageError(f"cannot import module {module_part!r}: {e}") from None
     except BaseException as e:
@@ -208,7 +209,7 @@ def resolve(text):
     elif callable(obj):
         adapter = ConstructorAdapter(obj, kind)
     else:
-        raise UsageError(f"{ref!r} is a {type(obj).__name__}, not a class, factory or adapter")
+        raise UsageError(f"{ref!r} is not a class, factory or adapter: it is {type(obj).__name__} {obj!r:.40}")
     return Target(kind, ref, adapter)
 
 

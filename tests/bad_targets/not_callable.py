@@ -1,0 +1,3 @@
+"""The attribute named in the target is not callable."""
+
+MHA = 3

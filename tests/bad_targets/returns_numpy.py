@@ -1,0 +1,8 @@
+"""forward returns a NumPy array instead of a torch.Tensor."""
+
+from impl import MultiHeadAttention
+
+
+class MHA(MultiHeadAttention):
+    def forward(self, x):
+        return super().forward(x).detach().cpu().numpy()
