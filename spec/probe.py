@@ -3,8 +3,8 @@
 A ``TorchFunctionMode`` records the calls a module makes to softmax (``torch.softmax``,
 ``F.softmax``, ``Tensor.softmax``), dropout (``F.dropout``, ``nn.Dropout``) and matmul (``@``,
 ``torch.matmul``, ``bmm``, ``einsum``). A softmax over a (num_tokens, num_tokens) score matrix is an
-attention softmax; the left operand of the next (…, T, T) @ V matmul is the weights actually
-applied (after any renormalization or dropout). A fused ``scaled_dot_product_attention`` hides
+attention softmax; the operand of the next matmul that was computed from its output is the weights
+actually applied (after any renormalization or dropout). A fused ``scaled_dot_product_attention`` hides
 its weights: then nothing is observed and weight-level invariants are not applicable.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax}
 DROPOUT = {F.dropout, torch.dropout}
@@ -45,6 +46,7 @@ class AttentionProbe(TorchFunctionMode):
         self.num_tokens = num_tokens
         self.observation = Observation()
         self._open = None  # the head whose weights are waiting for their matmul
+        self._derived = {}  # id -> tensor: the open softmax output and everything computed from it
 
     def _is_square(self, t):
         return isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2:] == (self.num_tokens, self.num_tokens)
@@ -52,17 +54,21 @@ class AttentionProbe(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        derived = [t for t in inputs if id(t) in self._derived and self._derived[id(t)] is t]
         if func in SOFTMAX and self._is_square(out):
             self._open = Head(scores=args[0].detach().clone(), weights=out.detach().clone())
             self.observation.heads.append(self._open)
-        elif func in DROPOUT and self._open is not None and self._is_square(out):
-            self._open.dropped = out.detach().clone()
-        elif func in MATMUL and self._open is not None:
-            operands = args[1:] if func is torch.einsum else args[:1]  # einsum(equation, *operands)
-            if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-                operands = operands[0]
-            square = [t for t in operands if self._is_square(t)]
-            if square:
-                self._open.applied = square[0].detach().clone()
-                self._open = None
+            self._derived = {id(out): out}
+        elif self._open is None or not derived:
+            pass
+        elif func in MATMUL:  # weights (or something computed from them) @ values: the applied weights
+            self._open.applied = derived[0].detach().clone()
+            self._open, self._derived = None, {}
+        else:
+            if func in DROPOUT and self._is_square(out):
+                self._open.dropped = out.detach().clone()
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._derived[id(t)] = t
         return out

@@ -1,0 +1,293 @@
+"""Correct attention modules written the way other people write them (not copies of impl/).
+
+Each is mathematically the seed's module of its kind: causal softmax(Q K^T / sqrt(d_k)) V with dropout
+on the weights, heads split and merged through out_proj, the GPT-2 pre-LayerNorm block. They differ
+in everything the spec must not care about: parameter names, fused or sliced projections, how the
+mask is applied (-inf, a large negative number, torch.where, an additive mask, multiply and
+renormalize), where the 1/sqrt(d_k) goes, einsum instead of matmul, nn.Softmax modules, loops over
+heads, list comprehensions. tests/test_correct_elsewhere.py checks that attnspec finds no violation
+in any of them: a failure there is a false alarm of the spec, not a bug here.
+
+Constructors follow each kind's signature (``attnspec list --kinds``)."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class NanoGPTCausalSelfAttention(nn.Module):
+    """Karpathy's nanoGPT CausalSelfAttention (the non-flash path), kind mha: one fused ``c_attn``
+    projection split into q, k, v, a ``bias`` buffer holding tril(ones) of shape (1, 1, T, T),
+    masked_fill(bias == 0, -inf), F.softmax, attention dropout, ``c_proj``, and residual dropout."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0
+        self.c_attn = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.c_proj = nn.Linear(d_out, d_out)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.n_head = num_heads
+        self.n_embd = d_out
+        self.register_buffer("bias", torch.tril(torch.ones(context_length, context_length))
+                             .view(1, 1, context_length, context_length))
+
+    def forward(self, x):
+        B, T, _ = x.size()
+        C = self.n_embd
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = self.resid_dropout(self.c_proj(y))
+        return y
+
+
+class HFStyleAttention(nn.Module):
+    """Hugging Face style, kind mha: q_proj/k_proj/v_proj/o_proj, queries scaled by head_dim**-0.5
+    *before* the matmul, an additive causal mask filled with torch.finfo(dtype).min (not -inf),
+    ``nn.functional.softmax``, ``nn.functional.dropout(p, training=self.training)``."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        if d_out % num_heads:
+            raise ValueError("d_out must be divisible by num_heads")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = dropout
+        self.max_position_embeddings = context_length
+        self.q_proj = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.o_proj = nn.Linear(d_out, d_out, bias=True)
+
+    def _shape(self, tensor, seq_len, bsz):
+        return tensor.view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
+
+    def forward(self, hidden_states):
+        bsz, q_len, _ = hidden_states.size()
+        query_states = self._shape(self.q_proj(hidden_states) * self.scaling, q_len, bsz)
+        key_states = self._shape(self.k_proj(hidden_states), q_len, bsz)
+        value_states = self._shape(self.v_proj(hidden_states), q_len, bsz)
+
+        min_value = torch.finfo(hidden_states.dtype).min
+        causal_mask = torch.full((q_len, q_len), min_value, dtype=hidden_states.dtype, device=hidden_states.device)
+        causal_mask = torch.triu(causal_mask, diagonal=1)[None, None, :, :]  # 0 on and below the diagonal
+
+        attn_weights = torch.matmul(query_states, key_states.transpose(2, 3))
+        attn_weights = attn_weights + causal_mask
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+        attn_weights = nn.functional.dropout(attn_weights, p=self.attention_dropout, training=self.training)
+        attn_output = torch.matmul(attn_weights, value_states)
+
+        attn_output = attn_output.transpose(1, 2).contiguous()
+        attn_output = attn_output.reshape(bsz, q_len, self.num_heads * self.head_dim)
+        return self.o_proj(attn_output)
+
+
+class RenormalizedCausalAttention(nn.Module):
+    """Kind causal-attention with the seed's *first* masking: softmax over all positions, zero the
+    future by multiplying with tril(ones), divide each row by its sum. Mathematically identical to
+    masking the scores with -inf before the softmax."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask_simple", torch.tril(torch.ones(context_length, context_length)))
+
+    def forward(self, x):
+        num_tokens = x.shape[1]
+        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
+        attn_scores = queries @ keys.transpose(1, 2)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        masked_simple = attn_weights * self.mask_simple[:num_tokens, :num_tokens]
+        row_sums = masked_simple.sum(dim=-1, keepdim=True)
+        attn_weights = masked_simple / row_sums
+        attn_weights = self.dropout(attn_weights)
+        return attn_weights @ values
+
+
+class LargeNegativeMaskMHA(nn.Module):
+    """Kind mha: the future filled with -1e9 instead of -inf (exp underflows to exactly 0),
+    scores scaled after masking, an ``nn.Softmax(dim=-1)`` module, queries/keys/values reshaped
+    with ``reshape`` + ``permute``."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+        self.d_out, self.h, self.d_k = d_out, num_heads, d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.softmax = nn.Softmax(dim=-1)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("causal", torch.tril(torch.ones(context_length, context_length, dtype=torch.bool)))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.W_query(x).reshape(b, t, self.h, self.d_k).permute(0, 2, 1, 3)
+        k = self.W_key(x).reshape(b, t, self.h, self.d_k).permute(0, 2, 1, 3)
+        v = self.W_value(x).reshape(b, t, self.h, self.d_k).permute(0, 2, 1, 3)
+        scores = torch.matmul(q, k.permute(0, 1, 3, 2))
+        scores = scores.masked_fill(~self.causal[:t, :t], -1e9)
+        p_attn = self.dropout(self.softmax(scores / math.sqrt(self.d_k)))
+        out = torch.matmul(p_attn, v).permute(0, 2, 1, 3).reshape(b, t, self.d_out)
+        return self.out_proj(out)
+
+
+class EinsumMHA(nn.Module):
+    """Kind mha with torch.einsum for the scores and for the weighted sum of the values, the latter
+    written values-first: einsum("bhjd,bhij->bhid", v, weights). ``Tensor.softmax``; the
+    1/sqrt(head_dim) applied to the einsum result."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError("d_out % num_heads != 0")
+        self.num_heads, self.head_dim = num_heads, d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.attn_drop = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1),
+                             persistent=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.W_query, self.W_key, self.W_value))  # (b, h, t, d)
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(self.mask[:t, :t], float("-inf"))
+        weights = self.attn_drop(scores.softmax(dim=-1))
+        context = torch.einsum("bhjd,bhij->bhid", v, weights)
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class PerHeadLoopMHA(nn.Module):
+    """Kind mha computing each head in a Python loop over column slices of Q, K, V (one softmax call
+    per head), then ``torch.cat`` of the heads and out_proj."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0
+        self.num_heads, self.head_dim = num_heads, d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+
+    def forward(self, x):
+        t = x.shape[1]
+        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
+        future = self.mask[:t, :t].bool()
+        heads = []
+        for h in range(self.num_heads):
+            cols = slice(h * self.head_dim, (h + 1) * self.head_dim)
+            q, k, v = queries[:, :, cols], keys[:, :, cols], values[:, :, cols]
+            scores = (q @ k.transpose(1, 2)).masked_fill(future, -torch.inf) / self.head_dim**0.5
+            weights = self.dropout(F.softmax(scores, dim=-1))
+            heads.append(weights @ v)
+        return self.out_proj(torch.cat(heads, dim=-1))
+
+
+class WhereCausalAttention(nn.Module):
+    """Kind causal-attention masking with torch.where(future, -inf, scores) and torch.bmm."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.drop = nn.Dropout(p=dropout)
+        positions = torch.arange(context_length)
+        self.register_buffer("future", positions[None, :] > positions[:, None], persistent=False)
+
+    def forward(self, x):
+        t = x.size(1)
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(k.size(-1))
+        scores = torch.where(self.future[:t, :t], scores.new_tensor(float("-inf")), scores)
+        return torch.bmm(self.drop(torch.softmax(scores, dim=-1)), v)
+
+
+class ListCatWrapper(nn.Module):
+    """Kind mha-wrapper: ``num_heads`` WhereCausalAttention heads built by a list comprehension,
+    forward = torch.cat of a list comprehension over the heads."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.heads = nn.ModuleList([WhereCausalAttention(d_in, d_out, context_length, dropout, qkv_bias)
+                                    for _ in range(num_heads)])
+
+    def forward(self, x):
+        return torch.cat([head(x) for head in self.heads], dim=-1)
+
+
+class GPT2Block(nn.Module):
+    """Kind transformer-block: torch's nn.LayerNorm (eps 1e-5) and nn.GELU(approximate="tanh"),
+    ``att`` an attention with the seed's projection names, ``ff`` an nn.Sequential, residual dropout.
+    x = x + drop(att(norm1(x))); x = x + drop(ff(norm2(x)))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        emb = cfg["emb_dim"]
+        self.att = LargeNegativeMaskMHA(emb, emb, cfg["context_length"], cfg["dropout"], cfg["num_heads"],
+                                        qkv_bias=cfg["qkv_bias"])
+        self.ff = nn.Sequential(nn.Linear(emb, 4 * emb), nn.GELU(approximate="tanh"), nn.Linear(4 * emb, emb))
+        self.norm1 = nn.LayerNorm(emb)
+        self.norm2 = nn.LayerNorm(emb)
+        self.drop_resid = nn.Dropout(cfg["dropout"])
+
+    def forward(self, x):
+        x = x + self.drop_resid(self.att(self.norm1(x)))
+        x = x + self.drop_resid(self.ff(self.norm2(x)))
+        return x
+
+
+class QKVSelfAttention(nn.Module):
+    """Kind self-attention (unbatched, not causal): nn.Linear projections named query/key/value,
+    einsum (weights first) for the scores and the weighted sum, softmax over dim=1 of the 2-D score
+    matrix, scaled by d_out**-0.5 by multiplication."""
+
+    def __init__(self, d_in, d_out, qkv_bias=False):
+        super().__init__()
+        self.query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.scale = d_out**-0.5
+
+    def forward(self, x):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        attn = F.softmax(torch.einsum("id,jd->ij", q, k) * self.scale, dim=1)
+        return torch.einsum("ij,jd->id", attn, v)
+
+
+# (kind, class name) of every module above, for the tests.
+MODULES = [
+    ("mha", "NanoGPTCausalSelfAttention"),
+    ("mha", "HFStyleAttention"),
+    ("causal-attention", "RenormalizedCausalAttention"),
+    ("mha", "LargeNegativeMaskMHA"),
+    ("mha", "EinsumMHA"),
+    ("mha", "PerHeadLoopMHA"),
+    ("causal-attention", "WhereCausalAttention"),
+    ("mha-wrapper", "ListCatWrapper"),
+    ("transformer-block", "GPT2Block"),
+    ("self-attention", "QKVSelfAttention"),
+]
