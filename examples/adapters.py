@@ -67,11 +67,8 @@ class CausalTorchMHA(nn.Module):
 class TorchMultiheadAttention(Adapter):
     """``torch.nn.MultiheadAttention`` with a causal mask, checked as kind ``mha``.
 
-    Configurations it cannot express (raised as ``Unsupported``, skipped and counted):
-
-    * ``d_in != d_out``: the query's width must be ``embed_dim`` (``kdim``/``vdim`` only change the
-      key/value inputs, and in self-attention those are the query). Most drawn configurations have
-      d_in != d_out, so this adapter is checked on fewer examples than the seed's module.
+    ``adjust`` draws d_in = d_out: the query's width must be ``embed_dim`` (``kdim``/``vdim`` only
+    change the key/value inputs, and in self-attention those are the query).
 
     The bias: ``nn.MultiheadAttention`` has one ``bias`` flag for the in-projection *and* ``out_proj``,
     while the seed (and the qkv-bias invariant) wants q/k/v biases iff ``qkv_bias`` and an ``out_proj``
@@ -89,9 +86,10 @@ class TorchMultiheadAttention(Adapter):
     need_weights = True
     add_out_proj_bias = True
 
+    def adjust(self, cfg):
+        return cfg.replace(d_in=cfg.d_out)
+
     def build(self, cfg):
-        if cfg.d_in != cfg.d_out:
-            raise Unsupported("nn.MultiheadAttention needs d_in == d_out (the query width is embed_dim)")
         if not cfg.qkv_bias and not self.add_out_proj_bias:
             raise Unsupported("nn.MultiheadAttention(bias=False) has no out_proj bias")
         return CausalTorchMHA(cfg.d_out, cfg.context_length, cfg.dropout, cfg.num_heads, bias=cfg.qkv_bias,

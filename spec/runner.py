@@ -66,10 +66,10 @@ class Result:
     printed: int = 0  # characters the module printed to stdout (captured, not shown)
 
 
-def strategy_for(inv, kind, options):
+def strategy_for(inv, target, options):
     kwargs = dict(dtypes=options.dtypes, device=options.device, sizes=options.sizes)
     kwargs.update(inv.configs)
-    return configs(kind, **kwargs)
+    return configs(target.kind, **kwargs).map(target.adapter.adjust)
 
 
 def repro_command(inv, target, cfg):
@@ -80,6 +80,9 @@ def run_example(inv, target, cfg, tally, time_limit=None):
     """Check one configuration; raises Violation (recorded in tally) if the invariant is broken."""
     case = Case(target, cfg, time_limit=time_limit, stdout_sink=tally.printed)
     try:
+        invalid = target.kind.invalid_reason(cfg)
+        if invalid:  # an adapter's adjust() went too far
+            raise Unsupported(f"adjusted configuration is invalid: {invalid}")
         inv.check(case)
         tally.checked += 1
     except NotApplicable as e:
@@ -102,7 +105,7 @@ def hypothesis_test(inv, target, options=None, tally=None):
     options = options or Options()
     tally = Tally() if tally is None else tally
 
-    @given(cfg=strategy_for(inv, target.kind, options))
+    @given(cfg=strategy_for(inv, target, options))
     def test(cfg):
         note(f"reproduce: {repro_command(inv, target, cfg)}")
         event(f"num_heads={cfg.num_heads} num_tokens={'full' if cfg.num_tokens == cfg.context_length else 'short'}")
@@ -117,9 +120,9 @@ def hypothesis_test(inv, target, options=None, tally=None):
     return settings(base, **overrides)(test)
 
 
-def simplest_config(inv, kind, options):
+def simplest_config(inv, target, options):
     """The strategy's simplest configuration (Hypothesis tries the all-zero choice sequence first)."""
-    return find(strategy_for(inv, kind, options), lambda cfg: True,
+    return find(strategy_for(inv, target, options), lambda cfg: True,
                 settings=settings(database=None, max_examples=1, phases=[Phase.generate]))
 
 
@@ -138,7 +141,7 @@ def check_invariant(inv, target, options, example=None):
 
     if not inv.applies_to(target.kind):
         return result("not-applicable", reason=f"does not apply to kind {target.kind.name}")
-    first = example or simplest_config(inv, target.kind, options)
+    first = example or simplest_config(inv, target, options)
     try:
         run_example(inv, target, first, tally, options.time_limit)
     except Violation:

@@ -24,7 +24,7 @@ class Adapter:
     """How to check a module whose constructor or layout is not the seed's.
 
     Override ``build``; raise ``Unsupported(reason)`` for configurations the module does not support
-    (they are skipped and counted, never silently). Override ``projections`` to say where the
+    (they are skipped and counted, never silently), or override ``adjust`` to draw only supported ones. Override ``projections`` to say where the
     query/key/value/output projections live, so parameter-level invariants apply; returning None
     makes them not applicable."""
 
@@ -32,6 +32,11 @@ class Adapter:
 
     def build(self, cfg):
         raise NotImplementedError
+
+    def adjust(self, cfg):
+        """Map each drawn configuration onto one the module supports (e.g. ``cfg.replace(d_in=cfg.d_out)``),
+        so every example is checked; the result must still be valid for the kind. Default: as drawn."""
+        return cfg
 
     def projections(self, module):
         """Per kind (each projection a ``(weight (out, in), bias or None)`` pair, nn.Linear's layout):
@@ -203,7 +208,7 @@ def resolve(text):
         declared = getattr(adapter, "kind", None)
         if declared and declared != kind.name:
             raise UsageError(f"adapter {attr!r} is written for kind {declared!r}, not {kind.name!r}")
-        for hook in ("projections", "heads", "sublayers"):  # duck-typed adapters get the defaults
+        for hook in ("adjust", "projections", "heads", "sublayers"):  # duck-typed adapters get the defaults
             if not callable(getattr(adapter, hook, None)):
                 setattr(adapter, hook, getattr(Adapter(), hook))
     elif callable(obj):
