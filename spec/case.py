@@ -82,12 +82,12 @@ class Case:
         return self.cfg.random_input(self.kind.input_shape(self.cfg, num_tokens, batch), salt)
 
     def forward(self, x, train=False, module=None, seed_salt=0):
-        """module(x) in eval or train mode (train seeded from the config); must be a Tensor of the
-        kind's output shape."""
+        """module(x) in eval or train mode; must be a Tensor of the kind's output shape. The global RNG
+        is seeded from the config first, so every call is reproducible (even a module that draws
+        random numbers in eval mode)."""
         module = self.module if module is None else module
         module.train(train)
-        if train:
-            torch.manual_seed(self.cfg.seed + seed_salt)
+        torch.manual_seed(self.cfg.seed + seed_salt)
         try:
             out = self.guard("forward", module, x)
         finally:

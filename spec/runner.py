@@ -153,6 +153,13 @@ def check_invariant(inv, target, options, example=None):
         hypothesis_test(inv, target, options, tally)()
     except Violation:
         return failed()
+    except Exception as e:  # Hypothesis's own verdicts, e.g. a failure that did not replay (Flaky)
+        if tally.failure is None:
+            raise
+        cfg, message = tally.failure
+        tally.failure = (cfg, f"{message} [{type(e).__name__}: the failure did not reproduce on replay: "
+                              f"the module is nondeterministic]")
+        return failed()
     if tally.checked == 0:
         return result("not-applicable", reason=tally.na_reason or f"every configuration unsupported: {tally.unsupported_reason}")
     return result("pass", reason=f"unsupported: {tally.unsupported_reason}" if tally.unsupported else "")
