@@ -1,0 +1,860 @@
+"""The planted-bug corpus: small WRONG variants of the impl modules, one subtle change each.
+
+Every class has its kind's constructor signature (``spec.kinds.Kind.constructor_args``), so it is a
+target as it stands: ``attnspec check mha=tests/planted.py:ScaleByDOut``. ``CORPUS`` records, per
+bug, the invariant ids that reject it (``catches``, checked by tests/test_planted.py through the
+public check path) and its class of mistake.
+
+To keep each bug to the line or two it changes, the attention modules are rebuilt from steps
+(``_Steps``): project, split heads, scores, mask, scale+softmax, dropout, @ V, merge heads, out_proj.
+The steps compose to exactly the impl module's forward (``CausalSteps``, ``MHASteps`` and
+``SelfSteps`` are correct modules); a planted bug overrides one step. The wrapper and block variants
+swap a buggy module into the impl's wrapper / block, or override the one line they change.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from impl.attention import (
+    CausalAttention,
+    MultiHeadAttention,
+    MultiHeadAttentionWrapper,
+    SelfAttention_v1,
+    SelfAttention_v2,
+)
+from impl.gpt import GELU, FeedForward, LayerNorm, TransformerBlock
+
+
+# --- the correct modules, in steps -------------------------------------------------------------
+
+
+class _Steps:
+    """forward = out(merge(drop(normalize(mask(scores(q, k)))) @ v)), q, k, v = split(project(x))."""
+
+    def forward(self, x):
+        b, T = x.shape[0], x.shape[-2]
+        q, k, v = (self.split(t, b, T) for t in self.project(x))
+        w = self.normalize(self.mask_scores(self.scores(q, k), T), k.shape[-1])
+        return self.out(self.merge(self.drop(w) @ v, b, T))
+
+    def project(self, x):
+        return self.W_query(x), self.W_key(x), self.W_value(x)
+
+    def split(self, t, b, T):
+        return t
+
+    def scores(self, q, k):
+        return q @ k.transpose(-2, -1)
+
+    def mask_scores(self, s, T):
+        return s.masked_fill(self.mask.bool()[:T, :T], -torch.inf)
+
+    def normalize(self, s, d_k):
+        return torch.softmax(s / d_k**0.5, dim=-1)
+
+    def drop(self, w):
+        return self.dropout(w)
+
+    def merge(self, ctx, b, T):
+        return ctx
+
+    def out(self, ctx):
+        return ctx
+
+
+class SelfSteps(_Steps, SelfAttention_v2):
+    def mask_scores(self, s, T):
+        return s
+
+    def drop(self, w):
+        return w
+
+
+class CausalSteps(_Steps, CausalAttention):
+    pass
+
+
+class MHASteps(_Steps, MultiHeadAttention):
+    def split(self, t, b, T):
+        return t.view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge(self, ctx, b, T):
+        return ctx.transpose(1, 2).contiguous().view(b, T, self.d_out)
+
+    def out(self, ctx):
+        return self.out_proj(ctx)
+
+
+def _att_args(cfg):
+    return cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["dropout"], cfg["num_heads"], cfg["qkv_bias"]
+
+
+def _wrapper_of(head_cls, name):
+    """The impl wrapper with heads of ``head_cls`` (a buggy single head)."""
+
+    class Wrapper(MultiHeadAttentionWrapper):
+        def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+            super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
+            self.heads = nn.ModuleList(
+                [head_cls(d_in, d_out, context_length, dropout, qkv_bias) for _ in range(num_heads)])
+
+    Wrapper.__name__ = Wrapper.__qualname__ = name
+    return Wrapper
+
+
+def _block_of(att_cls, name):
+    """The impl block with ``att`` of ``att_cls`` (a buggy MHA)."""
+
+    class Block(TransformerBlock):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.att = att_cls(*_att_args(cfg))
+
+    Block.__name__ = Block.__qualname__ = name
+    return Block
+
+
+# --- scaling -------------------------------------------------------------------------------------
+
+
+class NoScaling(MHASteps):
+    def normalize(self, s, d_k):
+        return torch.softmax(s, dim=-1)
+
+
+class ScaleByDOut(MHASteps):
+    def normalize(self, s, d_k):
+        return torch.softmax(s / self.d_out**0.5, dim=-1)  # sqrt(d_out), not sqrt(head_dim)
+
+
+class ScaleByD(CausalSteps):
+    def normalize(self, s, d_k):
+        return torch.softmax(s / d_k, dim=-1)  # d, not sqrt(d)
+
+
+class ScaleAfterSoftmax(SelfSteps):
+    def normalize(self, s, d_k):
+        return torch.softmax(s, dim=-1) / d_k**0.5
+
+
+class ScaleByNumTokens(SelfAttention_v1):
+    def forward(self, x):
+        keys, queries, values = x @ self.W_key, x @ self.W_query, x @ self.W_value
+        return torch.softmax(queries @ keys.T / keys.shape[0] ** 0.5, dim=-1) @ values  # shape[0]: the tokens
+
+
+class ScaleByDInHead(CausalSteps):
+    def normalize(self, s, d_k):
+        return torch.softmax(s / self.d_in**0.5, dim=-1)  # the input width, not the key width
+
+
+WrapperScaleByDIn = _wrapper_of(ScaleByDInHead, "WrapperScaleByDIn")
+BlockNoScaling = _block_of(NoScaling, "BlockNoScaling")
+
+
+# --- masking -------------------------------------------------------------------------------------
+
+
+class MaskDiagonal(CausalSteps):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask = torch.triu(torch.ones_like(self.mask), diagonal=0)  # masks the diagonal too
+
+
+class MaskRowsOnly(CausalSteps):
+    def mask_scores(self, s, T):
+        return s.masked_fill(self.mask.bool()[:T], -torch.inf)  # (T, context_length): only right when T == C
+
+
+class MaskSliceLeak(MHASteps):
+    def mask_scores(self, s, T):
+        return s.masked_fill(self.mask.bool()[-T:, :T], -torch.inf)  # bottom-left block: leaks when T < C
+
+
+class MaskFillZero(CausalSteps):
+    def mask_scores(self, s, T):
+        return s.masked_fill(self.mask.bool()[:T, :T], 0.0)
+
+
+class MultiplyMaskNoRenorm(MHASteps):
+    def mask_scores(self, s, T):
+        return s
+
+    def normalize(self, s, d_k):
+        T = s.shape[-1]
+        return torch.softmax(s / d_k**0.5, dim=-1) * torch.tril(torch.ones(T, T, dtype=s.dtype))
+
+
+class MaskWrongSide(MHASteps):
+    def mask_scores(self, s, T):
+        return s.masked_fill(torch.tril(torch.ones(T, T, dtype=torch.bool), diagonal=-1), -torch.inf)
+
+
+class NoMask(MHASteps):
+    def mask_scores(self, s, T):
+        return s
+
+
+class SelfAttentionMasked(SelfSteps):
+    def mask_scores(self, s, T):  # a causal mask in the non-causal module
+        return s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -torch.inf)
+
+
+WrapperMaskFillZero = _wrapper_of(MaskFillZero, "WrapperMaskFillZero")
+BlockNoMask = _block_of(NoMask, "BlockNoMask")
+
+
+# --- softmax -------------------------------------------------------------------------------------
+
+
+class SoftmaxOverQueries(CausalSteps):
+    def normalize(self, s, d_k):
+        return torch.softmax(s / d_k**0.5, dim=-2)
+
+
+class SoftmaxOverHeads(MHASteps):
+    def normalize(self, s, d_k):
+        return torch.softmax(s / d_k**0.5, dim=1)
+
+
+class SoftmaxOverBatch(CausalSteps):
+    def normalize(self, s, d_k):
+        return torch.softmax(s / d_k**0.5, dim=0)
+
+
+class NaiveSoftmax(SelfSteps):
+    def normalize(self, s, d_k):
+        e = torch.exp(s / d_k**0.5)  # no max subtraction: overflows
+        return e / e.sum(dim=-1, keepdim=True)
+
+
+class SoftmaxMaxOverBatch(CausalSteps):
+    def normalize(self, s, d_k):
+        s = s / d_k**0.5
+        e = torch.exp(s - s.amax(dim=(0, -1), keepdim=True))  # the max of the whole batch, not of the row
+        return e / e.sum(dim=-1, keepdim=True)
+
+
+class NaiveSoftmaxMHA(MHASteps):
+    def normalize(self, s, d_k):
+        e = torch.exp(s / d_k**0.5)
+        return e / e.sum(dim=-1, keepdim=True)
+
+
+# --- dropout -------------------------------------------------------------------------------------
+
+
+class DropoutInEval(CausalSteps):
+    def drop(self, w):
+        return F.dropout(w, self.dropout.p, training=True)
+
+
+class DropoutNoRescale(CausalSteps):
+    def drop(self, w):
+        return w * (torch.rand_like(w) >= self.dropout.p) if self.training else w
+
+
+class DropoutFixedHalf(MHASteps):
+    def drop(self, w):
+        return F.dropout(w, 0.5, self.training)  # ignores the dropout argument
+
+
+class DropoutOnScores(CausalSteps):
+    def scores(self, q, k):
+        return self.dropout(q @ k.transpose(-2, -1))
+
+    def drop(self, w):
+        return w
+
+
+class DropoutOnValues(CausalSteps):
+    def project(self, x):
+        return self.W_query(x), self.W_key(x), self.dropout(self.W_value(x))
+
+    def drop(self, w):
+        return w
+
+
+class DropoutOnContext(MHASteps):
+    def drop(self, w):
+        return w
+
+    def out(self, ctx):
+        return self.out_proj(self.dropout(ctx))
+
+
+class DropoutKeepProb(CausalSteps):
+    def drop(self, w):
+        return F.dropout(w, 1 - self.dropout.p, self.training)  # p read as the keep probability
+
+
+class DropoutMaskSharedAcrossBatch(CausalSteps):
+    def drop(self, w):
+        keep = torch.rand(w.shape[-2:]) >= self.dropout.p  # one (T, T) mask for the whole batch
+        return w * keep / (1 - self.dropout.p) if self.training else w
+
+
+class DoubleDropout(MHASteps):
+    def out(self, ctx):
+        return self.out_proj(self.dropout(ctx))  # the weights are dropped, and the context again
+
+
+WrapperDropoutNoRescale = _wrapper_of(DropoutNoRescale, "WrapperDropoutNoRescale")
+
+
+# --- head split and merge (mha) ------------------------------------------------------------------
+
+
+class SplitWithoutTranspose(MHASteps):
+    def split(self, t, b, T):
+        return t.view(b, self.num_heads, T, self.head_dim)
+
+
+class MergeWithoutTranspose(MHASteps):
+    def merge(self, ctx, b, T):
+        return ctx.contiguous().view(b, T, self.d_out)
+
+
+class MergeWrongOrder(MHASteps):
+    def merge(self, ctx, b, T):
+        return ctx.permute(0, 2, 3, 1).contiguous().view(b, T, self.d_out)  # (b, T, hd, H): interleaved
+
+
+class InterleavedHeads(MHASteps):
+    def split(self, t, b, T):
+        return t.view(b, T, self.head_dim, self.num_heads).permute(0, 3, 1, 2)  # head h: columns h::H
+
+
+class NoOutProj(MHASteps):
+    def out(self, ctx):
+        return ctx
+
+
+class OutProjNoBias(MHASteps):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out, bias=False)
+
+
+# --- projections ---------------------------------------------------------------------------------
+
+
+class KeyValueSwapped(SelfSteps):
+    def project(self, x):
+        return self.W_query(x), self.W_value(x), self.W_key(x)
+
+
+class QueryKeySwapped(MHASteps):
+    def project(self, x):
+        return self.W_key(x), self.W_query(x), self.W_value(x)
+
+
+class ValueWeightForKeys(CausalSteps):
+    def project(self, x):
+        return self.W_query(x), self.W_value(x), self.W_value(x)
+
+
+class ValueBiasTwice(CausalSteps):
+    def project(self, x):
+        v = self.W_value(x)
+        return self.W_query(x), self.W_key(x), v if self.W_value.bias is None else v + self.W_value.bias
+
+
+class BiasAlwaysOn(CausalSteps):
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, qkv_bias=True)
+
+
+class BiasIgnored(MHASteps):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads)  # qkv_bias dropped
+
+
+class V1TransposedWeights(SelfAttention_v1):
+    def forward(self, x):
+        q, k, v = x @ self.W_query.T, x @ self.W_key.T, x @ self.W_value.T  # W is (d_in, d_out)
+        return torch.softmax(q @ k.T / k.shape[-1] ** 0.5, dim=-1) @ v
+
+
+class HiddenValueBias(CausalSteps):
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, qkv_bias)
+        self.value_bias = nn.Parameter(torch.randn(d_out) * 0.1)  # outside W_value: an extra, hidden bias
+
+    def project(self, x):
+        return self.W_query(x), self.W_key(x), self.W_value(x) + self.value_bias
+
+
+class CachedQK(SelfAttention_v1):
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.register_buffer("W_qk", (self.W_query @ self.W_key.T).detach())  # fused once, at construction
+
+    def forward(self, x):
+        scores = x @ self.W_qk @ x.T  # = (x W_q)(x W_k)^T while the cache is fresh; stale after a weight transfer
+        return torch.softmax(scores / self.W_key.shape[-1] ** 0.5, dim=-1) @ (x @ self.W_value)
+
+
+# --- the wrapper ---------------------------------------------------------------------------------
+
+
+class CatWrongDim(MultiHeadAttentionWrapper):
+    def forward(self, x):
+        b, T, _ = x.shape
+        return torch.cat([head(x) for head in self.heads], dim=1).reshape(b, T, -1)
+
+
+class SharedHead(MultiHeadAttentionWrapper):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
+        self.heads = nn.ModuleList([self.heads[0]] * num_heads)
+
+
+class CopiedHeads(MultiHeadAttentionWrapper):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
+        self.heads = nn.ModuleList([copy.deepcopy(self.heads[0]) for _ in range(num_heads)])
+
+
+class HeadsReversed(MultiHeadAttentionWrapper):
+    def forward(self, x):
+        return torch.cat([head(x) for head in reversed(self.heads)], dim=-1)
+
+
+class OneHeadShort(MultiHeadAttentionWrapper):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, max(num_heads - 1, 1), qkv_bias)
+
+
+# --- batch handling ------------------------------------------------------------------------------
+
+
+class MergeMixesBatch(MHASteps):
+    def merge(self, ctx, b, T):
+        return ctx.transpose(1, 2).contiguous().view(T, b, self.d_out).transpose(0, 1)
+
+
+class SqueezedOutput(CausalAttention):
+    def forward(self, x):
+        return super().forward(x).squeeze()  # meant to drop a batch of 1; drops every size-1 dim
+
+
+class FirstElementOnly(CausalAttention):
+    def forward(self, x):
+        return super().forward(x[:1]).expand(x.shape[0], -1, -1)
+
+
+class ScoresNormalizedOverBatch(CausalSteps):
+    def scores(self, q, k):
+        s = q @ k.transpose(-2, -1)
+        return s - s.mean(dim=0, keepdim=True)  # "centre the scores": over the batch, not the row
+
+
+class BatchLayerNorm(LayerNorm):
+    def forward(self, x):
+        mean = x.mean(dim=(0, -1), keepdim=True)  # statistics over the batch too
+        var = x.var(dim=(0, -1), keepdim=True, unbiased=False)
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+class TokenLayerNorm(LayerNorm):
+    def forward(self, x):
+        mean = x.mean(dim=1, keepdim=True)  # dim=1, written for (num_tokens, emb_dim): the tokens of a batch
+        var = x.var(dim=1, keepdim=True, unbiased=False)
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+# --- numerics ------------------------------------------------------------------------------------
+
+
+class Float32Output(SelfSteps):
+    def forward(self, x):
+        return super().forward(x).to(torch.float32)
+
+
+class HalfPrecisionScores(CausalSteps):
+    def scores(self, q, k):
+        return (q.half() @ k.half().transpose(-2, -1)).to(q.dtype)
+
+
+class SoftmaxDenominatorEps(MHASteps):
+    def normalize(self, s, d_k):
+        e = torch.softmax(s / d_k**0.5, dim=-1)
+        return e / (e.sum(dim=-1, keepdim=True) + 1e-6)  # "safe" renormalization
+
+
+# --- the block's structure -----------------------------------------------------------------------
+
+
+class _BlockWithNorm(TransformerBlock):
+    norm_cls = LayerNorm
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.norm1, self.norm2 = self.norm_cls(cfg["emb_dim"]), self.norm_cls(cfg["emb_dim"])
+
+
+class PostLN(TransformerBlock):
+    def forward(self, x):
+        x = self.norm1(x + self.drop_shortcut(self.att(x)))
+        return self.norm2(x + self.drop_shortcut(self.ff(x)))
+
+
+class NoAttentionResidual(TransformerBlock):
+    def forward(self, x):
+        x = self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class NoFeedForwardResidual(TransformerBlock):
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class UnbiasedVarNorm(LayerNorm):
+    def forward(self, x):
+        var = x.var(dim=-1, keepdim=True, unbiased=True)
+        return self.scale * (x - x.mean(dim=-1, keepdim=True)) / torch.sqrt(var + self.eps) + self.shift
+
+
+class Eps1e6Norm(LayerNorm):
+    def __init__(self, emb_dim):
+        super().__init__(emb_dim)
+        self.eps = 1e-6
+
+
+class NoEpsNorm(LayerNorm):
+    def __init__(self, emb_dim):
+        super().__init__(emb_dim)
+        self.eps = 0.0
+
+
+class SwappedScaleShiftNorm(LayerNorm):
+    def forward(self, x):
+        norm_x = (x - x.mean(dim=-1, keepdim=True)) / torch.sqrt(x.var(dim=-1, keepdim=True, unbiased=False) + self.eps)
+        return self.shift * norm_x + self.scale
+
+
+class LayerNormUnbiased(_BlockWithNorm):
+    norm_cls = UnbiasedVarNorm
+
+
+class LayerNormEps1e6(_BlockWithNorm):
+    norm_cls = Eps1e6Norm
+
+
+class LayerNormNoEps(_BlockWithNorm):
+    norm_cls = NoEpsNorm
+
+
+class LayerNormScaleShiftSwapped(_BlockWithNorm):
+    norm_cls = SwappedScaleShiftNorm
+
+
+class LayerNormOverBatch(_BlockWithNorm):
+    norm_cls = BatchLayerNorm
+
+
+class LayerNormOverTokens(_BlockWithNorm):
+    norm_cls = TokenLayerNorm
+
+
+class SharedNorm(TransformerBlock):
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.drop_shortcut(self.ff(self.norm1(x)))  # norm1 again: norm2 is never used
+
+
+class GELUErf(TransformerBlock):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.ff.layers[1] = nn.GELU()  # exact erf GELU, not GPT-2's tanh approximation
+
+
+class ReLUFeedForward(TransformerBlock):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.ff.layers[1] = nn.ReLU()
+
+
+class FeedForward2x(TransformerBlock):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        emb = cfg["emb_dim"]
+        self.ff.layers = nn.Sequential(nn.Linear(emb, 2 * emb), GELU(), nn.Linear(2 * emb, emb))
+
+
+class ResidualDropoutInEval(TransformerBlock):
+    def forward(self, x):
+        p = self.drop_shortcut.p
+        x = x + F.dropout(self.att(self.norm1(x)), p, training=True)
+        return x + F.dropout(self.ff(self.norm2(x)), p, training=True)
+
+
+# --- input and state mutation --------------------------------------------------------------------
+
+
+class InPlaceResidual(TransformerBlock):
+    def forward(self, x):
+        x += self.drop_shortcut(self.att(self.norm1(x)))  # mutates the caller's tensor
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class QueryScaledInPlace(CausalSteps):
+    def project(self, x):
+        k, v = self.W_key(x), self.W_value(x)
+        return self.W_query(x.mul_(self.d_out**-0.5)), k, v  # fold 1/sqrt(d) into the input, in place
+
+    def normalize(self, s, d_k):
+        return torch.softmax(s, dim=-1)
+
+
+class MaskBufferEdited(MHASteps):
+    def mask_scores(self, s, T):
+        mask = self.mask[:T, :T]
+        mask.masked_fill_(mask.bool(), -torch.inf)  # turn the 0/1 buffer into an additive mask, in place
+        return s + mask
+
+
+class SelfAttentionNormalizesInput(SelfSteps):
+    def project(self, x):
+        x /= x.norm(dim=-1, keepdim=True).clamp_min(1.0)  # in-place "safety" normalization of the input
+        return super().project(x)
+
+
+# --- the corpus ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Planted:
+    kind: str
+    name: str  # the attribute of this file: the target is f"{kind}=tests/planted.py:{name}"
+    cls: type
+    catches: tuple  # invariant ids that reject it: tests/test_planted.py checks each fails
+    bug_class: str
+    note: str
+    also: tuple = ()  # further invariants seen to reject it, slower to shrink: checked with ATTNSPEC_PLANTED_ALL=1
+
+
+SA, CA, WR, MHA, TB = "self-attention", "causal-attention", "mha-wrapper", "mha", "transformer-block"
+
+
+def _bug(kind, cls, bug_class, catches, note, also=()):
+    return Planted(kind, cls.__name__, cls, tuple(catches), bug_class, note, tuple(also))
+
+
+CORPUS = [
+    # scaling
+    _bug(MHA, NoScaling, "scaling", ["scaling-sqrt-head-dim"], "softmax(QK^T) without 1/sqrt(head_dim)",
+         also=["head-split-equivalence", "oracle-float64"]),
+    _bug(MHA, ScaleByDOut, "scaling", ["scaling-sqrt-head-dim"],
+         "divides by sqrt(d_out) instead of sqrt(head_dim): only shows with num_heads > 1",
+         also=["head-split-equivalence", "oracle-float64"]),
+    _bug(CA, ScaleByD, "scaling", ["scaling-sqrt-head-dim"], "divides the scores by d instead of sqrt(d)",
+         also=["oracle-float64"]),
+    _bug(SA, ScaleAfterSoftmax, "scaling", ["weights-rows-sum-to-one", "scaling-sqrt-head-dim"],
+         "divides the softmax output, not its input, by sqrt(d)", also=["oracle-float64"]),
+    _bug(WR, WrapperScaleByDIn, "scaling", ["scaling-sqrt-head-dim"],
+         "heads scale by sqrt(d_in) instead of sqrt(d_out): only shows with d_in != d_out", also=["oracle-float64"]),
+    _bug(TB, BlockNoScaling, "scaling", ["scaling-sqrt-head-dim"], "the block's attention does not scale",
+         also=["oracle-float64"]),
+    _bug(SA, ScaleByNumTokens, "scaling", ["scaling-sqrt-head-dim"],
+         "SelfAttention_v1 divides by sqrt(keys.shape[0]), the number of tokens: right only when num_tokens == d_out",
+         also=["oracle-float64"]),
+    # masking
+    _bug(CA, MaskDiagonal, "masking", ["weights-future-zero", "finite-output", "weights-rows-sum-to-one", "oracle-float64"],
+         "triu(diagonal=0): the diagonal is masked, row 0 is all -inf (NaN)",
+         also=["gradient-causality", "masked-softmax-renormalized", "scaling-sqrt-head-dim"]),
+    _bug(CA, MaskRowsOnly, "masking", ["output-contract"],
+         "mask[:T] without the column slice: crashes whenever num_tokens < context_length",
+         also=["finite-output", "eval-deterministic", "causal-perturbation", "oracle-float64", "weight-transfer"]),
+    _bug(MHA, MaskSliceLeak, "masking", ["prefix-consistency"],
+         "mask[-T:, :T]: the wrong block of the buffer, leaks the future when num_tokens < context_length",
+         also=["causal-perturbation", "gradient-causality", "weights-future-zero", "masked-softmax-renormalized", "scaling-sqrt-head-dim",
+               "head-split-equivalence", "oracle-float64"]),
+    _bug(CA, MaskFillZero, "masking",
+         ["causal-perturbation", "prefix-consistency", "gradient-causality", "weights-future-zero"],
+         "masked_fill with 0 instead of -inf: future tokens keep weight",
+         also=["masked-softmax-renormalized", "scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(MHA, MultiplyMaskNoRenorm, "masking", ["causal-perturbation", "weights-rows-sum-to-one"],
+         "softmax, then multiply by tril, without renormalizing the rows",
+         also=["prefix-consistency", "gradient-causality", "masked-softmax-renormalized", "scaling-sqrt-head-dim",
+               "head-split-equivalence", "oracle-float64"]),
+    _bug(MHA, MaskWrongSide, "masking", ["causal-perturbation", "weights-future-zero"],
+         "tril(diagonal=-1): masks the past and keeps the future",
+         also=["prefix-consistency", "gradient-causality", "masked-softmax-renormalized", "scaling-sqrt-head-dim",
+               "head-split-equivalence", "oracle-float64"]),
+    _bug(MHA, NoMask, "masking", ["causal-perturbation", "gradient-causality", "weights-future-zero"],
+         "no causal mask at all",
+         also=["prefix-consistency", "masked-softmax-renormalized", "scaling-sqrt-head-dim", "head-split-equivalence",
+               "oracle-float64"]),
+    _bug(SA, SelfAttentionMasked, "masking", ["permutation-equivariance"],
+         "a causal mask in the non-causal self-attention", also=["scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(WR, WrapperMaskFillZero, "masking", ["causal-perturbation", "weights-future-zero"],
+         "the wrapper's heads fill the mask with 0",
+         also=["prefix-consistency", "gradient-causality", "masked-softmax-renormalized", "scaling-sqrt-head-dim",
+               "oracle-float64"]),
+    _bug(TB, BlockNoMask, "masking", ["causal-perturbation", "weights-future-zero"], "the block's attention is not causal",
+         also=["prefix-consistency", "gradient-causality", "masked-softmax-renormalized", "scaling-sqrt-head-dim",
+               "oracle-float64"]),
+    # softmax
+    _bug(CA, SoftmaxOverQueries, "softmax", ["weights-rows-sum-to-one", "causal-perturbation"],
+         "softmax over dim=-2 (the queries)",
+         also=["prefix-consistency", "gradient-causality", "masked-softmax-renormalized", "scaling-sqrt-head-dim",
+               "oracle-float64"]),
+    _bug(MHA, SoftmaxOverHeads, "softmax", ["finite-output", "weights-rows-sum-to-one"],
+         "softmax over dim=1 (the heads)",
+         also=["gradient-causality", "weights-future-zero", "masked-softmax-renormalized", "scaling-sqrt-head-dim",
+               "head-split-equivalence", "oracle-float64"]),
+    _bug(CA, SoftmaxOverBatch, "softmax", ["batch-independence", "weights-rows-sum-to-one"],
+         "softmax over dim=0 (the batch)",
+         also=["finite-output", "gradient-causality", "weights-future-zero", "masked-softmax-renormalized",
+               "scaling-sqrt-head-dim", "dropout-unbiased", "oracle-float64"]),
+    _bug(SA, NaiveSoftmax, "softmax", ["finite-output"],
+         "exp(s) / sum exp(s) without subtracting the max: overflows for large inputs"),
+    _bug(MHA, NaiveSoftmaxMHA, "softmax", ["finite-output"], "naive exp/sum softmax in multi-head attention"),
+    _bug(CA, SoftmaxMaxOverBatch, "softmax", ["finite-output"],
+         "exp/sum softmax stabilized with the max over the batch: rows of a small batch element underflow to 0/0"),
+    # dropout
+    _bug(CA, DropoutInEval, "dropout", ["eval-deterministic"],
+         "F.dropout(training=True): drops in eval mode too",
+         also=["oracle-float64", "causal-perturbation", "prefix-consistency", "batch-independence", "weights-rows-sum-to-one",
+               "masked-softmax-renormalized", "dropout-on-weights", "dropout-unbiased", "weight-transfer"]),
+    _bug(CA, DropoutNoRescale, "dropout", ["dropout-on-weights", "dropout-unbiased"],
+         "multiplies by a keep mask without the 1/(1-p) rescale"),
+    _bug(MHA, DropoutFixedHalf, "dropout", ["train-p0-equals-eval", "dropout-on-weights"],
+         "hard-codes p=0.5, ignoring the dropout argument (unbiased all the same)"),
+    _bug(CA, DropoutOnScores, "dropout", ["dropout-on-weights"], "dropout on the scores, before softmax",
+         also=["dropout-unbiased"]),
+    _bug(CA, DropoutOnValues, "dropout", ["dropout-on-weights"],
+         "dropout on the values instead of the weights: unbiased, so only the weight-level check sees it"),
+    _bug(MHA, DropoutOnContext, "dropout", ["dropout-on-weights"],
+         "dropout on the context vectors (before out_proj) instead of the weights"),
+    _bug(WR, WrapperDropoutNoRescale, "dropout", ["dropout-on-weights", "dropout-unbiased"],
+         "the wrapper's heads drop without rescaling"),
+    _bug(CA, DropoutKeepProb, "dropout", ["train-p0-equals-eval", "dropout-on-weights"],
+         "F.dropout(w, 1 - p): reads p as the keep probability"),
+    _bug(CA, DropoutMaskSharedAcrossBatch, "dropout", ["dropout-unbiased"],
+         "one (T, T) keep mask shared by the batch: each element is right, the draws are not independent"),
+    # head split and merge
+    _bug(MHA, SplitWithoutTranspose, "heads", ["head-split-equivalence", "causal-perturbation"],
+         "view(b, H, T, hd) without the transpose: heads see scrambled tokens",
+         also=["prefix-consistency", "gradient-causality", "scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(MHA, MergeWithoutTranspose, "heads", ["head-split-equivalence", "causal-perturbation"],
+         "merges (b, H, T, hd) with .view, without transposing back",
+         also=["prefix-consistency", "gradient-causality", "oracle-float64"]),
+    _bug(MHA, MergeWrongOrder, "heads", ["head-split-equivalence"],
+         "merges with permute(0, 2, 3, 1): head_dim-major, the heads' columns interleaved", also=["oracle-float64"]),
+    _bug(MHA, InterleavedHeads, "heads", ["head-split-equivalence"],
+         "view(b, T, hd, H): head h takes columns h, h+H, ... instead of a contiguous slice",
+         also=["scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(MHA, NoOutProj, "heads", ["head-split-equivalence", "oracle-float64"],
+         "out_proj is built but never applied"),
+    _bug(MHA, OutProjNoBias, "heads", ["qkv-bias"], "out_proj = nn.Linear(d_out, d_out, bias=False): the seed's has a bias"),
+    # projections
+    _bug(SA, KeyValueSwapped, "projections", ["oracle-float64"], "keys from W_value, values from W_key",
+         also=["scaling-sqrt-head-dim"]),
+    _bug(MHA, QueryKeySwapped, "projections", ["oracle-float64"], "queries from W_key, keys from W_query",
+         also=["scaling-sqrt-head-dim", "head-split-equivalence"]),
+    _bug(CA, ValueWeightForKeys, "projections", ["oracle-float64"], "W_value reused for the keys",
+         also=["scaling-sqrt-head-dim"]),
+    _bug(CA, BiasAlwaysOn, "projections", ["qkv-bias"], "always builds the projections with a bias"),
+    _bug(MHA, BiasIgnored, "projections", ["qkv-bias"], "drops qkv_bias: never a bias"),
+    _bug(SA, V1TransposedWeights, "projections", ["output-contract"],
+         "SelfAttention_v1 multiplies by W.T: crashes when d_in != d_out, wrong otherwise",
+         also=["oracle-float64", "finite-output", "eval-deterministic", "permutation-equivariance", "weights-rows-sum-to-one",
+               "scaling-sqrt-head-dim", "weight-transfer"]),
+    _bug(CA, HiddenValueBias, "projections", ["oracle-float64"],
+         "adds its own value bias, a parameter outside W_value, whatever qkv_bias says"),
+    _bug(CA, ValueBiasTwice, "projections", ["oracle-float64"],
+         "adds W_value's bias a second time: only shows with qkv_bias=True"),
+    _bug(SA, CachedQK, "projections", ["weight-transfer"],
+         "caches W_query W_key^T at construction: right until the weights are loaded or transferred"),
+    # the wrapper
+    _bug(WR, CatWrongDim, "wrapper", ["wrapper-concatenation", "causal-perturbation"],
+         "concatenates the heads along the tokens, then reshapes to the output width",
+         also=["prefix-consistency", "gradient-causality", "oracle-float64"]),
+    _bug(WR, SharedHead, "wrapper", ["heads-independent"], "[head] * num_heads: one module, shared"),
+    _bug(WR, CopiedHeads, "wrapper", ["heads-independent"], "deep copies of one head: identical weights"),
+    _bug(WR, HeadsReversed, "wrapper", ["wrapper-concatenation", "oracle-float64"],
+         "concatenates the heads in reverse order", also=["scaling-sqrt-head-dim"]),
+    _bug(WR, OneHeadShort, "wrapper", ["output-contract"],
+         "builds num_heads - 1 heads (at least one): only shows with num_heads > 1",
+         also=["wrapper-concatenation", "finite-output", "eval-deterministic", "causal-perturbation", "oracle-float64", "weight-transfer"]),
+    # batch handling
+    _bug(MHA, MergeMixesBatch, "batch", ["batch-independence"],
+         "merges with view(T, b, d_out).transpose(0, 1): mixes batch elements and tokens",
+         also=["causal-perturbation", "prefix-consistency", "gradient-causality", "dropout-unbiased",
+               "head-split-equivalence", "oracle-float64"]),
+    _bug(CA, FirstElementOnly, "batch", ["batch-independence", "oracle-float64"],
+         "attends over x[0] only and broadcasts it to the batch",
+         also=["scaling-sqrt-head-dim", "dropout-unbiased"]),
+    _bug(CA, ScoresNormalizedOverBatch, "batch", ["batch-independence"],
+         "centres the scores by their mean over the batch", also=["scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(TB, LayerNormOverBatch, "batch", ["batch-independence", "layernorm-pre-sublayer"],
+         "LayerNorm statistics over (batch, features), BatchNorm-like",
+         also=["scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(CA, SqueezedOutput, "batch", ["output-contract"], ".squeeze() on the output: drops a batch of 1"),
+    # numerics
+    _bug(SA, Float32Output, "numerics", ["output-contract"], "returns float32 for a float64 input",
+         also=["oracle-float64"]),
+    _bug(CA, HalfPrecisionScores, "numerics", ["finite-output", "oracle-float64"],
+         "computes the scores in float16: overflow at large inputs, error at any",
+         also=["scaling-sqrt-head-dim"]),
+    _bug(MHA, SoftmaxDenominatorEps, "numerics", ["weights-rows-sum-to-one", "masked-softmax-renormalized"],
+         "renormalizes with sum + 1e-6: rows sum to 1/(1+1e-6), visible in float64",
+         also=["head-split-equivalence", "oracle-float64"]),
+    # the block's structure
+    _bug(TB, PostLN, "structure", ["layernorm-pre-sublayer", "block-residual-identity"],
+         "post-LN: normalizes after the residual add", also=["scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(TB, NoAttentionResidual, "structure", ["block-residual-identity", "oracle-float64"],
+         "no shortcut around the attention sub-layer", also=["layernorm-pre-sublayer"]),
+    _bug(TB, NoFeedForwardResidual, "structure", ["block-residual-identity", "oracle-float64"],
+         "no shortcut around the feed-forward sub-layer"),
+    _bug(TB, LayerNormUnbiased, "structure", ["layernorm-pre-sublayer", "finite-output", "oracle-float64"],
+         "LayerNorm with the unbiased variance (NaN at emb_dim=1)",
+         also=["gradient-causality", "weights-rows-sum-to-one", "weights-future-zero", "masked-softmax-renormalized",
+               "scaling-sqrt-head-dim"]),
+    _bug(TB, LayerNormEps1e6, "structure", ["layernorm-pre-sublayer"], "LayerNorm eps 1e-6: shows at small inputs",
+         also=["scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(TB, LayerNormNoEps, "structure", ["layernorm-pre-sublayer", "finite-output"],
+         "LayerNorm without eps: NaN for a constant token",
+         also=["gradient-causality", "weights-rows-sum-to-one", "weights-future-zero", "masked-softmax-renormalized",
+               "scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(TB, LayerNormScaleShiftSwapped, "structure", ["layernorm-pre-sublayer", "oracle-float64"],
+         "shift * norm + scale", also=["scaling-sqrt-head-dim"]),
+    _bug(TB, LayerNormOverTokens, "structure", ["prefix-consistency", "layernorm-pre-sublayer"],
+         "LayerNorm over dim=1, the tokens: the statistics leak the future",
+         also=["causal-perturbation", "gradient-causality", "scaling-sqrt-head-dim", "oracle-float64"]),
+    _bug(TB, SharedNorm, "structure", ["layernorm-pre-sublayer"],
+         "norm1 before both sub-layers: invisible while the norms have their initial scale 1 and shift 0"),
+    _bug(TB, GELUErf, "structure", ["feedforward-gelu-tanh", "oracle-float64"],
+         "nn.GELU() (exact erf) instead of GPT-2's tanh approximation"),
+    _bug(TB, ReLUFeedForward, "structure", ["feedforward-gelu-tanh", "oracle-float64"], "ReLU instead of GELU"),
+    _bug(TB, FeedForward2x, "structure", ["feedforward-gelu-tanh"], "hidden width 2 * emb_dim instead of 4 * emb_dim"),
+    _bug(TB, ResidualDropoutInEval, "structure", ["eval-deterministic"],
+         "shortcut dropout with training=True: drops in eval mode",
+         also=["oracle-float64", "causal-perturbation", "prefix-consistency", "batch-independence", "weight-transfer",
+               "layernorm-pre-sublayer"]),
+    # input and state mutation
+    _bug(TB, InPlaceResidual, "mutation", ["input-not-mutated", "eval-deterministic"],
+         "x += att(norm1(x)): the output is right, the caller's input is overwritten",
+         also=["train-p0-equals-eval", "causal-perturbation", "prefix-consistency", "gradient-causality",
+               "batch-independence", "scaling-sqrt-head-dim", "dropout-on-weights", "weight-transfer",
+               "layernorm-pre-sublayer"]),
+    _bug(CA, QueryScaledInPlace, "mutation", ["input-not-mutated"],
+         "folds 1/sqrt(d) into the input with x.mul_",
+         also=["eval-deterministic", "train-p0-equals-eval", "causal-perturbation", "prefix-consistency",
+               "gradient-causality", "batch-independence", "scaling-sqrt-head-dim", "dropout-on-weights",
+               "dropout-unbiased", "oracle-float64", "weight-transfer"]),
+    _bug(MHA, MaskBufferEdited, "mutation", ["state-unchanged"],
+         "turns the mask buffer into an additive -inf mask in place: outputs stay right"),
+    _bug(SA, SelfAttentionNormalizesInput, "mutation", ["input-not-mutated", "oracle-float64"],
+         "x /= ||x||: an in-place input normalization"),
+]
