@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from spec import profiles  # noqa: E402,F401  (registers the profiles)
@@ -69,6 +70,7 @@ def main():
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     settings.load_profile(args.profile)
+    torch.set_num_threads(1)  # as `attnspec check` does for small sizes
     rows, table = bench_bundled(args.repeat)
     print(f"## Time to a verdict, bundled targets ({args.profile} profile, median of {args.repeat})\n")
     print("| target | median s | max s |\n|---|---|---|")

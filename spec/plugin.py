@@ -3,6 +3,7 @@ instead of the bundled modules. Loads the Hypothesis profile: ``--hypothesis-pro
 else $HYPOTHESIS_PROFILE, else ci when $CI is set, else dev."""
 
 import pytest
+import torch
 from hypothesis import settings
 
 from spec import profiles
@@ -10,6 +11,9 @@ from spec.errors import UsageError
 from spec.targets import BUNDLED, resolve
 
 settings.load_profile(profiles.default_profile())
+# The tensors are tiny: intra-op threads only contend with the other xdist workers (a 2-thread op
+# waits ~8 ms for a busy core). Parallelism comes from the workers, one thread each.
+torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
