@@ -97,7 +97,11 @@ class Case:
         expected = self.kind.output_shape(self.cfg, num_tokens=x.shape[-2], batch=x.shape[0] if self.kind.batched else None)
         if tuple(out.shape) != expected:
             raise Violation(f"forward returned shape {tuple(out.shape)}, expected {expected} for input {tuple(x.shape)}")
-        return out
+        if out.is_floating_point() and not torch.isfinite(out).all() and torch.isfinite(x).all():
+            index = tuple(int(i) for i in (~torch.isfinite(out)).nonzero()[0])
+            raise Violation(f"forward returned output[{index}] = {out[index].item()} for a finite input "
+                            f"(scale {self.cfg.scale:g}, {'train' if train else 'eval'} mode)")
+        return out.clone()  # a module may reuse its output buffer; comparisons need their own copy
 
     def observe(self, x, train=False, module=None):
         """(output, Observation); NotApplicable if no attention softmax is seen."""
@@ -106,7 +110,7 @@ class Case:
             out = self.forward(x, train=train, module=module)
         if not probe.observation.heads:
             raise NotApplicable("attention weights are not observable (no softmax over a num_tokens x num_tokens "
-                                "score matrix; fused scaled_dot_product_attention?)")
+                                "score matrix; fused scaled_dot_product_attention?)", structural=False)
         return out, probe.observation
 
     def projections(self, module=None):

@@ -60,11 +60,17 @@ def _check_device(device):
         raise UsageError(f"--device {device!r}: this torch build has no CUDA device available")
 
 
-def _parse_example(text, targets):
+def _parse_example(text, targets, device):
     try:
         example = Config.from_json(text)
     except (ValueError, TypeError) as e:
         raise UsageError(f"--example is not a configuration JSON: {e}") from None
+    ints = ("d_in", "d_out", "num_heads", "context_length", "num_tokens", "batch", "seed")
+    bad = [f for f in ints if not isinstance(getattr(example, f), int) or getattr(example, f) < (0 if f == "seed" else 1)]
+    if bad:
+        raise UsageError(f"--example fields {', '.join(bad)} must be positive integers")
+    if example.device != device:
+        raise UsageError(f"--example device {example.device!r} differs from --device {device!r}")
     if example.dtype not in DTYPES:
         raise UsageError(f"--example dtype {example.dtype!r} is not one of {', '.join(DTYPES)}")
     for target in targets:
@@ -89,6 +95,8 @@ def cmd_list(args):
 
 def cmd_check(args):
     profile = args.profile or profiles.default_profile()
+    if profile not in profiles.PROFILES:
+        raise UsageError(f"profile {profile!r} (from $HYPOTHESIS_PROFILE) is not one of {', '.join(profiles.PROFILES)}")
     if args.max_examples is not None and args.max_examples < 1:
         raise UsageError(f"--max-examples={args.max_examples} must be at least 1")
     options = Options(profile=profile, max_examples=args.max_examples, seed=args.seed,
@@ -105,7 +113,7 @@ def cmd_check(args):
     if args.size == "small" and options.device == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronization (~8 ms per op when contended)
     targets = [resolve(t) for t in (args.targets or BUNDLED)]
-    example = _parse_example(args.example, targets) if args.example else None
+    example = _parse_example(args.example, targets, args.device) if args.example else None
     err = sys.stderr
     print(report.header(profile, options, targets), file=err)
     reports = []

@@ -8,7 +8,12 @@ class Violation(AssertionError):
 
 class NotApplicable(Exception):
     """The invariant cannot observe what it needs on this target (e.g. fused attention hides its
-    weights, or the adapter does not say where the projections live). Never counted as a pass."""
+    weights, or the adapter does not say where the projections live). Never counted as a pass.
+    ``structural``: true of every configuration (stop searching); false: of this example only."""
+
+    def __init__(self, reason, structural=True):
+        super().__init__(reason)
+        self.structural = structural
 
 
 class Unsupported(Exception):

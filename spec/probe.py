@@ -37,7 +37,9 @@ class Observation:
     def applied_weights(self):
         """The weights multiplied into the values, per softmax call: the matmul operand if seen, else the
         dropout output if seen, else the softmax output."""
-        return [next(w for w in (h.applied, h.dropped, h.weights) if w is not None) for h in self.heads]
+        applied = [next(w for w in (h.applied, h.dropped, h.weights) if w is not None) for h in self.heads]
+        return [a.reshape(h.weights.shape) if a.numel() == h.weights.numel() else a  # bmm on (B*H, T, T)
+                for a, h in zip(applied, self.heads)]
 
 
 class AttentionProbe(TorchFunctionMode):

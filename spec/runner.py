@@ -48,6 +48,7 @@ class Tally:
     not_applicable: int = 0
     unsupported: int = 0
     na_reason: str = ""
+    structural: bool = False  # a not-applicable that holds for every configuration
     unsupported_reason: str = ""
     failure: tuple = None  # (cfg, message) of the latest failing example: after shrinking, the minimal one
     printed: list = field(default_factory=list)
@@ -88,6 +89,7 @@ def run_example(inv, target, cfg, tally, time_limit=None):
     except NotApplicable as e:
         tally.not_applicable += 1
         tally.na_reason = str(e)
+        tally.structural = tally.structural or e.structural
     except Unsupported as e:
         tally.unsupported += 1
         tally.unsupported_reason = str(e)
@@ -146,7 +148,7 @@ def check_invariant(inv, target, options, example=None):
         run_example(inv, target, first, tally, options.time_limit)
     except Violation:
         return failed()
-    if tally.not_applicable or example is not None:
+    if tally.structural or example is not None:
         status = "not-applicable" if tally.not_applicable else "pass"
         return result(status, reason=tally.na_reason or tally.unsupported_reason)
     try:

@@ -71,6 +71,10 @@ NAMES = {
 }
 
 
+def _first(*candidates):
+    return next((c for c in candidates if c is not None), None)
+
+
 def _named(module, names, types):
     """The first attribute of ``module`` among ``names`` that is an instance of ``types``."""
     for name in names:
@@ -98,7 +102,9 @@ def _norm(obj):
 
 def seed_projections(module):
     """Projections found by name (the seed's first, see NAMES): q/k/v[/out]; a wrapper's heads; a block's parts."""
-    qkv = {n: _linear(_named(module, NAMES[n], (nn.Linear, nn.Parameter)), True) for n in ("query", "key", "value")}
+    # nn.Parameter (SelfAttention_v1's (d_in, d_out) layout) only under the seed's own names
+    qkv = {n: _linear(_first(_named(module, NAMES[n][:1], nn.Parameter), _named(module, NAMES[n], nn.Linear)), True)
+           for n in ("query", "key", "value")}
     if all(p is not None for p in qkv.values()):
         out = _named(module, NAMES["out"], nn.Linear)
         return qkv if out is None else {**qkv, "out": _linear(out, False)}
@@ -204,7 +210,10 @@ def resolve(text):
             raise UsageError(f"{module_part!r} has no attribute {attr!r} (it has: {', '.join(public[:12])})")
         obj = getattr(obj, part)
     if _is_adapter(obj):
-        adapter = obj() if isinstance(obj, type) else obj
+        try:
+            adapter = obj() if isinstance(obj, type) else obj
+        except Exception as e:
+            raise UsageError(f"adapter {attr!r} cannot be instantiated without arguments: {type(e).__name__}: {e}") from None
         declared = getattr(adapter, "kind", None)
         if declared and declared != kind.name:
             raise UsageError(f"adapter {attr!r} is written for kind {declared!r}, not {kind.name!r}")

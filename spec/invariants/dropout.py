@@ -13,7 +13,11 @@ from spec.invariants.base import invariant
 from spec.strategies import NONZERO_DROPOUTS
 from spec.tolerance import allowed_error, assert_close
 
-FALSE_ALARM = 1e-6  # probability that a correct module fails one example of a statistical check
+FALSE_ALARM = 1e-6  # probability that a correct module fails one example of the exact binomial test
+# dropout-unbiased uses a normal approximation of the mean of skewed draws, whose tails are heavier
+# than normal. Computed exactly for one key (the most skewed case, T=1) over p in [0.05, 0.9]: at a
+# nominal 1e-6 the true rate reaches 5.6e-5 (p=0.05); at the nominal 1e-10 used here, 9.2e-7.
+UNBIASED_NOMINAL = 1e-10
 DRAWS = 1024  # dropout draws averaged by dropout-unbiased
 
 
@@ -62,7 +66,7 @@ def dropout_unbiased(case):
     mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(DRAWS)
     # Bonferroni over the elements: a correct module exceeds z_crit anywhere with probability < FALSE_ALARM
     # (normal approximation of the mean of DRAWS independent draws).
-    z_crit = NormalDist().inv_cdf(1 - FALSE_ALARM / (2 * expected.numel()))
+    z_crit = NormalDist().inv_cdf(1 - UNBIASED_NOMINAL / (2 * expected.numel()))
     slack = z_crit * stderr + allowed_error(x.dtype, expected.abs().max().item())
     excess = (mean - expected.double()).abs() - slack
     if (excess > 0).any():
