@@ -28,3 +28,14 @@ def test_block_rejects_a_sequence_longer_than_its_context():
         assert "4" in str(e) and "3" in str(e)
     else:
         raise AssertionError("a 4-token sequence in a context of 3 must raise ValueError")
+
+
+def test_qkv_bias_defaults_to_false_as_in_the_seed():
+    """The kinds always pass qkv_bias; the constructors' own default must still be the seed's False."""
+    from impl import CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper
+
+    modules = [SelfAttention_v2(3, 2), CausalAttention(3, 2, 4, 0.0), MultiHeadAttentionWrapper(3, 2, 4, 0.0, 2),
+               MultiHeadAttention(3, 2, 4, 0.0, 2)]
+    for module in modules:
+        biased = [n for n, _ in module.named_parameters() if n.endswith("bias") and "out_proj" not in n]
+        assert not biased, f"{type(module).__name__} has {biased} by default"

@@ -4,9 +4,10 @@
 2. every invariant of the catalogue rejects at least one planted bug;
 3. a failure report is readable: the counterexample is minimal and the repro line reproduces it.
 
-(The correct modules are checked by tests/test_conformance.py.) ``ATTNSPEC_PLANTED_ALL=1`` also
-checks each bug's ``also`` invariants: they reject it too, but their counterexamples are slower to
-find and shrink, so the default run leaves them out.
+(The correct modules are checked by tests/test_conformance.py.) Under a derandomized profile (ci)
+each check is one search; under a randomized one (dev) a missed bug gets a few more seeds (``_check``).
+``ATTNSPEC_PLANTED_ALL=1`` also checks each bug's ``also`` invariants: they reject it too, but their
+counterexamples are slower to find and shrink, so the default run leaves them out.
 """
 
 import os
@@ -16,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from spec.invariants import BY_ID, CATALOGUE
 from spec.kinds import KINDS, Config
@@ -36,10 +38,23 @@ def _target(kind, name):
     return resolve(f"{kind}={path}:{name}")
 
 
+SEARCHES = 3  # independent searches a randomized profile gets to find a bug that only shows for some shapes
+
+
 @lru_cache(maxsize=None)
 def _check(name, ids):
+    """{id: Result} of checking the bug under the loaded profile. A randomized profile (dev: 10 examples)
+    can miss a bug that needs, say, num_heads > 1 and num_tokens < context_length; such an id gets
+    up to SEARCHES - 1 more searches from other seeds. A derandomized profile (ci) gets exactly one."""
     bug = BY_NAME[name]
-    return {r.invariant: r for r in check_target(_target(bug.kind, name), Options(only=ids)).results}
+    target = _target(bug.kind, name)
+    results = {r.invariant: r for r in check_target(target, Options(only=ids)).results}
+    for search in range(1, 1 if settings.default.derandomize else SEARCHES):
+        missed = tuple(i for i in ids if results[i].status != "fail")
+        if not missed:
+            break
+        results.update({r.invariant: r for r in check_target(target, Options(only=missed, seed=search)).results})
+    return results
 
 
 def _assert_rejected(bug, ids):
@@ -99,15 +114,24 @@ def _reproduce(bug, result):
     assert again.status == "fail", again
 
 
+def _assert_minimal(cfg, needed, minimal):
+    """``needed`` (what the bug requires to show) always holds; under a derandomized profile (ci) the
+    shrunk counterexample is exactly ``minimal``. A randomized run's shrink can stop a step short
+    (e.g. at num_tokens == context_length == 6), so there only ``needed`` is asserted."""
+    assert needed(cfg), cfg
+    if settings.default.derandomize:
+        assert {k: cfg[k] for k in minimal} == minimal, cfg
+
+
 def test_report_scaling_bug_is_minimal():
     """sqrt(d_out) vs sqrt(head_dim) needs two heads, and no more: the counterexample has exactly that."""
     bug = BY_NAME["ScaleByDOut"]
     result = _check(bug.name, ("scaling-sqrt-head-dim",))["scaling-sqrt-head-dim"]
-    cfg = result.counterexample
     assert result.status == "fail"
-    assert cfg["num_heads"] == 2 and cfg["d_out"] == 2 and cfg["batch"] == 1, cfg
-    assert cfg["num_tokens"] == 2 and cfg["d_in"] <= 2 and cfg["dropout"] == 0.0 and not cfg["qkv_bias"], cfg
-    assert "sqrt(d_out=2)" in result.reason, result.reason  # the diagnosis names the wrong scale
+    _assert_minimal(result.counterexample, lambda cfg: cfg["num_heads"] > 1 and cfg["num_tokens"] > 1,
+                    dict(num_heads=2, d_out=2, d_in=1, num_tokens=2, context_length=2, batch=1, dropout=0.0,
+                         qkv_bias=False, dtype="float32"))
+    assert f"sqrt(d_out={result.counterexample['d_out']})" in result.reason, result.reason  # names the wrong scale
     _reproduce(bug, result)
 
 
@@ -115,11 +139,10 @@ def test_report_masking_bug_is_minimal():
     """A future leak needs two tokens and one head; the report says which positions changed."""
     bug = BY_NAME["MaskFillZero"]
     result = _check(bug.name, ("causal-perturbation",))["causal-perturbation"]
-    cfg = result.counterexample
     assert result.status == "fail"
-    assert cfg["num_tokens"] == 2 and cfg["num_heads"] == 1 and cfg["batch"] == 1, cfg
-    assert cfg["d_in"] <= 2 and cfg["d_out"] <= 2 and cfg["dropout"] == 0.0 and cfg["dtype"] == "float32", cfg
-    assert "positions <= 0" in result.reason, result.reason
+    _assert_minimal(result.counterexample, lambda cfg: cfg["num_tokens"] > 1 and cfg["num_heads"] == 1,
+                    dict(num_tokens=2, context_length=2, batch=1, d_in=1, d_out=1, dropout=0.0, dtype="float32"))
+    assert "after changing tokens" in result.reason, result.reason
     _reproduce(bug, result)
 
 
@@ -127,9 +150,9 @@ def test_report_shape_dependent_bug_needs_a_short_sequence():
     """mask[:T] only breaks when num_tokens < context_length: the counterexample is the smallest such."""
     bug = BY_NAME["MaskRowsOnly"]
     result = _check(bug.name, ("output-contract",))["output-contract"]
-    cfg = result.counterexample
     assert result.status == "fail"
-    assert cfg["num_tokens"] == 1 and cfg["context_length"] == 2 and cfg["batch"] == 1, cfg
+    _assert_minimal(result.counterexample, lambda cfg: cfg["num_tokens"] < cfg["context_length"],
+                    dict(num_tokens=1, context_length=2, batch=1, d_in=1, d_out=1))
     assert "forward raised" in result.reason, result.reason
     _reproduce(bug, result)
 
