@@ -66,7 +66,7 @@ class Kind:
     has_dropout: bool  # the constructor takes a dropout probability
     multi_head: bool  # num_heads is meaningful
 
-    def constructor_args(self, cfg, accepts_qkv_bias=True):
+    def constructor_args(self, cfg):
         """(args, kwargs) for the kind's constructor, in the seed's argument order."""
         if self.name == "self-attention":
             return (cfg.d_in, cfg.d_out), ({"qkv_bias": True} if cfg.qkv_bias else {})

@@ -10,6 +10,17 @@ from spec.invariants import BY_ID
 MARK = {"pass": "pass", "fail": "FAIL", "not-applicable": "n/a"}
 
 
+def _cell(rep, inv_id, marks):
+    """The mark of ``inv_id`` on one target, or "·" where the invariant does not apply to its kind."""
+    result = next((r for r in rep.results if r.invariant == inv_id), None)
+    return marks[result.status] if result else "·"
+
+
+def _ids(reports):
+    """Catalogue order, only the invariants some target was checked against."""
+    return [inv_id for inv_id in BY_ID if any(r.invariant == inv_id for rep in reports for r in rep.results)]
+
+
 def header(profile, options, targets):
     lines = [f"attnspec: profile={profile} dtypes={','.join(options.dtypes)} device={options.device} "
              f"torch={torch.__version__} python={platform.python_version()}"]
@@ -22,15 +33,12 @@ def _short(report):
 
 
 def matrix(reports):
-    ids = [inv_id for inv_id in BY_ID if any(r.invariant == inv_id for rep in reports for r in rep.results)]
+    ids = _ids(reports)
     cols = [f"[{i + 1}]" for i in range(len(reports))]
     width = max(len(i) for i in ids) if ids else 10
     lines = [" " * width + "  " + "  ".join(f"{c:>5}" for c in cols)]
     for inv_id in ids:
-        marks = []
-        for rep in reports:
-            result = next((r for r in rep.results if r.invariant == inv_id), None)
-            marks.append(MARK[result.status] if result else "·")
+        marks = [_cell(rep, inv_id, MARK) for rep in reports]
         lines.append(f"{inv_id:<{width}}  " + "  ".join(f"{m:>5}" for m in marks))
     lines.append("(· = the invariant does not apply to the kind)")
     for col, rep in zip(cols, reports):
@@ -103,16 +111,13 @@ def write_json(path, reports, profile, options):
 
 
 def to_markdown(reports, profile):
-    ids = [inv_id for inv_id in BY_ID if any(r.invariant == inv_id for rep in reports for r in rep.results)]
+    ids = _ids(reports)
     icon = {"pass": "✅", "fail": "❌", "not-applicable": "n/a"}
     lines = [f"## attnspec conformance ({profile} profile)", "",
              "| invariant | " + " | ".join(f"`{rep.target.spec}`" for rep in reports) + " |",
              "|---|" + "---|" * len(reports)]
     for inv_id in ids:
-        cells = []
-        for rep in reports:
-            result = next((r for r in rep.results if r.invariant == inv_id), None)
-            cells.append(icon[result.status] if result else "·")
+        cells = [_cell(rep, inv_id, icon) for rep in reports]
         lines.append(f"| `{inv_id}` | " + " | ".join(cells) + " |")
     failures = [(rep, r) for rep in reports for r in rep.results if r.status == "fail"]
     if failures:
