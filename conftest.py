@@ -1,3 +1,2 @@
-"""pytest configuration: the attnspec plugin (--impl, Hypothesis profiles) and the repo on sys.path."""
-
-pytest_plugins = ["spec.plugin"]
+"""pytest configuration of attnspec's own repository. The attnspec plugin itself is loaded by its
+``pytest11`` entry point (installed with the package), as in any repository that installs attnspec."""

@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from spec import profiles  # noqa: E402,F401  (registers the profiles)
-from spec.runner import Options, check_target  # noqa: E402
-from spec.targets import BUNDLED, resolve  # noqa: E402
+from attnspec import profiles  # noqa: E402,F401  (registers the profiles)
+from attnspec.runner import Options, check_target  # noqa: E402
+from attnspec.targets import BUNDLED, resolve  # noqa: E402
 
 
 def timed(fn):

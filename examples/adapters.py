@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spec import Adapter, Unsupported
+from attnspec import Adapter, Unsupported
 
 
 def _rows(tensor, i, n):

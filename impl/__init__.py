@@ -1,13 +1,13 @@
 """The seed's attention modules (and the GPT-2 block it leaves unfinished). Imports nothing from spec."""
 
-from impl.attention import (
+from attnspec.impl.attention import (
     CausalAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
     SelfAttention_v1,
     SelfAttention_v2,
 )
-from impl.gpt import GELU, FeedForward, LayerNorm, TransformerBlock
+from attnspec.impl.gpt import GELU, FeedForward, LayerNorm, TransformerBlock
 
 __all__ = [
     "SelfAttention_v1",

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from impl.attention import MultiHeadAttention
+from attnspec.impl.attention import MultiHeadAttention
 
 
 class LayerNorm(nn.Module):

@@ -1,7 +1,7 @@
 """attnspec: an executable specification of attention, checked with Hypothesis."""
 
-from spec.errors import NotApplicable, Unsupported, UsageError, Violation
-from spec.kinds import KINDS, Config
-from spec.targets import Adapter
+from attnspec.errors import NotApplicable, Unsupported, UsageError, Violation
+from attnspec.kinds import KINDS, Config
+from attnspec.targets import Adapter
 
 __all__ = ["Adapter", "Config", "KINDS", "NotApplicable", "Unsupported", "UsageError", "Violation"]

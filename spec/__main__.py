@@ -1,5 +1,5 @@
 import sys
 
-from spec.cli import main
+from attnspec.cli import main
 
 sys.exit(main())

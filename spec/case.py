@@ -13,8 +13,8 @@ from functools import cached_property
 
 import torch
 
-from spec.errors import NotApplicable, Unsupported, Violation
-from spec.probe import AttentionProbe
+from attnspec.errors import NotApplicable, Unsupported, Violation
+from attnspec.probe import AttentionProbe
 
 CALL_TIME_LIMIT_S = 10.0  # one constructor or forward call; overridable with --time-limit
 

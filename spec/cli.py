@@ -10,12 +10,12 @@ import time
 
 import torch
 
-from spec import profiles, report
-from spec.errors import UsageError
-from spec.invariants import CATALOGUE, OBSERVES
-from spec.kinds import DTYPES, KINDS, Config
-from spec.runner import Options, check_target
-from spec.targets import BUNDLED, resolve
+from attnspec import profiles, report
+from attnspec.errors import UsageError
+from attnspec.invariants import CATALOGUE, OBSERVES
+from attnspec.kinds import DTYPES, KINDS, Config
+from attnspec.runner import Options, check_target
+from attnspec.targets import BUNDLED, resolve
 
 GPT2_SIZES = {"d_in": 768, "d_out": 768, "num_heads": 12, "context_length": 1024}
 

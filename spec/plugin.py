@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import settings
 
-from spec import profiles
-from spec.errors import UsageError
-from spec.targets import BUNDLED, resolve
+from attnspec import profiles
+from attnspec.errors import UsageError
+from attnspec.targets import BUNDLED, resolve
 
 settings.load_profile(profiles.default_profile())
 # The tensors are tiny: intra-op threads only contend with the other xdist workers (a 2-thread op

@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from spec.invariants import BY_ID
+from attnspec.invariants import BY_ID
 
 MARK = {"pass": "pass", "fail": "FAIL", "not-applicable": "n/a"}
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from hypothesis import Phase, event, find, given, note, seed as hypothesis_seed, settings
 
-from spec.case import Case
-from spec.errors import NotApplicable, Unsupported, UsageError, Violation
-from spec.invariants import BY_ID, CATALOGUE
-from spec.strategies import configs
+from attnspec.case import Case
+from attnspec.errors import NotApplicable, Unsupported, UsageError, Violation
+from attnspec.invariants import BY_ID, CATALOGUE
+from attnspec.strategies import configs
 
 
 @dataclass

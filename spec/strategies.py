@@ -3,7 +3,7 @@ one head, few tokens, batch 1, dropout 0, no bias, unit scale, float32, seed 0."
 
 from hypothesis import strategies as st
 
-from spec.kinds import Config
+from attnspec.kinds import Config
 
 MAX_DIM = 8  # small shapes first: the bugs in attention code show at d <= 8 as well as at 768
 MAX_HEADS = 4

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from spec.errors import Unsupported, UsageError
-from spec.kinds import KINDS, Kind
+from attnspec.errors import Unsupported, UsageError
+from attnspec.kinds import KINDS, Kind
 
 
 class Adapter:
@@ -228,10 +228,10 @@ def resolve(text):
 
 
 BUNDLED = [
-    "self-attention=impl:SelfAttention_v1",
-    "self-attention=impl:SelfAttention_v2",
-    "causal-attention=impl:CausalAttention",
-    "mha-wrapper=impl:MultiHeadAttentionWrapper",
-    "mha=impl:MultiHeadAttention",
-    "transformer-block=impl:TransformerBlock",
+    "self-attention=attnspec.impl:SelfAttention_v1",
+    "self-attention=attnspec.impl:SelfAttention_v2",
+    "causal-attention=attnspec.impl:CausalAttention",
+    "mha-wrapper=attnspec.impl:MultiHeadAttentionWrapper",
+    "mha=attnspec.impl:MultiHeadAttention",
+    "transformer-block=attnspec.impl:TransformerBlock",
 ]

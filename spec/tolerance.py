@@ -9,7 +9,7 @@ PyTorch's SDPA tests: derive the bound from the dtype and the oracle's own error
 
 import torch
 
-from spec.errors import Violation
+from attnspec.errors import Violation
 
 # Relative error a correct kernel may make, in units of the values' magnitude: ~2**7 ulps for the
 # float formats (reductions over d, exp, division), larger for the 8/11-bit mantissas.

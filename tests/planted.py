@@ -25,14 +25,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from impl.attention import (
+from attnspec.impl.attention import (
     CausalAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
     SelfAttention_v1,
     SelfAttention_v2,
 )
-from impl.gpt import GELU, LayerNorm, TransformerBlock
+from attnspec.impl.gpt import GELU, LayerNorm, TransformerBlock
 
 
 # --- the correct modules, in steps -------------------------------------------------------------

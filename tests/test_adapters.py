@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch.nn.functional as F
 
-from spec.invariants import CATALOGUE
-from spec.kinds import KINDS
-from spec.runner import Options, check_target
-from spec.targets import resolve
+from attnspec.invariants import CATALOGUE
+from attnspec.kinds import KINDS
+from attnspec.runner import Options, check_target
+from attnspec.targets import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ROOT / "examples" / "adapters.py"

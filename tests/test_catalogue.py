@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from spec import report
-from spec.invariants import CATALOGUE, OBSERVES
-from spec.kinds import KINDS
+from attnspec import report
+from attnspec.invariants import CATALOGUE, OBSERVES
+from attnspec.kinds import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ Contract under test (other tools depend on it):
 The broken modules live in ``tests/bad_targets/`` (one concern each). Every check runs the ``ci``
 profile (derandomized: the same verdict on every run) with few examples or ``--only``, to stay fast.
 
-Most runs call ``spec.cli.main`` in the test process (importing torch costs ~3 s a process);
+Most runs call ``attnspec.cli.main`` in the test process (importing torch costs ~3 s a process);
 ``test_fresh_process_entry_points`` and the repro test run ``[sys.executable, "-m", "spec", ...]`` and
 the ``attnspec`` console script in their own processes; ``ATTNSPEC_TEST_FRESH=1`` runs every test that way.
 """
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import pytest
 
-from spec.cli import main
+from attnspec.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = "tests/bad_targets"
-GOOD = "mha=impl:MultiHeadAttention"
+GOOD = "mha=attnspec.impl:MultiHeadAttention"
 STATUSES = {"pass", "fail", "not-applicable"}
 FAST = ("--profile", "ci", "--max-examples", "5")
 TIMEOUT_S = 180
@@ -49,7 +49,7 @@ def bad(name, attr="MHA"):
 
 
 def attnspec(*args, fresh=False, console_script=False, timeout=TIMEOUT_S):
-    """Run `attnspec ARGS` from the repo root: in this process (``spec.cli.main``, stdout and stderr
+    """Run `attnspec ARGS` from the repo root: in this process (``attnspec.cli.main``, stdout and stderr
     captured, an escaping exception printed as the interpreter would), or (fresh) in its own
     ``[sys.executable, "-m", "spec", *ARGS]`` process, or (console_script) the installed ``attnspec``."""
     if console_script:
@@ -136,13 +136,13 @@ def run_repro(repro):
 # Usage errors: exit 2, one line on stderr naming the problem, nothing checked.
 
 USAGE_ERRORS = {
-    "unknown-kind": (["foo=impl:MultiHeadAttention"], r"unknown kind 'foo'.*self-attention.*transformer-block"),
+    "unknown-kind": (["foo=attnspec.impl:MultiHeadAttention"], r"unknown kind 'foo'.*self-attention.*transformer-block"),
     "no-equals": (["mha"], r"malformed target 'mha'.*KIND=module:Attr"),
-    "no-colon": (["mha=impl"], r"malformed target 'impl'.*module:Attr"),
-    "empty-attr": (["mha=impl:"], r"malformed target 'impl:'"),
+    "no-colon": (["mha=attnspec.impl"], r"malformed target 'attnspec.impl'.*module:Attr"),
+    "empty-attr": (["mha=attnspec.impl:"], r"malformed target 'attnspec.impl:'"),
     "missing-file": ([bad("no_such_file")], r"tests/bad_targets/no_such_file\.py.*not found"),
     "missing-module": (["mha=no_such_pkg.attn:MHA"], r"cannot import module 'no_such_pkg\.attn'.*No module named 'no_such_pkg'"),
-    "missing-attr": (["mha=impl:NoSuchAttention"], r"'impl' has no attribute 'NoSuchAttention'.*MultiHeadAttention"),
+    "missing-attr": (["mha=attnspec.impl:NoSuchAttention"], r"'attnspec.impl' has no attribute 'NoSuchAttention'.*MultiHeadAttention"),
     "missing-attr-in-file": ([bad("not_callable", "Nope")], r"not_callable\.py' has no attribute 'Nope'"),
     "not-callable": ([bad("not_callable")], r"not_callable\.py:MHA' is not a class, factory or adapter: it is int"),
     "import-raises-file": ([bad("raises_on_import")], r"importing 'tests/bad_targets/raises_on_import\.py' raised RuntimeError: broken at import time"),
@@ -162,7 +162,7 @@ def test_usage_error_exits_2_with_one_line(args, pattern):
 
 def test_usage_error_stops_before_checking_good_targets(tmp_path):
     """A bad target among good ones is still a usage error: nothing is checked, no report written."""
-    proc, report = check(GOOD, "mha=impl:NoSuchAttention", "--only", "output-contract", tmp_path=tmp_path)
+    proc, report = check(GOOD, "mha=attnspec.impl:NoSuchAttention", "--only", "output-contract", tmp_path=tmp_path)
     assert_usage_error(proc, r"NoSuchAttention")
     assert report is None
 
@@ -235,7 +235,7 @@ def test_json_report_fields(tmp_path):
     assert proc.returncode == 1
     assert_report_shape(report)
     assert [(t["kind"], t["target"]) for t in report["targets"]] == [
-        ("mha", f"{BAD}/returns_tuple.py:MHA"), ("mha", "impl:MultiHeadAttention")]
+        ("mha", f"{BAD}/returns_tuple.py:MHA"), ("mha", "attnspec.impl:MultiHeadAttention")]
     failure = next(r for r in target_report(report, bad("returns_tuple"))["results"] if r["status"] == "fail")
     assert failure["invariant"] == "output-contract"
     assert {"d_in", "d_out", "num_heads", "context_length", "num_tokens", "batch", "dtype", "seed"} <= failure["counterexample"].keys()
@@ -261,7 +261,7 @@ def test_report_md_writes_a_markdown_table(tmp_path):
 
 
 def test_list_prints_every_invariant_id():
-    from spec.invariants import CATALOGUE
+    from attnspec.invariants import CATALOGUE
 
     proc = attnspec("list")
     assert proc.returncode == 0 and not proc.stderr, proc.stderr
@@ -279,10 +279,10 @@ def test_fresh_process_entry_points(tmp_path):
     assert proc.returncode == 1 and f"FAIL output-contract on {spec}" in proc.stdout, proc.stdout + proc.stderr
     assert_report_shape(report)
     assert_all_good(report)
-    assert_usage_error(attnspec("check", "mha=impl", fresh=True), r"malformed target 'impl'")
+    assert_usage_error(attnspec("check", "mha=attnspec.impl", fresh=True), r"malformed target 'attnspec.impl'")
     script = Path(sys.executable).with_name("attnspec")
     if script.exists():
-        proc = attnspec("check", "nope=impl:MultiHeadAttention", console_script=True)
+        proc = attnspec("check", "nope=attnspec.impl:MultiHeadAttention", console_script=True)
         assert_usage_error(proc, r"unknown kind 'nope'")
 
 

@@ -3,9 +3,9 @@
 
 import pytest
 
-from spec.invariants import CATALOGUE
-from spec.plugin import conformance_targets
-from spec.runner import Tally, hypothesis_test
+from attnspec.invariants import CATALOGUE
+from attnspec.plugin import conformance_targets
+from attnspec.runner import Tally, hypothesis_test
 
 
 def pytest_generate_tests(metafunc):

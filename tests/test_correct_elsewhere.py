@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from spec.runner import Options, check_target
-from spec.targets import resolve
+from attnspec.runner import Options, check_target
+from attnspec.targets import resolve
 
 HERE = Path(__file__).resolve().parent
 FILE = HERE / "correct_elsewhere.py"

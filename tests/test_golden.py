@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from impl import (
+from attnspec.impl import (
     GELU,
     CausalAttention,
     FeedForward,

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from impl import SelfAttention_v1, SelfAttention_v2, TransformerBlock
-from spec.tolerance import assert_close
+from attnspec.impl import SelfAttention_v1, SelfAttention_v2, TransformerBlock
+from attnspec.tolerance import assert_close
 
 
 @given(d_in=st.integers(1, 8), d_out=st.integers(1, 8), num_tokens=st.integers(1, 8), seed=st.integers(0, 2**16))
@@ -32,7 +32,7 @@ def test_block_rejects_a_sequence_longer_than_its_context():
 
 def test_qkv_bias_defaults_to_false_as_in_the_seed():
     """The kinds always pass qkv_bias; the constructors' own default must still be the seed's False."""
-    from impl import CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper
+    from attnspec.impl import CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper
 
     modules = [SelfAttention_v2(3, 2), CausalAttention(3, 2, 4, 0.0), MultiHeadAttentionWrapper(3, 2, 4, 0.0, 2),
                MultiHeadAttention(3, 2, 4, 0.0, 2)]

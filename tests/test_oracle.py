@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from spec import oracle
-from spec.errors import Violation
-from spec.invariants.dropout import binomial_two_sided_p
-from spec.probe import AttentionProbe
-from spec.tolerance import allowed_error, assert_close
+from attnspec import oracle
+from attnspec.errors import Violation
+from attnspec.invariants.dropout import binomial_two_sided_p
+from attnspec.probe import AttentionProbe
+from attnspec.tolerance import allowed_error, assert_close
 
 import pytest
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from spec.invariants import BY_ID, CATALOGUE
-from spec.kinds import KINDS, Config
-from spec.runner import Options, check_target
-from spec.targets import resolve
+from attnspec.invariants import BY_ID, CATALOGUE
+from attnspec.kinds import KINDS, Config
+from attnspec.runner import Options, check_target
+from attnspec.targets import resolve
 
 PLANTED = Path(__file__).with_name("planted.py")
 if str(PLANTED.parent) not in sys.path:

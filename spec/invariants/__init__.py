@@ -1,7 +1,7 @@
 """The catalogue of invariants, one module per section of the spec, in reading order."""
 
-from spec.invariants import block, causality, contract, dropout, heads, reference, weights  # noqa: F401  (registers)
-from spec.invariants.base import CATALOGUE, OBSERVES, Invariant
+from attnspec.invariants import block, causality, contract, dropout, heads, reference, weights  # noqa: F401  (registers)
+from attnspec.invariants.base import CATALOGUE, OBSERVES, Invariant
 
 SECTIONS = ["contract", "causality", "weights", "dropout", "heads", "reference", "block"]
 CATALOGUE.sort(key=lambda inv: SECTIONS.index(inv.section))

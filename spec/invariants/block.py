@@ -7,10 +7,10 @@ import contextlib
 
 import torch
 
-from spec import oracle
-from spec.errors import NotApplicable, Violation
-from spec.invariants.base import invariant
-from spec.tolerance import assert_close
+from attnspec import oracle
+from attnspec.errors import NotApplicable, Violation
+from attnspec.invariants.base import invariant
+from attnspec.tolerance import assert_close
 
 
 @contextlib.contextmanager

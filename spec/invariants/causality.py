@@ -2,9 +2,9 @@
 
 import torch
 
-from spec.errors import Violation
-from spec.invariants.base import CAUSAL_KINDS, invariant
-from spec.tolerance import assert_close
+from attnspec.errors import Violation
+from attnspec.invariants.base import CAUSAL_KINDS, invariant
+from attnspec.tolerance import assert_close
 
 
 MAX_CUTS = 8  # positions checked per example: all of them at small sizes, spread out at T = 1024

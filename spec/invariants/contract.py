@@ -3,10 +3,10 @@
 import torch
 from hypothesis import strategies as st
 
-from spec.errors import Violation
-from spec.invariants.base import ALL_KINDS, DROPOUT_KINDS, invariant
-from spec.strategies import LARGE_SCALES
-from spec.tolerance import assert_close
+from attnspec.errors import Violation
+from attnspec.invariants.base import ALL_KINDS, DROPOUT_KINDS, invariant
+from attnspec.strategies import LARGE_SCALES
+from attnspec.tolerance import assert_close
 
 
 @invariant("output-contract", "forward(x) is a Tensor of the kind's output shape, x's dtype and device",

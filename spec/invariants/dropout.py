@@ -8,10 +8,10 @@ from statistics import NormalDist
 
 import torch
 
-from spec.errors import Violation
-from spec.invariants.base import invariant
-from spec.strategies import NONZERO_DROPOUTS
-from spec.tolerance import allowed_error, assert_close
+from attnspec.errors import Violation
+from attnspec.invariants.base import invariant
+from attnspec.strategies import NONZERO_DROPOUTS
+from attnspec.tolerance import allowed_error, assert_close
 
 FALSE_ALARM = 1e-6  # probability that a correct module fails one example of the exact binomial test
 # dropout-unbiased uses a normal approximation of the mean of skewed draws, whose tails are heavier

@@ -2,10 +2,10 @@
 
 import torch
 
-from spec import oracle
-from spec.errors import NotApplicable, Violation
-from spec.invariants.base import ALL_KINDS, invariant
-from spec.tolerance import assert_close
+from attnspec import oracle
+from attnspec.errors import NotApplicable, Violation
+from attnspec.invariants.base import ALL_KINDS, invariant
+from attnspec.tolerance import assert_close
 
 
 def _projection_leaves(kind, parts):

@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from spec import oracle
-from spec.errors import Violation
-from spec.invariants.base import ALL_KINDS, CAUSAL_KINDS, invariant
-from spec.tolerance import assert_close
+from attnspec import oracle
+from attnspec.errors import Violation
+from attnspec.invariants.base import ALL_KINDS, CAUSAL_KINDS, invariant
+from attnspec.tolerance import assert_close
 
 
 def _first(mask):

@@ -1,6 +1,6 @@
 """The constructor raises for every configuration."""
 
-from impl import MultiHeadAttention
+from attnspec.impl import MultiHeadAttention
 
 
 class MHA(MultiHeadAttention):

@@ -3,7 +3,7 @@ Exception, so it must still be caught and reported, never end the run with statu
 
 import sys
 
-from impl import MultiHeadAttention
+from attnspec.impl import MultiHeadAttention
 
 
 class MHA(MultiHeadAttention):

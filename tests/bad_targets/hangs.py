@@ -1,6 +1,6 @@
 """forward never returns: the per-call time limit must stop it."""
 
-from impl import MultiHeadAttention
+from attnspec.impl import MultiHeadAttention
 
 
 class MHA(MultiHeadAttention):

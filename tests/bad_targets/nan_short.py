@@ -1,6 +1,6 @@
 """NaN in the output whenever the sequence is shorter than context_length."""
 
-from impl import MultiHeadAttention
+from attnspec.impl import MultiHeadAttention
 
 
 class MHA(MultiHeadAttention):

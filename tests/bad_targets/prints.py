@@ -1,6 +1,6 @@
 """Correct, but prints to stdout in forward (debug output left in)."""
 
-from impl import MultiHeadAttention
+from attnspec.impl import MultiHeadAttention
 
 MARKER = "DEBUG-FROM-USER-MODULE"
 

@@ -1,6 +1,6 @@
 """forward raises ValueError for some configurations only: a single token."""
 
-from impl import MultiHeadAttention
+from attnspec.impl import MultiHeadAttention
 
 
 class MHA(MultiHeadAttention):

@@ -1,6 +1,6 @@
 """forward returns a NumPy array instead of a torch.Tensor."""
 
-from impl import MultiHeadAttention
+from attnspec.impl import MultiHeadAttention
 
 
 class MHA(MultiHeadAttention):

@@ -2,7 +2,7 @@
 
 import torch
 
-from impl import MultiHeadAttention
+from attnspec.impl import MultiHeadAttention
 
 
 class MHA(MultiHeadAttention):

@@ -2,7 +2,7 @@
 
 import torch.nn as nn
 
-from impl import MultiHeadAttention
+from attnspec.impl import MultiHeadAttention
 
 
 class MHA(MultiHeadAttention):
