@@ -13,7 +13,7 @@ from functools import cached_property
 
 import torch
 
-from attnspec.errors import NotApplicable, Unsupported, Violation
+from attnspec.errors import InternalError, NotApplicable, Unsupported, Violation
 from attnspec.probe import AttentionProbe
 
 CALL_TIME_LIMIT_S = 10.0  # one constructor or forward call; overridable with --time-limit
@@ -55,7 +55,7 @@ class Case:
         try:
             with _time_limit(self.time_limit), contextlib.redirect_stdout(buffer):
                 return fn(*args, **kwargs)
-        except (Violation, NotApplicable, Unsupported):
+        except (Violation, NotApplicable, Unsupported, InternalError):  # InternalError: our hooks/probe
             raise
         except _Timeout:
             raise Violation(f"{what} did not return within {self.time_limit:g} s") from None
@@ -108,9 +108,11 @@ class Case:
         probe = AttentionProbe(x.shape[-2])
         with probe:
             out = self.forward(x, train=train, module=module)
+        if probe.error is not None:  # raised inside forward, even if the module swallowed it
+            raise probe.error
         if not probe.observation.heads:
-            raise NotApplicable("attention weights are not observable (no softmax over a num_tokens x num_tokens "
-                                "score matrix; fused scaled_dot_product_attention?)", structural=False)
+            raise NotApplicable("attention weights are not observable (no softmax over num_tokens keys, no "
+                                "scaled_dot_product_attention or multi_head_attention_forward call)", structural=False)
         return out, probe.observation
 
     def projections(self, module=None):

@@ -1,7 +1,8 @@
 """The command line: `attnspec list` prints the spec; `attnspec check KIND=TARGET ...` gates modules.
 
 Exit status of check: 0 every applicable invariant holds for every target; 1 at least one is
-violated; 2 usage error (unknown kind, malformed or unimportable target, bad option)."""
+violated; 2 usage error (unknown kind, malformed or unimportable target, bad option); 4 an internal
+error of attnspec (a bug of attnspec's own code) and no violation."""
 
 import argparse
 import os
@@ -14,7 +15,7 @@ from attnspec import profiles, report
 from attnspec.errors import UsageError
 from attnspec.invariants import CATALOGUE, OBSERVES
 from attnspec.kinds import DTYPES, KINDS, Config
-from attnspec.runner import Options, check_target
+from attnspec.runner import Options, check_target, exit_status
 from attnspec.targets import BUNDLED, resolve
 
 GPT2_SIZES = {"d_in": 768, "d_out": 768, "num_heads": 12, "context_length": 1024}
@@ -124,7 +125,7 @@ def cmd_check(args):
 
         def progress(result):
             if not args.quiet:
-                print({"pass": ".", "fail": "F", "not-applicable": "-"}[result.status], end="", file=err, flush=True)
+                print({"pass": ".", "fail": "F", "not-applicable": "-", "internal-error": "E"}[result.status], end="", file=err, flush=True)
 
         rep = check_target(target, options, progress=None if args.quiet else progress, example=example)
         reports.append(rep)
@@ -139,7 +140,7 @@ def cmd_check(args):
     if args.report_md:
         with open(args.report_md, "a") as f:
             f.write(report.to_markdown(reports, profile))
-    return 1 if any(rep.failed for rep in reports) else 0
+    return exit_status(reports)
 
 
 def main(argv=None):

@@ -23,3 +23,20 @@ class Unsupported(Exception):
 
 class UsageError(Exception):
     """Bad command-line or target input: unknown kind, malformed or unimportable target."""
+
+
+class InternalError(Exception):
+    """attnspec's own code raised during a check (a bug of attnspec, never the module's fault); the
+    message names the file:line. Code of ours that runs inside the module's forward (the probe,
+    forward hooks) raises this, so ``Case.guard`` does not blame the module for it."""
+
+
+def internal_error(e):
+    """InternalError for exception ``e`` raised by attnspec's code, naming where (innermost frame)."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    error = InternalError(f"internal error in attnspec ({where}): {type(e).__name__}: {e}")
+    error.__cause__ = e
+    return error

@@ -80,6 +80,7 @@ class Kind:
             "dropout": cfg.dropout,
             "num_heads": cfg.num_heads,
             "qkv_bias": cfg.qkv_bias,
+            "n_heads": cfg.num_heads, "drop_rate": cfg.dropout,  # llms-from-scratch's keys for the same
         }
         return (block_cfg,), {}
 

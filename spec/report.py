@@ -7,7 +7,7 @@ import torch
 
 from attnspec.invariants import BY_ID
 
-MARK = {"pass": "pass", "fail": "FAIL", "not-applicable": "n/a"}
+MARK = {"pass": "pass", "fail": "FAIL", "not-applicable": "n/a", "internal-error": "ERROR"}
 
 
 def _cell(rep, inv_id, marks):
@@ -43,9 +43,11 @@ def matrix(reports):
     lines.append("(· = the invariant does not apply to the kind)")
     for col, rep in zip(cols, reports):
         counts = {s: sum(r.status == s for r in rep.results) for s in MARK}
-        verdict = "FAIL" if rep.failed else "ok"
+        verdict = "FAIL" if rep.failed else "INTERNAL ERROR" if rep.internal_error else "ok"
+        errors = f", {counts['internal-error']} internal error" if counts["internal-error"] else ""
+        layout = f"; projections: {rep.layout}" if rep.layout else ""
         lines.append(f"{col} {rep.target.spec}: {verdict} ({counts['pass']} pass, {counts['fail']} fail, "
-                     f"{counts['not-applicable']} n/a)")
+                     f"{counts['not-applicable']} n/a{errors}){layout}")
     return "\n".join(lines)
 
 
@@ -62,6 +64,10 @@ def details(reports):
                           f"  counterexample: {_config_text(r.counterexample)}",
                           f"  {r.reason}",
                           f"  reproduce: {r.repro}", ""]
+        for r in (r for r in rep.results if r.status == "internal-error"):
+            lines += [f"INTERNAL ERROR {r.invariant} on {rep.target.spec} (a bug of attnspec, not of the module)",
+                      f"  {r.reason}", f"  configuration: {_config_text(r.counterexample)}",
+                      f"  reproduce: {r.repro}", ""]
         unsupported = [r for r in rep.results if r.unsupported]
         if unsupported:
             total = sum(r.unsupported for r in unsupported)
@@ -86,17 +92,18 @@ def to_json(reports, profile, options):
         "torch": torch.__version__,
         "dtypes": list(options.dtypes),
         "device": options.device,
-        "passed": not any(rep.failed for rep in reports),
+        "passed": not any(rep.failed or rep.internal_error for rep in reports),
         "targets": [
             {
                 "kind": rep.target.kind.name,
                 "target": rep.target.name,
-                "status": "fail" if rep.failed else "pass",
+                "status": "fail" if rep.failed else "internal-error" if rep.internal_error else "pass",
+                "layout": rep.layout,
                 "stdout_chars": rep.printed,
                 "results": [
                     {"invariant": r.invariant, "status": r.status, "statement": BY_ID[r.invariant].statement,
                      "examples": r.examples, "unsupported": r.unsupported, "seconds": r.seconds,
-                     "reason": r.reason, "counterexample": r.counterexample, "repro": r.repro}
+                     "reason": r.reason, "counterexample": r.counterexample, "repro": r.repro, "layout": r.layout}
                     for r in rep.results
                 ],
             }
@@ -112,7 +119,7 @@ def write_json(path, reports, profile, options):
 
 def to_markdown(reports, profile):
     ids = _ids(reports)
-    icon = {"pass": "✅", "fail": "❌", "not-applicable": "n/a"}
+    icon = {"pass": "✅", "fail": "❌", "not-applicable": "n/a", "internal-error": "⚠️ internal error"}
     lines = [f"## attnspec conformance ({profile} profile)", "",
              "| invariant | " + " | ".join(f"`{rep.target.spec}`" for rep in reports) + " |",
              "|---|" + "---|" * len(reports)]
@@ -126,6 +133,13 @@ def to_markdown(reports, profile):
             lines += [f"**`{r.invariant}`** on `{rep.target.spec}`: {BY_ID[r.invariant].statement}", "",
                       f"- counterexample: `{_config_text(r.counterexample)}`", f"- {r.reason}",
                       f"- reproduce: `{r.repro}`", ""]
+    errors = [(rep, r) for rep in reports for r in rep.results if r.status == "internal-error"]
+    if errors:
+        lines += ["", "### Internal errors of attnspec (not the module's fault)", ""]
+        lines += [f"- `{r.invariant}` on `{rep.target.spec}`: {r.reason} (reproduce: `{r.repro}`)" for rep, r in errors]
+    layouts = [(rep.target.spec, rep.layout) for rep in reports if rep.layout]
+    if layouts:
+        lines += ["", "Projections found: " + "; ".join(f"`{spec}`: {layout}" for spec, layout in layouts)]
     return "\n".join(lines) + "\n"
 
 

@@ -8,15 +8,15 @@ milliseconds, and that example is already minimal."""
 import json
 import shlex
 import time
-import traceback
 from dataclasses import dataclass, field
 
 from hypothesis import Phase, event, find, given, note, seed as hypothesis_seed, settings
 
 from attnspec.case import Case
-from attnspec.errors import NotApplicable, Unsupported, UsageError, Violation
+from attnspec.errors import InternalError, NotApplicable, Unsupported, UsageError, Violation, internal_error
 from attnspec.invariants import BY_ID, CATALOGUE
 from attnspec.strategies import configs
+from attnspec.targets import projection_layout
 
 
 @dataclass
@@ -51,13 +51,15 @@ class Tally:
     structural: bool = False  # a not-applicable that holds for every configuration
     unsupported_reason: str = ""
     failure: tuple = None  # (cfg, message) of the latest failing example: after shrinking, the minimal one
+    internal: tuple = None  # (cfg, message) of the first example where attnspec's own code raised
+    layout: str = ""  # where the projections were found (targets.projection_layout), if looked up
     printed: list = field(default_factory=list)
 
 
 @dataclass
 class Result:
     invariant: str
-    status: str  # "pass", "fail" or "not-applicable"
+    status: str  # "pass", "fail", "not-applicable" or "internal-error" (attnspec's own code raised)
     examples: int = 0
     unsupported: int = 0
     seconds: float = 0.0
@@ -65,6 +67,7 @@ class Result:
     counterexample: dict = None
     repro: str = ""
     printed: int = 0  # characters the module printed to stdout (captured, not shown)
+    layout: str = ""  # where the projections were found, for invariants that observe them
 
 
 def strategy_for(inv, target, options):
@@ -78,7 +81,11 @@ def repro_command(inv, target, cfg):
 
 
 def run_example(inv, target, cfg, tally, time_limit=None):
-    """Check one configuration; raises Violation (recorded in tally) if the invariant is broken."""
+    """Check one configuration; raises Violation (recorded in tally) if the invariant is broken.
+    An exception of attnspec's own code is recorded as ``tally.internal`` (never the module's fault);
+    later examples are then skipped."""
+    if tally.internal:
+        return
     case = Case(target, cfg, time_limit=time_limit, stdout_sink=tally.printed)
     try:
         invalid = target.kind.invalid_reason(cfg)
@@ -97,9 +104,10 @@ def run_example(inv, target, cfg, tally, time_limit=None):
         tally.failure = (cfg, str(e))
         raise
     except Exception as e:  # a bug in attnspec itself: say so loudly, with where
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        tally.failure = (cfg, f"internal error in attnspec ({where.filename}:{where.lineno}): {type(e).__name__}: {e}")
-        raise Violation(tally.failure[1]) from e
+        tally.internal = (cfg, str(e if isinstance(e, InternalError) else internal_error(e)))
+    finally:
+        if "module" in case.__dict__ and "params" in inv.observes and not tally.layout:
+            tally.layout = projection_layout(target.adapter, case.module)
 
 
 def hypothesis_test(inv, target, options=None, tally=None):
@@ -133,8 +141,13 @@ def check_invariant(inv, target, options, example=None):
     start, tally = time.perf_counter(), Tally()
 
     def result(status, **kw):
-        return Result(inv.id, status, examples=tally.checked, unsupported=tally.unsupported,
+        return Result(inv.id, status, examples=tally.checked, unsupported=tally.unsupported, layout=tally.layout,
                       seconds=round(time.perf_counter() - start, 3), printed=sum(map(len, tally.printed)), **kw)
+
+    def internal():
+        cfg, message = tally.internal
+        return result("internal-error", reason=message, counterexample=json.loads(cfg.to_json()),
+                      repro=repro_command(inv, target, cfg))
 
     def failed():
         cfg, message = tally.failure
@@ -148,6 +161,8 @@ def check_invariant(inv, target, options, example=None):
         run_example(inv, target, first, tally, options.time_limit)
     except Violation:
         return failed()
+    if tally.internal:
+        return internal()
     if tally.structural or example is not None:
         status = "not-applicable" if tally.not_applicable else "pass"
         return result(status, reason=tally.na_reason or tally.unsupported_reason)
@@ -162,6 +177,8 @@ def check_invariant(inv, target, options, example=None):
         tally.failure = (cfg, f"{message} [{type(e).__name__}: the failure did not reproduce on replay: "
                               f"the module is nondeterministic]")
         return failed()
+    if tally.internal:
+        return internal()
     if tally.checked == 0:
         return result("not-applicable", reason=tally.na_reason or f"every configuration unsupported: {tally.unsupported_reason}")
     return result("pass", reason=f"unsupported: {tally.unsupported_reason}" if tally.unsupported else "")
@@ -177,8 +194,29 @@ class TargetReport:
         return any(r.status == "fail" for r in self.results)
 
     @property
+    def internal_error(self):
+        """attnspec's own code raised while checking this target (a bug of attnspec, not the module's)."""
+        return any(r.status == "internal-error" for r in self.results)
+
+    @property
+    def layout(self):
+        """Where the projections were found (the first invariant that looked them up says)."""
+        return next((r.layout for r in self.results if r.layout), "")
+
+    @property
     def printed(self):
         return sum(r.printed for r in self.results)
+
+
+def exit_status(reports):
+    """The exit status of ``attnspec check`` (2, usage error, is decided before anything runs):
+    1 some invariant is violated; 4 attnspec's own code raised (an internal error) and nothing failed;
+    0 every applicable invariant was checked and holds."""
+    if any(rep.failed for rep in reports):
+        return 1
+    if any(rep.internal_error for rep in reports):
+        return 4
+    return 0
 
 
 def check_target(target, options, progress=None, example=None):

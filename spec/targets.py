@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from attnspec.errors import Unsupported, UsageError
+from attnspec.errors import Unsupported, UsageError, internal_error
 from attnspec.kinds import KINDS, Kind
 
 
@@ -58,12 +58,13 @@ class Adapter:
         return (att, ff) if att is not None and ff is not None else None
 
 
-# The seed's names first, then the common alternatives (nanoGPT, Hugging Face).
+# The seed's names first, then the common alternatives (nanoGPT, Hugging Face, torchtune, x-transformers, llama).
 NAMES = {
-    "query": ("W_query", "q_proj", "query", "W_q"),
-    "key": ("W_key", "k_proj", "key", "W_k"),
-    "value": ("W_value", "v_proj", "value", "W_v"),
-    "out": ("out_proj", "o_proj"),
+    "query": ("W_query", "q_proj", "query", "W_q", "to_q", "wq"),
+    "key": ("W_key", "k_proj", "key", "W_k", "to_k", "wk"),
+    "value": ("W_value", "v_proj", "value", "W_v", "to_v", "wv"),
+    "qkv": ("c_attn", "qkv", "Wqkv", "qkv_proj", "to_qkv"),  # one projection to [q | k | v], in that order
+    "out": ("out_proj", "o_proj", "output_proj", "to_out", "c_proj", "proj", "wo"),
     "att": ("att", "attn", "attention", "self_attn"),
     "ff": ("ff", "mlp", "ffn", "feed_forward"),
     "norm1": ("norm1", "ln_1", "ln1"),
@@ -84,12 +85,106 @@ def _named(module, names, types):
     return None
 
 
-def _linear(obj, transpose_parameter):
+def _is_conv1d(obj):
+    """Hugging Face's GPT-2 ``Conv1D``: y = x W + b with W stored (in, out), i.e. nn.Linear's transpose."""
+    return type(obj).__name__ == "Conv1D" and isinstance(getattr(obj, "weight", None), nn.Parameter) and obj.weight.dim() == 2
+
+
+def _leaf(obj):
+    """(weight (out, in), bias or None) of an nn.Linear or a Conv1D (transposed: a view, writes go through)."""
     if isinstance(obj, nn.Linear):
         return (obj.weight, obj.bias)
+    if _is_conv1d(obj):
+        return (obj.weight.detach().T, None if obj.bias is None else obj.bias.detach())
+    return None
+
+
+def _linear(obj, transpose_parameter=False):
+    """A projection: nn.Linear, Conv1D, the first of those in a Sequential (``to_out = Sequential(Linear,
+    Dropout)``), or (seed names only) a 2-D Parameter stored (d_in, d_out) like SelfAttention_v1's."""
+    if isinstance(obj, nn.Sequential):
+        return next((p for p in map(_leaf, obj.children()) if p is not None), None)
     if isinstance(obj, nn.Parameter) and obj.dim() == 2 and transpose_parameter:
         return (obj.T, None)  # SelfAttention_v1 stores (d_in, d_out); nn.Linear's layout is (out, in)
+    return _leaf(obj)
+
+
+def _split3(weight, bias):
+    """q, k, v = rows [0, d), [d, 2d), [2d, 3d) of a fused (3d, in) weight: views sharing its storage."""
+    if weight is None or weight.dim() != 2 or weight.shape[0] % 3:
+        return None
+    d = weight.shape[0] // 3
+    rows = [slice(i * d, (i + 1) * d) for i in range(3)]
+    return {n: (weight.detach()[r], None if bias is None else bias.detach()[r])
+            for n, r in zip(("query", "key", "value"), rows)}
+
+
+def _separate(module):
+    """One projection per name (NAMES); a 2-D nn.Parameter only under the seed's own names."""
+    found, names = {}, []
+    for n in ("query", "key", "value"):
+        seed = getattr(module, NAMES[n][0], None)
+        if isinstance(seed, nn.Parameter):
+            found[n], name = _linear(seed, True), NAMES[n][0]
+        else:
+            name = next((a for a in NAMES[n] if _linear(getattr(module, a, None)) is not None), None)
+            found[n] = _linear(getattr(module, name, None)) if name else None
+        if found[n] is None:
+            return None
+        names.append(name)
+    return found, "/".join(names)
+
+
+def _fused(module):
+    """One nn.Linear or Conv1D projecting to [q | k | v] (nanoGPT and HF GPT-2 ``c_attn``, ``qkv``, ``Wqkv``)."""
+    for name in NAMES["qkv"]:
+        obj = getattr(module, name, None)
+        parts = _split3(*_linear(obj)) if _linear(obj) is not None else None
+        if parts is not None:
+            return parts, f"{name} ({'Conv1D, (in, out) transposed' if _is_conv1d(obj) else type(obj).__name__}) split q|k|v"
     return None
+
+
+def _in_proj(module):
+    """nn.MultiheadAttention's ``in_proj_weight`` (3d, d) and ``in_proj_bias``, split q|k|v."""
+    weight = getattr(module, "in_proj_weight", None)
+    parts = _split3(weight, getattr(module, "in_proj_bias", None)) if isinstance(weight, nn.Parameter) else None
+    return None if parts is None else (parts, "in_proj_weight split q|k|v")
+
+
+# Where the query/key/value projections of an attention module live, tried in order. Each finder
+# returns ({"query", "key", "value"}: (weight (out, in), bias)) views and a description, or None.
+LAYOUTS = (
+    ("separate", _separate),  # W_query/W_key/W_value, q_proj/k_proj/v_proj, to_q/to_k/to_v, wq/wk/wv
+    ("fused qkv", _fused),  # c_attn (nn.Linear or HF Conv1D), qkv, Wqkv
+    ("in_proj", _in_proj),  # nn.MultiheadAttention
+)
+
+
+def find_projections(module):
+    """(parts, description) of the projections found by layout (LAYOUTS, NAMES), or (None, "")."""
+    for layout, finder in LAYOUTS:
+        found = finder(module)
+        if found is not None:
+            parts, where = found
+            out_name = next((a for a in NAMES["out"] if _linear(getattr(module, a, None)) is not None), None)
+            if out_name is None:
+                return parts, f"{layout}: {where}, no output projection"
+            return {**parts, "out": _linear(getattr(module, out_name))}, f"{layout}: {where} + {out_name}"
+    if isinstance(getattr(module, "heads", None), (nn.ModuleList, list)):
+        heads = [find_projections(h) for h in module.heads]
+        if not heads or any(parts is None for parts, _ in heads):
+            return None, ""
+        return [parts for parts, _ in heads], f"{len(heads)} heads, each {heads[0][1]}"
+    att, ff = (_named(module, NAMES[n], nn.Module) for n in ("att", "ff"))
+    if att is not None and ff is not None:
+        att, where = find_projections(att)
+        linears = [p for p in map(_leaf, ff.modules()) if p is not None]
+        norms = [_norm(_named(module, NAMES[n], nn.Module)) for n in ("norm1", "norm2")]
+        if not isinstance(att, dict) or "out" not in att or len(linears) != 2 or None in norms:
+            return None, ""
+        return {"att": att, "norm1": norms[0], "norm2": norms[1], "ff": linears}, f"block; attention {where}"
+    return None, ""
 
 
 def _norm(obj):
@@ -101,26 +196,21 @@ def _norm(obj):
 
 
 def seed_projections(module):
-    """Projections found by name (the seed's first, see NAMES): q/k/v[/out]; a wrapper's heads; a block's parts."""
-    # nn.Parameter (SelfAttention_v1's (d_in, d_out) layout) only under the seed's own names
-    qkv = {n: _linear(_first(_named(module, NAMES[n][:1], nn.Parameter), _named(module, NAMES[n], nn.Linear)), True)
-           for n in ("query", "key", "value")}
-    if all(p is not None for p in qkv.values()):
-        out = _named(module, NAMES["out"], nn.Linear)
-        return qkv if out is None else {**qkv, "out": _linear(out, False)}
-    if isinstance(getattr(module, "heads", None), (nn.ModuleList, list)):
-        heads = [seed_projections(h) for h in module.heads]
-        return None if not heads or any(h is None for h in heads) else heads
-    att, ff = (_named(module, NAMES[n], nn.Module) for n in ("att", "ff"))
-    if att is not None and ff is not None:
-        att = seed_projections(att)
-        linears = [m for m in ff.modules() if isinstance(m, nn.Linear)]
-        norms = [_norm(_named(module, NAMES[n], nn.Module)) for n in ("norm1", "norm2")]
-        if not isinstance(att, dict) or "out" not in att or len(linears) != 2 or None in norms:
-            return None
-        return {"att": att, "norm1": norms[0], "norm2": norms[1],
-                "ff": [(linears[0].weight, linears[0].bias), (linears[1].weight, linears[1].bias)]}
-    return None
+    """Projections found by layout (see LAYOUTS and NAMES): q/k/v[/out]; a wrapper's heads; a block's parts."""
+    try:
+        return find_projections(module)[0]
+    except Exception as e:  # attnspec's own code: never blamed on the module
+        raise internal_error(e) from e
+
+
+def projection_layout(adapter, module):
+    """How the target's projections were found, for the report."""
+    if getattr(adapter.projections, "__func__", None) is not Adapter.projections:
+        return "the adapter's projections()"
+    try:
+        return find_projections(module)[1] or "not found"
+    except Exception:
+        return "not found"
 
 
 class ConstructorAdapter(Adapter):

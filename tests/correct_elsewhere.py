@@ -291,3 +291,263 @@ MODULES = [
     ("transformer-block", "GPT2Block"),
     ("self-attention", "QKVSelfAttention"),
 ]
+
+
+# --- issue 10: real code's layouts, precision habits and fused kernels ---------------------------
+
+
+class BookGELU(nn.Module):
+    """llms-from-scratch ch04's GELU, verbatim: sqrt(2/pi) is built as a *float32* tensor, so a float64
+    run carries its float32 rounding (relative error 3e-9): correct for any practical purpose."""
+
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class BookLayerNorm(nn.Module):
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * ((x - mean) / torch.sqrt(var + self.eps)) + self.shift
+
+
+class BookFeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), BookGELU(),
+                                    nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class BookTransformerBlock(nn.Module):
+    """Kind transformer-block as the book's package writes it: cfg["n_heads"], cfg["drop_rate"] (the book's
+    keys), its own LayerNorm, GELU (float32 constant) and FeedForward, ``drop_shortcut``."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = LargeNegativeMaskMHA(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"],
+                                        cfg["n_heads"], qkv_bias=cfg["qkv_bias"])
+        self.ff = BookFeedForward(cfg)
+        self.norm1 = BookLayerNorm(cfg["emb_dim"])
+        self.norm2 = BookLayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        shortcut = x
+        x = self.drop_shortcut(self.att(self.norm1(x))) + shortcut
+        shortcut = x
+        x = self.drop_shortcut(self.ff(self.norm2(x))) + shortcut
+        return x
+
+
+class _Heads(nn.Module):
+    """Shared plumbing: separate q/k/v Linears named ``names``, an output Linear, a bool future mask."""
+
+    names = ("W_query", "W_key", "W_value", "out_proj")
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0
+        self.h, self.hd, self.d_out, self.p = num_heads, d_out // num_heads, d_out, dropout
+        for name in self.names[:3]:
+            setattr(self, name, nn.Linear(d_in, d_out, bias=qkv_bias))
+        setattr(self, self.names[3], nn.Linear(d_out, d_out))
+        self.drop = nn.Dropout(dropout)
+        self.register_buffer("future", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1),
+                             persistent=False)
+
+    def qkv(self, x):  # (b, h, t, hd) each
+        b, t, _ = x.shape
+        return [getattr(self, n)(x).view(b, t, self.h, self.hd).transpose(1, 2) for n in self.names[:3]]
+
+    def out(self, context):  # (b, h, t, hd) -> (b, t, d_out)
+        b, _, t, _ = context.shape
+        return getattr(self, self.names[3])(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+class Float32SoftmaxMHA(_Heads):
+    """x-transformers' habit: the softmax is computed in float32 and cast back (``.float().softmax().type``),
+    so a float64 run has weights rounded to float32 (rows sum to 1 within ~6e-8)."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        scores = (q @ k.transpose(-2, -1) * self.hd**-0.5).masked_fill(self.future[:t, :t], float("-inf"))
+        weights = self.drop(scores.float().softmax(dim=-1).type(scores.dtype))
+        return self.out(weights @ v)
+
+
+class KeysOnRowsMHA(_Heads):
+    """Scores as K Q^T (keys on the rows), the softmax over dim=-2 (the keys), the context as
+    (V^T @ W)^T: the transpose of the seed's layout throughout."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        scores = (k @ q.transpose(-2, -1)) / math.sqrt(self.hd)  # (b, h, key, query)
+        scores = scores.masked_fill(self.future[:t, :t].T, float("-inf"))
+        weights = self.drop(torch.softmax(scores, dim=-2))
+        return self.out((v.transpose(-2, -1) @ weights).transpose(-2, -1))
+
+
+class KeysOnRowsTransposedMHA(KeysOnRowsMHA):
+    """As KeysOnRowsMHA, but the context as W^T @ V."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        scores = (k @ q.transpose(-2, -1)) / math.sqrt(self.hd)
+        weights = self.drop(F.softmax(scores.masked_fill(self.future[:t, :t].T, -torch.inf), dim=-2))
+        return self.out(weights.transpose(-2, -1) @ v)
+
+
+class TokenMajorEinsumMHA(_Heads):
+    """Token-major einsum: scores laid out (b, query, key, head), softmax over dim=2, context by
+    einsum("bijh,bjhd->bihd"); with num_heads == num_tokens every axis but the batch has the same size."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (getattr(self, n)(x).view(b, t, self.h, self.hd) for n in self.names[:3])  # (b, t, h, hd)
+        scores = torch.einsum("bihd,bjhd->bijh", q, k) * self.hd**-0.5
+        scores = scores.masked_fill(self.future[:t, :t][None, :, :, None], float("-inf"))
+        weights = self.drop(scores.softmax(dim=2))
+        return getattr(self, self.names[3])(torch.einsum("bijh,bjhd->bihd", weights, v).reshape(b, t, self.d_out))
+
+
+class NanoGPTFlashAttention(nn.Module):
+    """nanoGPT's flash path, kind mha: fused ``c_attn`` (one nn.Linear to [q|k|v]), ``c_proj``,
+    F.scaled_dot_product_attention(is_causal=True, dropout_p=self.dropout if self.training else 0)."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.c_attn = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.c_proj = nn.Linear(d_out, d_out)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.n_head, self.n_embd, self.dropout = num_heads, d_out, dropout
+
+    def forward(self, x):
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.n_embd // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0,
+                                           is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, self.n_embd)))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 Conv1D: y = x W + b with W stored (in, out)."""
+
+    def __init__(self, nf, nx, bias=True):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        y = x.reshape(-1, x.size(-1)) @ self.weight if self.bias is None else \
+            torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+        return y.view(x.size()[:-1] + (self.nf,))
+
+
+class HFGPT2StyleAttention(nn.Module):
+    """Hugging Face GPT2Attention's eager path, kind mha: Conv1D ``c_attn`` (weights (in, 3 d)) split into
+    q, k, v; a float causal ``bias`` buffer and torch.where with finfo.min; Conv1D ``c_proj``; the forward
+    of the attention returns a tuple (output, weights) inside the model; here the output only. qkv_bias
+    False is not GPT-2's (its Conv1D always has a bias): c_attn then has none."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.c_attn = Conv1D(3 * d_out, d_in, bias=qkv_bias)
+        self.c_proj = Conv1D(d_out, d_out)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.num_heads, self.head_dim, self.split_size = num_heads, d_out // num_heads, d_out
+        self.register_buffer("bias", torch.tril(torch.ones(context_length, context_length, dtype=torch.bool))
+                             .view(1, 1, context_length, context_length), persistent=False)
+
+    def forward(self, hidden_states):
+        b, t, _ = hidden_states.shape
+        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        query, key, value = (s.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for s in (query, key, value))
+        attn_weights = torch.matmul(query, key.transpose(-1, -2)) / torch.full(
+            [], value.size(-1) ** 0.5, dtype=query.dtype, device=query.device)
+        causal_mask = self.bias[:, :, :t, :t]
+        mask_value = torch.full([], torch.finfo(attn_weights.dtype).min, dtype=attn_weights.dtype)
+        attn_weights = torch.where(causal_mask, attn_weights, mask_value)
+        attn_weights = self.attn_dropout(nn.functional.softmax(attn_weights, dim=-1))
+        attn_output = torch.matmul(attn_weights, value).transpose(1, 2).reshape(b, t, self.split_size)
+        return self.c_proj(attn_output)
+
+
+class TorchtuneStyleAttention(_Heads):
+    """torchtune's MultiHeadAttention names, kind mha: q_proj/k_proj/v_proj/output_proj around SDPA with
+    is_causal=True and dropout_p only in training."""
+
+    names = ("q_proj", "k_proj", "v_proj", "output_proj")
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                       dropout_p=self.p if self.training else 0.0))
+
+
+class XTransformersStyleAttention(_Heads):
+    """x-transformers/diffusers names, kind mha: to_q/to_k/to_v and ``to_out = Sequential(Linear, Dropout)``;
+    an explicit bool mask (True = attend) and an explicit scale passed to SDPA."""
+
+    names = ("to_q", "to_k", "to_v", "to_out")
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
+        self.to_out = nn.Sequential(nn.Linear(d_out, d_out), nn.Dropout(dropout))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=~self.future[:t, :t], scale=self.hd**-0.5,
+                                                       dropout_p=self.p if self.training else 0.0))
+
+
+class InProjAttention(nn.Module):
+    """nn.MultiheadAttention's parameter layout, kind mha: ``in_proj_weight`` (3 d_out, d_in) and
+    ``in_proj_bias`` chunked into q, k, v; ``out_proj``; an additive float mask (0 / -inf) to SDPA."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_out, d_in))
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_out)) if qkv_bias else None
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.h, self.d_out, self.p = num_heads, d_out, dropout
+        self.register_buffer("additive", torch.triu(torch.full((context_length, context_length), float("-inf")), 1),
+                             persistent=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (s.view(b, t, self.h, -1).transpose(1, 2)
+                   for s in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.additive[:t, :t].to(q.dtype),
+                                           dropout_p=self.p if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+MODULES += [
+    ("transformer-block", "BookTransformerBlock"),
+    ("mha", "Float32SoftmaxMHA"),
+    ("mha", "KeysOnRowsMHA"),
+    ("mha", "KeysOnRowsTransposedMHA"),
+    ("mha", "TokenMajorEinsumMHA"),
+    ("mha", "NanoGPTFlashAttention"),
+    ("mha", "HFGPT2StyleAttention"),
+    ("mha", "TorchtuneStyleAttention"),
+    ("mha", "XTransformersStyleAttention"),
+    ("mha", "InProjAttention"),
+]

@@ -870,3 +870,114 @@ CORPUS = [
     _bug(SA, SelfAttentionNormalizesInput, "mutation", ["input-not-mutated", "oracle-float64"],
          "x /= ||x||: an in-place input normalization"),
 ]
+
+
+# --- issue 10: fused kernels, fused projections, real deviations in float64 and float32 -----------
+
+
+class EpsOutsideSqrtNorm(LayerNorm):
+    def forward(self, x):
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * (x - x.mean(dim=-1, keepdim=True)) / (torch.sqrt(var) + self.eps) + self.shift
+
+
+class LayerNormEpsOutsideSqrt(_BlockWithNorm):
+    norm_cls = EpsOutsideSqrtNorm
+
+
+class _Flash(MHASteps):
+    """The impl MHA around F.scaled_dot_product_attention; ``sdpa_kwargs`` is the one line a bug changes."""
+
+    def forward(self, x):
+        b, T = x.shape[0], x.shape[-2]
+        q, k, v = (self.split(t, b, T) for t in self.project(x))
+        ctx = F.scaled_dot_product_attention(q, k, v, **self.sdpa_kwargs(T))
+        return self.out(self.merge(ctx, b, T))
+
+    def sdpa_kwargs(self, T):
+        return dict(is_causal=True, dropout_p=self.dropout.p if self.training else 0.0)
+
+
+class FlashNoTrainDropout(_Flash):
+    def sdpa_kwargs(self, T):
+        return dict(is_causal=True, dropout_p=0.0)  # never asks the kernel for attention dropout
+
+
+class FlashDropoutInEval(_Flash):
+    def sdpa_kwargs(self, T):
+        return dict(is_causal=True, dropout_p=self.dropout.p)  # the kernel drops in eval mode too
+
+
+class FlashNotCausal(_Flash):
+    def sdpa_kwargs(self, T):
+        return dict(is_causal=False, dropout_p=self.dropout.p if self.training else 0.0)
+
+
+class FlashScaleByDOut(_Flash):
+    def sdpa_kwargs(self, T):
+        return dict(is_causal=True, scale=self.d_out**-0.5, dropout_p=self.dropout.p if self.training else 0.0)
+
+
+class FlashBoolMaskInverted(_Flash):
+    def sdpa_kwargs(self, T):  # SDPA's bool mask is True where attended: this one is True on the future
+        return dict(attn_mask=self.mask.bool()[:T, :T], dropout_p=self.dropout.p if self.training else 0.0)
+
+
+class FlashTrilBufferAsAdditiveMask(_Flash):
+    def sdpa_kwargs(self, T):  # nanoGPT's float tril(ones) buffer passed as is: an additive mask of 0/1
+        return dict(attn_mask=(1 - self.mask[:T, :T]).to(self.W_query.weight.dtype),
+                    dropout_p=self.dropout.p if self.training else 0.0)
+
+
+class FusedQKVSwapped(nn.Module):
+    """nanoGPT layout (fused c_attn, c_proj), but the split is read as k, q, v."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.c_attn = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.c_proj = nn.Linear(d_out, d_out)
+        self.n_head, self.n_embd, self.p = num_heads, d_out, dropout
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        k, q, v = self.c_attn(x).split(self.n_embd, dim=2)  # bug: c_attn's rows are [q | k | v]
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_embd))
+
+
+class FusedQKVScaleByDIn(FusedQKVSwapped):
+    """nanoGPT's eager path with the scores divided by sqrt(d_in) instead of sqrt(head_dim)."""
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.c_attn(x).split(self.n_embd, dim=2))
+        att = (q @ k.transpose(-2, -1)) / C**0.5
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        return self.c_proj((F.dropout(att, self.p, self.training) @ v).transpose(1, 2).reshape(B, T, self.n_embd))
+
+
+CORPUS += [
+    _bug(TB, LayerNormEpsOutsideSqrt, "structure", ["layernorm-pre-sublayer"],
+         "LayerNorm (x - mean) / (sqrt(var) + eps): eps outside the square root"),
+    _bug(MHA, FlashNoTrainDropout, "dropout", ["dropout-on-weights"],
+         "F.scaled_dot_product_attention(dropout_p=0) in train mode: no attention dropout"),
+    _bug(MHA, FlashDropoutInEval, "dropout", ["dropout-on-weights", "eval-deterministic"],
+         "F.scaled_dot_product_attention(dropout_p=p) in eval mode too"),
+    _bug(MHA, FlashNotCausal, "masking", ["weights-future-zero", "causal-perturbation"],
+         "F.scaled_dot_product_attention(is_causal=False) and no mask",
+         also=["masked-softmax-renormalized", "oracle-float64"]),
+    _bug(MHA, FlashScaleByDOut, "scaling", ["scaling-sqrt-head-dim"],
+         "F.scaled_dot_product_attention(scale=d_out**-0.5) instead of the default 1/sqrt(head_dim)",
+         also=["oracle-float64"]),
+    _bug(MHA, FlashBoolMaskInverted, "masking", ["weights-future-zero"],
+         "a bool attn_mask True on the future (SDPA's True means attended)",
+         also=["causal-perturbation"]),
+    _bug(MHA, FlashTrilBufferAsAdditiveMask, "masking", ["weights-future-zero"],
+         "a 0/1 float mask passed as attn_mask: added to the scores, masks nothing",
+         also=["causal-perturbation"]),
+    _bug(MHA, FusedQKVSwapped, "projections", ["scaling-sqrt-head-dim", "oracle-float64"],
+         "fused c_attn split as k, q, v: the layout says q, k, v"),
+    _bug(MHA, FusedQKVScaleByDIn, "scaling", ["scaling-sqrt-head-dim"],
+         "fused c_attn, scores divided by sqrt(d_in) instead of sqrt(head_dim)", also=["oracle-float64"]),
+]

@@ -17,5 +17,7 @@ def pytest_generate_tests(metafunc):
 def test_invariant_holds(invariant, target):
     tally = Tally()
     hypothesis_test(invariant, target, tally=tally)()
+    if tally.internal:  # attnspec's own code raised: an error of the harness, never a pass
+        pytest.fail(f"attnspec internal error on {tally.internal[0].to_json()}: {tally.internal[1]}")
     if tally.checked == 0:
         pytest.skip(f"not applicable: {tally.na_reason or tally.unsupported_reason}")

@@ -95,8 +95,11 @@ def test_probe_sees_every_softmax_spelling_and_the_applied_weights(softmax):
     assert torch.equal(head.weights, weights) and torch.equal(head.applied, renormalized)
 
 
-def test_probe_sees_nothing_in_fused_attention():
-    q = torch.randn(1, 2, 3, 4)
+def test_probe_records_the_weights_fused_attention_computes():
+    q, k, v = torch.randn(3, 1, 2, 3, 4, dtype=torch.float64)
     with AttentionProbe(3) as probe:
-        F.scaled_dot_product_attention(q, q, q, is_causal=True)
-    assert probe.observation.heads == []
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    (head,) = probe.observation.heads
+    expected = torch.softmax((q @ k.transpose(-2, -1) / 2).masked_fill(torch.ones(3, 3).triu(1).bool(), -torch.inf), -1)
+    torch.testing.assert_close(head.weights, expected)
+    torch.testing.assert_close(out, expected @ v)  # the module still gets the kernel's output

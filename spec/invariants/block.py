@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from attnspec import oracle
-from attnspec.errors import NotApplicable, Violation
+from attnspec.errors import NotApplicable, Violation, internal_error
 from attnspec.invariants.base import invariant
 from attnspec.tolerance import assert_close
 
@@ -19,17 +19,41 @@ def _hooked(case, replace_outputs=False):
     sublayers = case.guard("the adapter's sublayers()", case.target.adapter.sublayers, case.module)
     if sublayers is None:
         raise NotApplicable("the block's sub-layers are not found (no `att`/`ff`; an adapter can name them)")
-    seen, handles = {}, []
+    seen, handles, errors = {}, [], []
     for name, layer in zip(("att", "ff"), sublayers):
-        def hook(module, inputs, output, name=name):
-            seen[name] = (inputs[0].detach(), output.detach())
-            return torch.zeros_like(output) if replace_outputs else None
-        handles.append(layer.register_forward_hook(hook))
+        def hook(module, args, kwargs, output, name=name):
+            try:
+                return _record(seen, name, (*args, *kwargs.values()), output, replace_outputs)
+            except Exception as e:  # our code inside the module's forward: an internal error, not the module's
+                errors.append(internal_error(e))
+                raise errors[-1] from e
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
         yield seen
+    except Exception:
+        if errors:  # whatever followed from our hook's failure is ours too
+            raise errors[0] from None
+        raise
     finally:
         for h in handles:
             h.remove()
+    if errors:  # raised even if the module caught it
+        raise errors[0]
+
+
+def _record(seen, name, inputs, output, replace_outputs):
+    """Record (input, output) of a sub-layer: its first positional (else keyword) tensor argument, and its
+    output or, for a tuple (Hugging Face: (hidden, ...)), the tuple's first element. With
+    ``replace_outputs`` that output (the first element of a tuple) becomes zeros."""
+    tensor = output[0] if isinstance(output, (tuple, list)) else output
+    first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+    if not isinstance(tensor, torch.Tensor) or not isinstance(first, torch.Tensor):
+        return None  # not a tensor sub-layer call (e.g. keyword-only inputs): nothing to record
+    seen[name] = (first.detach(), tensor.detach())
+    if not replace_outputs:
+        return None
+    zeros = torch.zeros_like(tensor)
+    return (zeros, *output[1:]) if isinstance(output, tuple) else zeros
 
 
 def _randomize_norms(case, parts):

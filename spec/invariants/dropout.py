@@ -36,6 +36,7 @@ def dropout_on_weights(case):
     x, p = case.input(), case.cfg.dropout
     _, eval_seen = case.observe(x)
     _, train_seen = case.observe(x, train=True)
+    fused_dropout_requested(eval_seen, train_seen, p)
     zeroed = total = 0
     for w, a in zip(eval_seen.applied_weights(), train_seen.applied_weights()):
         if a.shape != w.shape:
@@ -74,3 +75,13 @@ def dropout_unbiased(case):
         raise Violation(f"mean of {DRAWS} train-mode outputs at {index} is {mean[index].item():.5g}, eval output "
                         f"{expected[index].item():.5g} (± {slack[index].item():.2g} at false-alarm rate {FALSE_ALARM:g}); "
                         f"ratio {mean[index].item() / expected[index].item():.3f}")
+
+
+def fused_dropout_requested(eval_seen, train_seen, p):
+    """A fused kernel (scaled_dot_product_attention, multi_head_attention_forward) applies the dropout it
+    is asked for: dropout-on-weights requires dropout_p = p in train mode and 0 in eval mode."""
+    for mode, seen, expected in (("eval", eval_seen, 0.0), ("train", train_seen, p)):
+        for head in seen.heads:
+            if head.dropout_p is not None and abs(head.dropout_p - expected) > 1e-12:
+                raise Violation(f"{head.source} was called with dropout_p={head.dropout_p:g} in {mode} mode, "
+                                f"expected {expected:g} (the configured dropout={p:g} in train mode, 0 in eval)")

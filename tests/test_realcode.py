@@ -1,0 +1,254 @@
+"""Issue 10, real attention code: attnspec's own crashes are internal errors (exit 4), sub-layers returning
+tuples, the float64 rule, layouts the probe must read, fused SDPA / nn.MultiheadAttention at the weight
+level, and projections found by layout. (Correct modules: tests/correct_elsewhere.py; planted bugs:
+tests/planted.py.)"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from attnspec import cli, oracle, probe
+from attnspec.invariants import block
+from attnspec.kinds import Config
+from attnspec.runner import Options, Result, TargetReport, check_target, exit_status
+from attnspec.targets import resolve
+
+HERE = Path(__file__).resolve().parent
+CORRECT, PLANTED = HERE / "correct_elsewhere.py", HERE / "planted.py"
+PARAM_LEVEL = ("oracle-float64", "qkv-bias", "weight-transfer", "head-split-equivalence")
+WEIGHT_LEVEL = ("weights-rows-sum-to-one", "weights-future-zero", "masked-softmax-renormalized",
+                "scaling-sqrt-head-dim", "dropout-on-weights")
+
+
+def _check(spec, **options):
+    return {r.invariant: r for r in check_target(resolve(spec), Options(max_examples=10, **options)).results}
+
+
+# --- internal errors --------------------------------------------------------------------------------
+
+
+def _cli(tmp_path, *argv):
+    path = tmp_path / "report.json"
+    code = cli.main(["check", *argv, "--max-examples", "5", "-q", "--report-json", str(path)])
+    return code, json.loads(path.read_text())
+
+
+def _planted_crash(*args, **kwargs):
+    raise RuntimeError("planted crash in attnspec")
+
+
+def test_crash_in_an_invariant_helper_is_an_internal_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(oracle, "causal_mask", _planted_crash)
+    code, report = _cli(tmp_path, "mha=attnspec.impl:MultiHeadAttention", "--only", "weights-future-zero")
+    assert code == 4
+    (target,) = report["targets"]
+    (result,) = target["results"]
+    assert target["status"] == "internal-error" and result["status"] == "internal-error", result
+    assert "internal error in attnspec" in result["reason"] and "planted crash" in result["reason"]
+    assert "test_realcode.py:" in result["reason"], result["reason"]  # where it was raised
+    assert "INTERNAL ERROR weights-future-zero" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where,inv_id,spec", [
+    ("probe", "weights-rows-sum-to-one", "mha=attnspec.impl:MultiHeadAttention"),
+    ("probe-sdpa", "weights-rows-sum-to-one", f"mha={CORRECT}:NanoGPTFlashAttention"),
+    ("hook", "block-residual-identity", "transformer-block=attnspec.impl:TransformerBlock"),
+])
+def test_crash_of_our_code_inside_forward_is_not_the_modules(monkeypatch, where, inv_id, spec):
+    """The probe and the block hooks run inside the module's forward: their crash is still ours."""
+    target = {"probe": (probe.AttentionProbe, "_record"), "probe-sdpa": (probe.AttentionProbe, "_sdpa_weights"),
+              "hook": (block, "_record")}[where]
+    monkeypatch.setattr(*target, _planted_crash)
+    (result,) = check_target(resolve(spec), Options(only=(inv_id,), max_examples=3)).results
+    assert result.status == "internal-error" and "planted crash" in result.reason, result
+
+
+class SwallowingAttention(nn.Module):
+    """Correct causal attention that catches every Exception around its softmax (and recomputes it)."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__()
+        self.W_query, self.W_key, self.W_value = (nn.Linear(d_in, d_out, bias=qkv_bias) for _ in range(3))
+
+    def forward(self, x):
+        s = self.W_query(x) @ self.W_key(x).transpose(1, 2) / self.W_key.out_features**0.5
+        s = s.masked_fill(torch.ones(s.shape[-1], s.shape[-1], dtype=torch.bool).triu(1), -torch.inf)
+        try:
+            w = s.softmax(-1)
+        except Exception:
+            w = torch.exp(s - s.logsumexp(-1, keepdim=True))
+        return w @ self.W_value(x)
+
+
+def test_internal_error_is_reported_even_if_the_module_swallows_it(monkeypatch):
+    monkeypatch.setattr(probe.AttentionProbe, "_record", _planted_crash)
+    (result,) = check_target(resolve(f"causal-attention={Path(__file__)}:SwallowingAttention"),
+                             Options(only=("weights-rows-sum-to-one",), max_examples=3)).results
+    assert result.status == "internal-error", result
+
+
+def test_exit_status_precedence():
+    def rep(*statuses):
+        return TargetReport(None, [Result(f"i{n}", s) for n, s in enumerate(statuses)])
+
+    assert exit_status([rep("pass", "not-applicable")]) == 0
+    assert exit_status([rep("pass", "internal-error")]) == 4
+    assert exit_status([rep("internal-error"), rep("fail")]) == 1
+    assert exit_status([rep("fail", "internal-error")]) == 1
+
+
+# --- sub-layers returning tuples -----------------------------------------------------------------------
+
+
+class TupleAttention(nn.Module):
+    """Hugging Face style: the attention sub-layer returns (output, weights)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from attnspec.impl import MultiHeadAttention
+
+        self.inner = MultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["dropout"],
+                                        cfg["num_heads"], cfg["qkv_bias"])
+        self.W_query, self.W_key, self.W_value = self.inner.W_query, self.inner.W_key, self.inner.W_value
+        self.out_proj = self.inner.out_proj
+
+    def forward(self, hidden_states, attention_mask=None):
+        return self.inner(hidden_states), None
+
+
+class TupleBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        emb = cfg["emb_dim"]
+        self.ln_1, self.ln_2 = nn.LayerNorm(emb), nn.LayerNorm(emb)
+        self.attn = TupleAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(emb, 4 * emb), nn.GELU(approximate="tanh"), nn.Linear(4 * emb, emb))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x), attention_mask=None)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+def test_block_whose_attention_returns_a_tuple_passes():
+    results = _check(f"transformer-block={Path(__file__)}:TupleBlock",
+                     only=("layernorm-pre-sublayer", "feedforward-gelu-tanh", "block-residual-identity", "oracle-float64"))
+    assert {i: r.status for i, r in results.items()} == dict.fromkeys(results, "pass"), results
+
+
+# --- the float64 rule ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,inv_id", [("LayerNormEpsOutsideSqrt", "layernorm-pre-sublayer"),
+                                         ("GELUErf", "feedforward-gelu-tanh")])
+def test_real_deviations_fail_in_either_dtype(name, inv_id, dtype):
+    (result,) = check_target(resolve(f"transformer-block={PLANTED}:{name}"),
+                             Options(only=(inv_id,), dtypes=(dtype,), profile="ci")).results
+    assert result.status == "fail" and result.counterexample["dtype"] == dtype, result
+
+
+@pytest.mark.parametrize("name,kind", [("BookTransformerBlock", "transformer-block"), ("Float32SoftmaxMHA", "mha")])
+def test_float32_constants_and_upcasts_pass_in_float64(name, kind):
+    results = _check(f"{kind}={CORRECT}:{name}", dtypes=("float64",))
+    assert not [r for r in results.values() if r.status not in ("pass",)], results
+
+
+def test_the_float64_rule_can_fail_on_them(monkeypatch):
+    """Without the float64 rule (float64 tolerance 1e-11, the old one) the book's GELU is rejected."""
+    from attnspec import tolerance
+
+    monkeypatch.setitem(tolerance.RTOL, torch.float64, 1e-11)
+    (result,) = check_target(resolve(f"transformer-block={CORRECT}:BookTransformerBlock"),
+                             Options(only=("feedforward-gelu-tanh",), dtypes=("float64",), max_examples=10)).results
+    assert result.status == "fail" and "only a precision matter?" in result.reason, result
+
+
+def test_a_small_deviation_says_it_may_be_only_precision():
+    (result,) = check_target(resolve(f"mha={PLANTED}:SoftmaxDenominatorEps"),
+                             Options(only=("weights-rows-sum-to-one",), dtypes=("float64",), profile="ci")).results
+    assert result.status == "fail" and "only a precision matter?" in result.reason, result
+
+
+# --- layouts the probe reads ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["KeysOnRowsMHA", "KeysOnRowsTransposedMHA", "TokenMajorEinsumMHA"])
+def test_probe_reads_transposed_and_token_major_layouts(name):
+    results = _check(f"mha={CORRECT}:{name}", only=WEIGHT_LEVEL)
+    assert {i: r.status for i, r in results.items()} == dict.fromkeys(WEIGHT_LEVEL, "pass"), results
+
+
+def test_heads_and_tokens_of_the_same_size_are_not_confused():
+    example = Config(d_in=4, d_out=8, num_heads=4, context_length=4, num_tokens=4, batch=2, dropout=0.0,
+                     qkv_bias=False, dtype="float64", scale=1.0, seed=3)
+    for name in ("TokenMajorEinsumMHA", "EinsumMHA", "KeysOnRowsMHA"):
+        target = resolve(f"mha={CORRECT}:{name}")
+        results = check_target(target, Options(only=WEIGHT_LEVEL[:4]), example=example).results
+        assert [r.status for r in results] == ["pass"] * 4, (name, results)
+
+
+# --- fused kernels -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [f"mha={CORRECT}:NanoGPTFlashAttention", f"mha={CORRECT}:XTransformersStyleAttention",
+                                  f"mha={CORRECT}:InProjAttention",
+                                  f"mha={HERE.parent / 'examples' / 'adapters.py'}:TorchMultiheadAttention"])
+def test_fused_modules_are_checked_at_the_weight_level(spec):
+    results = _check(spec, only=WEIGHT_LEVEL)
+    assert {i: r.status for i, r in results.items()} == dict.fromkeys(WEIGHT_LEVEL, "pass"), results
+    assert all(r.examples > 0 for r in results.values())
+
+
+@pytest.mark.parametrize("name,inv_id,text", [
+    ("FlashNoTrainDropout", "dropout-on-weights", "dropout_p=0 in train mode"),
+    ("FlashDropoutInEval", "dropout-on-weights", "in eval mode"),
+    ("FlashNotCausal", "weights-future-zero", "future position"),
+    ("FlashScaleByDOut", "scaling-sqrt-head-dim", "sqrt(d_out"),
+])
+def test_wrong_fused_modules_are_rejected_with_the_reason(name, inv_id, text):
+    (result,) = check_target(resolve(f"mha={PLANTED}:{name}"), Options(only=(inv_id,), profile="ci")).results
+    assert result.status == "fail" and text in result.reason, result
+
+
+# --- projections by layout -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,layout", [
+    ("NanoGPTCausalSelfAttention", "fused qkv: c_attn (Linear) split q|k|v + c_proj"),
+    ("HFGPT2StyleAttention", "fused qkv: c_attn (Conv1D, (in, out) transposed) split q|k|v + c_proj"),
+    ("InProjAttention", "in_proj: in_proj_weight split q|k|v + out_proj"),
+    ("XTransformersStyleAttention", "separate: to_q/to_k/to_v + to_out"),
+    ("TorchtuneStyleAttention", "separate: q_proj/k_proj/v_proj + output_proj"),
+])
+def test_layouts_are_found_and_parameter_invariants_apply(name, layout):
+    rep = check_target(resolve(f"mha={CORRECT}:{name}"), Options(only=PARAM_LEVEL, max_examples=10))
+    assert {r.invariant: r.status for r in rep.results} == dict.fromkeys(PARAM_LEVEL, "pass"), rep.results
+    assert rep.layout == layout
+
+
+def test_layout_is_in_every_report(tmp_path):
+    code, report = _cli(tmp_path, f"mha={CORRECT}:NanoGPTFlashAttention", "--only", "oracle-float64")
+    assert code == 0 and report["targets"][0]["layout"].startswith("fused qkv: c_attn")
+    md = tmp_path / "r.md"
+    assert cli.main(["check", f"mha={CORRECT}:NanoGPTFlashAttention", "--only", "qkv-bias", "--max-examples", "2",
+                     "-q", "--report-md", str(md)]) == 0
+    assert "fused qkv: c_attn" in md.read_text()
+
+
+def test_fused_split_views_write_through():
+    from attnspec.targets import seed_projections
+
+    sys.path.insert(0, str(HERE))
+    from correct_elsewhere import HFGPT2StyleAttention
+
+    module = HFGPT2StyleAttention(4, 4, 4, 0.0, 2, qkv_bias=True)
+    parts = seed_projections(module)
+    with torch.no_grad():
+        parts["key"][0].fill_(7.0)
+        parts["value"][1].fill_(5.0)
+    assert (module.c_attn.weight[:, 4:8] == 7.0).all() and (module.c_attn.weight[:, :4] != 7.0).all()
+    assert (module.c_attn.bias[8:] == 5.0).all()
