@@ -929,6 +929,22 @@ class FlashTrilBufferAsAdditiveMask(_Flash):
                     dropout_p=self.dropout.p if self.training else 0.0)
 
 
+class FlashNoTranspose(_Flash):
+    """Forgets .transpose(1, 2): SDPA sees (B, T, H, hd) and attends over the heads, causally."""
+
+    def split(self, t, b, T):
+        return t.view(b, T, self.num_heads, self.head_dim)
+
+    def merge(self, ctx, b, T):
+        return ctx.reshape(b, T, self.d_out)
+
+
+class FlashMaskIncludesDiagonal(_Flash):
+    def sdpa_kwargs(self, T):  # triu(-inf, diagonal=0): the diagonal is masked too, row 0 entirely
+        mask = torch.triu(torch.full((T, T), float("-inf")), 0).to(self.W_query.weight.dtype)
+        return dict(attn_mask=mask, dropout_p=self.dropout.p if self.training else 0.0)
+
+
 class FusedQKVSwapped(nn.Module):
     """nanoGPT layout (fused c_attn, c_proj), but the split is read as k, q, v."""
 
@@ -976,6 +992,11 @@ CORPUS += [
     _bug(MHA, FlashTrilBufferAsAdditiveMask, "masking", ["weights-future-zero"],
          "a 0/1 float mask passed as attn_mask: added to the scores, masks nothing",
          also=["causal-perturbation"]),
+    _bug(MHA, FlashNoTranspose, "heads", ["oracle-float64", "head-split-equivalence"],
+         "SDPA on (B, T, H, hd): attends over the heads instead of the tokens", also=["scaling-sqrt-head-dim"]),
+    _bug(MHA, FlashMaskIncludesDiagonal, "masking", ["weights-rows-sum-to-one", "oracle-float64"],
+         "additive mask triu(-inf, diagonal=0): a query may not attend to itself; row 0 is empty",
+         also=["weights-future-zero", "masked-softmax-renormalized", "scaling-sqrt-head-dim"]),
     _bug(MHA, FusedQKVSwapped, "projections", ["scaling-sqrt-head-dim", "oracle-float64"],
          "fused c_attn split as k, q, v: the layout says q, k, v"),
     _bug(MHA, FusedQKVScaleByDIn, "scaling", ["scaling-sqrt-head-dim"],
