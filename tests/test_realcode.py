@@ -252,3 +252,22 @@ def test_fused_split_views_write_through():
         parts["value"][1].fill_(5.0)
     assert (module.c_attn.weight[:, 4:8] == 7.0).all() and (module.c_attn.weight[:, :4] != 7.0).all()
     assert (module.c_attn.bias[8:] == 5.0).all()
+
+
+# --- real Hugging Face GPT-2 (transformers installed) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["mha=Eager", "mha=Sdpa", "transformer-block=BlockEager", "transformer-block=BlockSdpa"])
+def test_hugging_face_gpt2_passes_everything_with_its_layout_found(spec):
+    pytest.importorskip("transformers")
+    kind, name = spec.split("=")
+    rep = check_target(resolve(f"{kind}={HERE / 'realcode_hf.py'}:{name}"), Options(max_examples=5))
+    assert {r.invariant: r.status for r in rep.results} == {r.invariant: "pass" for r in rep.results}, rep.results
+    assert "c_attn (Conv1D, (in, out) transposed)" in rep.layout
+
+
+def test_hugging_face_attention_without_its_mask_is_rejected():
+    pytest.importorskip("transformers")
+    (result,) = check_target(resolve(f"mha={HERE / 'realcode_hf.py'}:EagerWithoutMask"),
+                             Options(only=("weights-future-zero",), profile="ci")).results
+    assert result.status == "fail", result
