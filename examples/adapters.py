@@ -76,11 +76,9 @@ class TorchMultiheadAttention(Adapter):
     parameter (torch's forward passes ``out_proj.bias`` through as is), so every ``qkv_bias`` is
     checked. Set ``add_out_proj_bias = False`` in a subclass to decline ``qkv_bias=False`` instead.
 
-    The weight-level invariants are not applicable: ``F.multi_head_attention_forward`` is itself a
-    ``__torch_function__`` override point, and a ``TorchFunctionMode`` (attnspec's probe) does not see
-    the calls made inside it. ``need_weights=True`` (torch's default, used here) computes the weights
-    in Python (baddbmm, softmax, dropout, bmm); ``need_weights=False`` calls the fused
-    ``scaled_dot_product_attention``. Both paths are checked the same way."""
+    The weight-level invariants apply: ``F.multi_head_attention_forward`` is a ``__torch_function__``
+    override point, so attnspec's probe sees the call (not the calls inside it) and records the weights
+    it returns with ``need_weights=True``. ``need_weights=False`` (the fused path) is checked the same way."""
 
     kind = "mha"
     need_weights = True
@@ -111,8 +109,8 @@ class SDPAMultiHeadAttention(nn.Module):
     """The seed's projections (W_query, W_key, W_value, out_proj) around the fused kernel:
     y = out_proj(merge_h SDPA(Q_h, K_h, V_h, is_causal=True, dropout_p=p in train mode else 0)).
 
-    SDPA computes softmax(Q_h K_h^T / sqrt(hd) + causal -inf) V_h internally, so the attention
-    weights are never materialized where a probe could see them."""
+    SDPA computes softmax(Q_h K_h^T / sqrt(hd) + causal -inf) V_h internally; its arguments determine
+    those weights, and attnspec's probe computes them."""
 
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
@@ -141,7 +139,8 @@ class SDPAMultiHeadAttention(nn.Module):
 
 class SDPAAttention(Adapter):
     """``SDPAMultiHeadAttention``: the seed's constructor and parameter names, so ``projections`` is
-    the default (seed names); the weight-level invariants are not applicable (fused weights)."""
+    the default (seed names); the weight-level invariants apply to the weights the probe computes from
+    scaled_dot_product_attention's arguments."""
 
     kind = "mha"
 

@@ -100,9 +100,9 @@ def _leaf(obj):
 
 
 def _linear(obj, transpose_parameter=False):
-    """A projection: nn.Linear, Conv1D, the first of those in a Sequential (``to_out = Sequential(Linear,
-    Dropout)``), or (seed names only) a 2-D Parameter stored (d_in, d_out) like SelfAttention_v1's."""
-    if isinstance(obj, nn.Sequential):
+    """A projection: nn.Linear, Conv1D, the first of those in a Sequential or ModuleList (``to_out =
+    Sequential(Linear, Dropout)``), or (seed names only) a 2-D Parameter stored (d_in, d_out) like SelfAttention_v1's."""
+    if isinstance(obj, (nn.Sequential, nn.ModuleList)):
         return next((p for p in map(_leaf, obj.children()) if p is not None), None)
     if isinstance(obj, nn.Parameter) and obj.dim() == 2 and transpose_parameter:
         return (obj.T, None)  # SelfAttention_v1 stores (d_in, d_out); nn.Linear's layout is (out, in)

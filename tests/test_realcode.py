@@ -271,3 +271,18 @@ def test_hugging_face_attention_without_its_mask_is_rejected():
     (result,) = check_target(resolve(f"mha={HERE / 'realcode_hf.py'}:EagerWithoutMask"),
                              Options(only=("weights-future-zero",), profile="ci")).results
     assert result.status == "fail", result
+
+
+def test_layout_table_on_bare_modules():
+    from attnspec.targets import find_projections
+
+    diffusers = nn.Module()
+    diffusers.to_q, diffusers.to_k, diffusers.to_v = (nn.Linear(4, 4) for _ in range(3))
+    diffusers.to_out = nn.ModuleList([nn.Linear(4, 4), nn.Dropout(0.1)])
+    parts, layout = find_projections(diffusers)
+    assert parts["out"][0] is diffusers.to_out[0].weight and layout == "separate: to_q/to_k/to_v + to_out"
+    mha = nn.MultiheadAttention(6, 2, bias=False)
+    parts, layout = find_projections(mha)
+    assert layout == "in_proj: in_proj_weight split q|k|v + out_proj"
+    assert torch.equal(parts["value"][0], mha.in_proj_weight[12:]) and parts["value"][1] is None
+    assert find_projections(nn.Linear(3, 3)) == (None, "")
