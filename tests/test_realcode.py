@@ -25,7 +25,8 @@ WEIGHT_LEVEL = ("weights-rows-sum-to-one", "weights-future-zero", "masked-softma
 
 
 def _check(spec, **options):
-    return {r.invariant: r for r in check_target(resolve(spec), Options(max_examples=10, **options)).results}
+    options = {"max_examples": 10, **options}
+    return {r.invariant: r for r in check_target(resolve(spec), Options(**options)).results}
 
 
 # --- internal errors --------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def test_real_deviations_fail_in_either_dtype(name, inv_id, dtype):
 
 @pytest.mark.parametrize("name,kind", [("BookTransformerBlock", "transformer-block"), ("Float32SoftmaxMHA", "mha")])
 def test_float32_constants_and_upcasts_pass_in_float64(name, kind):
-    results = _check(f"{kind}={CORRECT}:{name}", dtypes=("float64",))
+    results = _check(f"{kind}={CORRECT}:{name}", dtypes=("float64",), max_examples=5)
     assert not [r for r in results.values() if r.status not in ("pass",)], results
 
 
@@ -261,7 +262,7 @@ def test_fused_split_views_write_through():
 def test_hugging_face_gpt2_passes_everything_with_its_layout_found(spec):
     pytest.importorskip("transformers")
     kind, name = spec.split("=")
-    rep = check_target(resolve(f"{kind}={HERE / 'realcode_hf.py'}:{name}"), Options(max_examples=5))
+    rep = check_target(resolve(f"{kind}={HERE / 'realcode_hf.py'}:{name}"), Options(max_examples=3))
     assert {r.invariant: r.status for r in rep.results} == {r.invariant: "pass" for r in rep.results}, rep.results
     assert "c_attn (Conv1D, (in, out) transposed)" in rep.layout
 
