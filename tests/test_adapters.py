@@ -45,8 +45,9 @@ def cli_check(adapter, tmp_path):
     """`attnspec check mha=examples/adapters.py:<adapter>` from the repo root: (exit code, {id: result}, output)."""
     report = tmp_path / f"{adapter}.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "spec", "check", f"mha=examples/adapters.py:{adapter}", "--report-json", str(report),
-         "--profile", "ci", "--max-examples", str(MAX_EXAMPLES)],
+        [sys.executable, "-m", "attnspec", "check", f"mha=examples/adapters.py:{adapter}", "--report-json", str(report),
+         "--profile", "ci", "--max-examples", str(MAX_EXAMPLES),
+         "--expectations", "examples/attnspec-expectations.txt"],  # the adapters' documented n/a's
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert report.exists(), output
@@ -86,6 +87,7 @@ def test_sdpa_attention_passes_with_weights_not_applicable(tmp_path):
     assert statuses(results, WEIGHT_LEVEL) == dict.fromkeys(sorted(WEIGHT_LEVEL), "not-applicable"), output
     for inv_id in WEIGHT_LEVEL:
         assert results[inv_id]["examples"] == 0 and "not observable" in results[inv_id]["reason"], results[inv_id]
+        assert "fused SDPA" in results[inv_id]["accepted"], results[inv_id]  # by examples/attnspec-expectations.txt
     rest = ALL_MHA - WEIGHT_LEVEL
     assert statuses(results, rest) == dict.fromkeys(sorted(rest), "pass"), output
 
