@@ -157,8 +157,8 @@ def hypothesis_test(inv, target, options=None, tally=None):
         event(f"num_heads={cfg.num_heads} num_tokens={'full' if cfg.num_tokens == cfg.context_length else 'short'}")
         if not run_example(inv, target, cfg, tally, options.time_limit):
             tally.rejected += 1
-            if tally.structural or (tally.checked == 0 and (tally.unsupported >= GIVE_UP["unsupported"]
-                                                            or tally.not_applicable >= GIVE_UP["not-applicable"])):
+            if tally.checked == 0 and (tally.structural or tally.unsupported >= GIVE_UP["unsupported"]
+                                       or tally.not_applicable >= GIVE_UP["not-applicable"]):
                 raise _GiveUp()
             reject()  # not counted toward max_examples: draw another configuration
 
