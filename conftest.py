@@ -1,2 +1,15 @@
 """pytest configuration of attnspec's own repository. The attnspec plugin itself is loaded by its
-``pytest11`` entry point (installed with the package), as in any repository that installs attnspec."""
+``pytest11`` entry point (installed with the package), as in any repository that installs attnspec;
+the bundled modules are its targets through ``attnspec_targets`` in pyproject.toml.
+
+The repository's own tests (planted bugs, adapters, ...) call the runner without an explicit profile:
+they run under attnspec's profile, loaded here for this repository only (attnspec-ci when $CI is set,
+else attnspec-dev), with one torch thread (the tensors are tiny; parallelism comes from xdist)."""
+
+import torch
+from hypothesis import settings
+
+from attnspec import profiles
+
+settings.load_profile(profiles.default_profile())
+torch.set_num_threads(1)

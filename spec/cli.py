@@ -1,8 +1,11 @@
 """The command line: `attnspec list` prints the spec; `attnspec check KIND=TARGET ...` gates modules.
 
-Exit status of check: 0 every applicable invariant holds for every target; 1 at least one is
-violated; 2 usage error (unknown kind, malformed or unimportable target, bad option); 4 an internal
-error of attnspec (a bug of attnspec's own code) and no violation."""
+Exit status of check (``runner.EXIT``; when several apply, the first of 2, 1, 4, 3, 0):
+0 every applicable invariant was checked and holds on every target; 1 at least one is violated;
+2 usage error (unknown kind, malformed or unimportable target, bad option, a selection that leaves
+nothing to check), before anything runs; 3 not fully checked: some invariant is n/a (cannot observe
+what it needs) and the user did not accept it (--accept-na, --expectations); 4 internal error in
+attnspec itself (nothing failed)."""
 
 import argparse
 import os
@@ -11,27 +14,32 @@ import time
 
 import torch
 
-from attnspec import profiles, report
+from attnspec import __version__, expectations, profiles, report
 from attnspec.errors import UsageError
 from attnspec.invariants import CATALOGUE, OBSERVES
 from attnspec.kinds import DTYPES, KINDS, Config
-from attnspec.runner import Options, check_target, exit_status
+from attnspec.runner import EXIT, Options, check_target, exit_status
 from attnspec.targets import BUNDLED, resolve
 
 GPT2_SIZES = {"d_in": 768, "d_out": 768, "num_heads": 12, "context_length": 1024}
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="attnspec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="attnspec", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status of check: " + "; ".join(f"{code} {EXIT[code]}" for code in sorted(EXIT)))
+    parser.add_argument("--version", action="version", version=f"attnspec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     lst = sub.add_parser("list", help="print the catalogue of invariants")
     lst.add_argument("--markdown", action="store_true", help="print SPEC.md")
     lst.add_argument("--kinds", action="store_true", help="print the kinds and their constructor signatures")
-    chk = sub.add_parser("check", help="check targets against the spec (no targets: the bundled impl modules)")
+    chk = sub.add_parser("check", help="check targets against the spec (no targets: the bundled impl modules)",
+                         epilog="exit status: " + "; ".join(f"{code} {EXIT[code]}" for code in sorted(EXIT)))
     chk.add_argument("targets", nargs="*", metavar="KIND=TARGET",
                      help=f"KIND one of {', '.join(KINDS)}; TARGET package.module:Attr or path/to/file.py:Attr")
-    chk.add_argument("--profile", choices=profiles.PROFILES, default=None,
-                     help="Hypothesis profile (default: ci when $CI is set, else dev)")
+    chk.add_argument("--profile", choices=profiles.CHOICES, default=None,
+                     help="attnspec's Hypothesis profile (ci = attnspec-ci, ...; default: $ATTNSPEC_PROFILE, "
+                          "else ci when $CI is set, else dev)")
     chk.add_argument("--max-examples", type=int, help="examples per invariant and target (overrides the profile)")
     chk.add_argument("--seed", type=int, help="Hypothesis seed (turns off derandomization)")
     chk.add_argument("--only", action="append", default=[], metavar="ID", help="check only these invariant ids")
@@ -42,6 +50,11 @@ def _parser():
                      help="small: dims <= 8 (default); gpt2: emb 768, 12 heads, context 1024")
     chk.add_argument("--time-limit", type=float, default=None, help="seconds allowed per constructor/forward call")
     chk.add_argument("--example", help="run one configuration, given as the JSON a report prints, instead of searching")
+    chk.add_argument("--accept-na", action="append", default=[], metavar="ID[,ID]",
+                     help="accept these invariants (globs allowed) being n/a on every target (else n/a exits 3)")
+    chk.add_argument("--expectations", metavar="PATH",
+                     help="accepted n/a's per target: lines `TARGET-glob INVARIANT-glob  # reason` (.txt), or .toml/.json")
+    chk.add_argument("--junit-xml", metavar="PATH", help="write JUnit XML here: one testcase per (target, invariant)")
     chk.add_argument("--report-json", metavar="PATH", help="write the JSON report here")
     chk.add_argument("--report-md", metavar="PATH", help="write the Markdown report here (e.g. $GITHUB_STEP_SUMMARY)")
     chk.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -95,9 +108,10 @@ def cmd_list(args):
 
 
 def cmd_check(args):
-    profile = args.profile or profiles.default_profile()
-    if profile not in profiles.PROFILES:
-        raise UsageError(f"profile {profile!r} (from $HYPOTHESIS_PROFILE) is not one of {', '.join(profiles.PROFILES)}")
+    try:
+        profile = profiles.default_profile(args.profile)
+    except ValueError as e:
+        raise UsageError(f"{e} (from $ATTNSPEC_PROFILE)") from None
     if args.max_examples is not None and args.max_examples < 1:
         raise UsageError(f"--max-examples={args.max_examples} must be at least 1")
     options = Options(profile=profile, max_examples=args.max_examples, seed=args.seed,
@@ -108,14 +122,25 @@ def cmd_check(args):
     if args.time_limit is not None and not args.time_limit > 0:
         raise UsageError(f"--time-limit={args.time_limit} must be a positive number of seconds")
     _check_device(args.device)
-    for flag, path in (("--report-json", args.report_json), ("--report-md", args.report_md)):
+    accepted = expectations.from_ids(args.accept_na)
+    if args.expectations:
+        accepted += expectations.load(args.expectations)
+    for flag, path in (("--report-json", args.report_json), ("--report-md", args.report_md),
+                       ("--junit-xml", args.junit_xml)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"{flag} {path!r}: directory {os.path.dirname(os.path.abspath(path))!r} does not exist")
     if args.size == "small" and options.device == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronization (~8 ms per op when contended)
     targets = [resolve(t) for t in (args.targets or BUNDLED)]
+    options.check_selection([t.kind for t in targets])
     example = _parse_example(args.example, targets, args.device) if args.example else None
     err = sys.stderr
+    if not args.targets:
+        print(f"attnspec: no targets given: checking the {len(BUNDLED)} bundled modules of attnspec.impl "
+              f"(give KIND=TARGET to check yours)", file=err)
+    pairs = [(t.spec, inv.id) for t in targets for inv in options.selected() if inv.applies_to(t.kind)]
+    for entry in expectations.unmatched(accepted, pairs):
+        print(report.visible(expectations.warning(entry)), file=err)
     print(report.header(profile, options, targets), file=err)
     reports = []
     for i, target in enumerate(targets, 1):
@@ -125,22 +150,29 @@ def cmd_check(args):
 
         def progress(result):
             if not args.quiet:
-                print({"pass": ".", "fail": "F", "not-applicable": "-", "internal-error": "E"}[result.status], end="", file=err, flush=True)
+                print(PROGRESS.get(result.status, "?"), end="", file=err, flush=True)
 
-        rep = check_target(target, options, progress=None if args.quiet else progress, example=example)
+        rep = expectations.apply(accepted, [check_target(target, options, progress=None if args.quiet else progress,
+                                                         example=example)])[0]
         reports.append(rep)
         if not args.quiet:
-            print(f" {'FAIL' if rep.failed else 'ok'} ({time.perf_counter() - start:.1f} s)", file=err, flush=True)
+            print(f" {report.VERDICT[rep.status]} ({time.perf_counter() - start:.1f} s)", file=err, flush=True)
     print(report.matrix(reports))
     text = report.details(reports)
     if text:
         print("\n" + text)
+    print("\n" + report.verdict(reports))
     if args.report_json:
         report.write_json(args.report_json, reports, profile, options)
     if args.report_md:
-        with open(args.report_md, "a") as f:
+        with open(args.report_md, "a", encoding="utf-8") as f:
             f.write(report.to_markdown(reports, profile))
+    if args.junit_xml:
+        report.write_junit(args.junit_xml, reports, profile)
     return exit_status(reports)
+
+
+PROGRESS = {"pass": ".", "fail": "F", "not-applicable": "-", "internal-error": "E"}
 
 
 def main(argv=None):

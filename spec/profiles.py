@@ -1,7 +1,11 @@
-"""Hypothesis profiles, registered once, shared by pytest (conftest.py) and `attnspec check`.
+"""attnspec's Hypothesis profiles, registered once under namespaced names (a user's own ``ci``/``dev``
+profiles never collide), and applied to attnspec's own searches only: ``runner.hypothesis_test`` builds
+an explicit settings object from the profile; nothing here loads a profile globally.
 
-dev: fast feedback while editing. ci: derandomized, fixed budget, no deadline (torch's first call
-warms up for seconds), no database: the same verdict on every run. thorough: nightly, many examples."""
+attnspec-dev: fast feedback while editing. attnspec-ci: derandomized, fixed budget, no deadline
+(torch's first call warms up for seconds), no database: the same verdict on every run.
+attnspec-thorough: nightly, many examples, with the example database. The short names ``dev``, ``ci``,
+``thorough`` are accepted as aliases (``attnspec check --profile ci``)."""
 
 import os
 
@@ -9,15 +13,35 @@ from hypothesis import HealthCheck, settings
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                report_multiple_bugs=False)
-settings.register_profile("dev", max_examples=10, **_COMMON)
-settings.register_profile("ci", max_examples=25, derandomize=True, database=None, print_blob=True, **_COMMON)
-settings.register_profile("thorough", max_examples=500, **_COMMON)
-PROFILES = ("dev", "ci", "thorough")
+settings.register_profile("attnspec-dev", max_examples=10, **_COMMON)
+settings.register_profile("attnspec-ci", max_examples=25, derandomize=True, database=None, print_blob=True, **_COMMON)
+settings.register_profile("attnspec-thorough", max_examples=500, **_COMMON)
+PROFILES = ("attnspec-dev", "attnspec-ci", "attnspec-thorough")
+ALIASES = {name.removeprefix("attnspec-"): name for name in PROFILES}
+CHOICES = (*ALIASES, *PROFILES)
 
 
-def default_profile():
-    """$HYPOTHESIS_PROFILE, else ci when $CI is set (true/1), else dev."""
-    explicit = os.environ.get("HYPOTHESIS_PROFILE")
-    if explicit:
-        return explicit
-    return "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"
+def resolve(name):
+    """The registered profile name for ``name`` (an alias or a full name); ValueError if neither."""
+    if name in PROFILES:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    raise ValueError(f"profile {name!r} is not one of {', '.join(CHOICES)}")
+
+
+def ci():
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def default_profile(explicit=None):
+    """``explicit``, else $ATTNSPEC_PROFILE, else $HYPOTHESIS_PROFILE (when it names one of attnspec's
+    profiles), else attnspec-ci when $CI is set (true/1/yes), else attnspec-dev. Raises ValueError for
+    an explicit name that is not attnspec's."""
+    for name in (explicit, os.environ.get("ATTNSPEC_PROFILE")):
+        if name:
+            return resolve(name)
+    hypothesis = os.environ.get("HYPOTHESIS_PROFILE")
+    if hypothesis in CHOICES:
+        return resolve(hypothesis)
+    return "attnspec-ci" if ci() else "attnspec-dev"

@@ -1,19 +1,28 @@
 """Run invariants against targets under a Hypothesis profile; the repro is added here, once.
 
-Each (invariant, target) pair becomes one ``@given`` test (``hypothesis_test``): pytest runs it
-directly, ``check_target`` runs it and turns the outcome into a Result. Before searching, the
-strategy's simplest configuration is tried once: a structural n/a or a plain bug is settled in
-milliseconds, and that example is already minimal."""
+Each (invariant, target) pair becomes one ``@given`` test (``hypothesis_test``); ``check_invariant``
+runs it and turns the outcome into a Result. Before searching, the strategy's simplest configuration
+is tried once: a structural n/a or a plain bug is settled in milliseconds, and that example is already
+minimal.
+
+Honest budgets: a configuration the target declines (``Unsupported``) or where the invariant cannot
+observe what it needs on that example (a non-structural ``NotApplicable``) is *rejected*
+(``hypothesis.reject``): it does not count toward ``max_examples``, so every pass rests on the full
+budget of checked examples (or says how many it got). The verdict (``exit_status``) is a pure function
+of the TargetReports: an n/a fails the gate unless the user accepted it (``Result.accepted``).
+"""
 
 import json
 import shlex
 import time
 from dataclasses import dataclass, field
 
-from hypothesis import Phase, event, find, given, note, seed as hypothesis_seed, settings
+from hypothesis import HealthCheck, Phase, event, find, given, note, reject, seed as hypothesis_seed, settings
+from hypothesis.errors import Unsatisfiable
 
 from attnspec.case import Case
 from attnspec.errors import InternalError, NotApplicable, Unsupported, UsageError, Violation, internal_error
+from attnspec import profiles
 from attnspec.invariants import BY_ID, CATALOGUE
 from attnspec.strategies import configs
 from attnspec.targets import projection_layout
@@ -37,7 +46,22 @@ class Options:
         for name in (*self.only, *self.skip):
             if name not in BY_ID:
                 raise UsageError(f"unknown invariant id {name!r}: run `attnspec list` for the ids")
+        both = [name for name in self.only if name in self.skip]
+        if both:
+            raise UsageError(f"--only and --skip both name {', '.join(both)}: that selection checks nothing")
         return [inv for inv in CATALOGUE if (not self.only or inv.id in self.only) and inv.id not in self.skip]
+
+    def check_selection(self, kinds):
+        """UsageError if the selection leaves nothing to check: an ``--only`` id that applies to none of
+        ``kinds``, or a kind with no selected invariant."""
+        selected = self.selected()
+        for name in self.only:
+            if not any(BY_ID[name].applies_to(kind) for kind in kinds):
+                raise UsageError(f"--only {name} does not apply to kind {', '.join(sorted({k.name for k in kinds}))} "
+                                 f"(it applies to {', '.join(BY_ID[name].kinds)}): nothing to check")
+        for kind in kinds:
+            if not any(inv.applies_to(kind) for inv in selected):
+                raise UsageError(f"the selected invariants leave nothing to check on kind {kind.name}")
 
 
 @dataclass
@@ -50,24 +74,31 @@ class Tally:
     na_reason: str = ""
     structural: bool = False  # a not-applicable that holds for every configuration
     unsupported_reason: str = ""
+    rejected: int = 0  # examples the search rejected (unsupported or n/a for that example): not counted
     failure: tuple = None  # (cfg, message) of the latest failing example: after shrinking, the minimal one
     internal: tuple = None  # (cfg, message) of the first example where attnspec's own code raised
     layout: str = ""  # where the projections were found (targets.projection_layout), if looked up
     printed: list = field(default_factory=list)
 
 
+STATUSES = ("pass", "fail", "not-applicable", "internal-error")
+
+
 @dataclass
 class Result:
     invariant: str
-    status: str  # "pass", "fail", "not-applicable" or "internal-error" (attnspec's own code raised)
-    examples: int = 0
-    unsupported: int = 0
+    status: str  # one of STATUSES ("internal-error": attnspec's own code raised)
+    examples: int = 0  # examples checked (the budget, unless the search ran out of supported ones)
+    unsupported: int = 0  # drawn configurations the target declined (rejected, not counted)
     seconds: float = 0.0
     reason: str = ""  # why not applicable, or what failed
     counterexample: dict = None
     repro: str = ""
     printed: int = 0  # characters the module printed to stdout (captured, not shown)
     layout: str = ""  # where the projections were found, for invariants that observe them
+    rejected: int = 0  # examples rejected by the search (unsupported, or n/a on that example only)
+    budget: int = 0  # max_examples the search ran under (0: one given --example)
+    accepted: str = ""  # an n/a the user accepted (--accept-na, expectations file): where and why
 
 
 def strategy_for(inv, target, options):
@@ -80,12 +111,22 @@ def repro_command(inv, target, cfg):
     return f"attnspec check {shlex.quote(target.spec)} --only {inv.id} --example {shlex.quote(cfg.to_json())}"
 
 
+# Rejected examples, none checked, before an invariant is called n/a: a declined configuration costs
+# microseconds (an adapter with 1 in 16 supported misses 200 in a row with probability 2.5e-6), one the
+# invariant cannot observe costs a forward pass.
+GIVE_UP = {"unsupported": 200, "not-applicable": 30}
+
+
+class _GiveUp(BaseException):  # not an Exception: Hypothesis lets it through at once, no shrinking
+    """Stop searching: the invariant is n/a on this target (structural, or nothing checkable drawn)."""
+
+
 def run_example(inv, target, cfg, tally, time_limit=None):
-    """Check one configuration; raises Violation (recorded in tally) if the invariant is broken.
-    An exception of attnspec's own code is recorded as ``tally.internal`` (never the module's fault);
-    later examples are then skipped."""
+    """Check one configuration: True if checked, False if unsupported or n/a (recorded in tally);
+    raises Violation (recorded in tally) if the invariant is broken. An exception of attnspec's own code
+    is recorded as ``tally.internal`` (never the module's fault); later examples are then skipped."""
     if tally.internal:
-        return
+        return True
     case = Case(target, cfg, time_limit=time_limit, stdout_sink=tally.printed)
     try:
         invalid = target.kind.invalid_reason(cfg)
@@ -93,6 +134,7 @@ def run_example(inv, target, cfg, tally, time_limit=None):
             raise Unsupported(f"adjusted configuration is invalid: {invalid}")
         inv.check(case)
         tally.checked += 1
+        return True
     except NotApplicable as e:
         tally.not_applicable += 1
         tally.na_reason = str(e)
@@ -108,6 +150,7 @@ def run_example(inv, target, cfg, tally, time_limit=None):
     finally:
         if "module" in case.__dict__ and "params" in inv.observes and not tally.layout:
             tally.layout = projection_layout(target.adapter, case.module)
+    return False
 
 
 def hypothesis_test(inv, target, options=None, tally=None):
@@ -119,15 +162,29 @@ def hypothesis_test(inv, target, options=None, tally=None):
     def test(cfg):
         note(f"reproduce: {repro_command(inv, target, cfg)}")
         event(f"num_heads={cfg.num_heads} num_tokens={'full' if cfg.num_tokens == cfg.context_length else 'short'}")
-        run_example(inv, target, cfg, tally, options.time_limit)
+        if not run_example(inv, target, cfg, tally, options.time_limit):
+            tally.rejected += 1
+            if tally.checked == 0 and (tally.structural or tally.unsupported >= GIVE_UP["unsupported"]
+                                       or tally.not_applicable >= GIVE_UP["not-applicable"]):
+                raise _GiveUp()
+            reject()  # not counted toward max_examples: draw another configuration
 
     # Hypothesis keys its example database by the test's source; ours is shared, so add the pair.
     test._hypothesis_internal_add_digest = f"{inv.id}|{target.spec}".encode()
     overrides = {} if options.max_examples is None else {"max_examples": options.max_examples}
     if options.seed is not None:
         test, overrides["derandomize"] = hypothesis_seed(options.seed)(test), False
-    base = settings.get_profile(options.profile) if options.profile else settings.default
+    base = settings.get_profile(profiles.resolve(options.profile)) if options.profile else settings.default
+    # rejected examples are expected (adapters decline configurations): not a health problem
+    overrides["suppress_health_check"] = [*base.suppress_health_check, HealthCheck.filter_too_much]
     return settings(base, **overrides)(test)
+
+
+def budget(options):
+    """max_examples of a search under ``options``."""
+    if options.max_examples is not None:
+        return options.max_examples
+    return (settings.get_profile(profiles.resolve(options.profile)) if options.profile else settings.default).max_examples
 
 
 def simplest_config(inv, target, options):
@@ -137,11 +194,14 @@ def simplest_config(inv, target, options):
 
 
 def check_invariant(inv, target, options, example=None):
-    """One Result for ``inv`` on ``target``: pass, fail (with the minimal counterexample), or n/a."""
+    """One Result for ``inv`` on ``target``: pass (with how many examples were checked), fail (with the
+    minimal counterexample), or n/a (with the reason)."""
     start, tally = time.perf_counter(), Tally()
 
     def result(status, **kw):
-        return Result(inv.id, status, examples=tally.checked, unsupported=tally.unsupported, layout=tally.layout,
+        return Result(inv.id, status, examples=tally.checked, unsupported=tally.unsupported, rejected=tally.rejected,
+                      layout=tally.layout,
+                      budget=0 if example is not None else budget(options),
                       seconds=round(time.perf_counter() - start, 3), printed=sum(map(len, tally.printed)), **kw)
 
     def internal():
@@ -154,22 +214,31 @@ def check_invariant(inv, target, options, example=None):
         return result("fail", reason=message, counterexample=json.loads(cfg.to_json()),
                       repro=repro_command(inv, target, cfg))
 
+    def not_applicable():
+        reason = tally.na_reason or f"every drawn configuration is unsupported: {tally.unsupported_reason}"
+        return result("not-applicable", reason=reason)
+
     if not inv.applies_to(target.kind):
         return result("not-applicable", reason=f"does not apply to kind {target.kind.name}")
     first = example or simplest_config(inv, target, options)
     try:
-        run_example(inv, target, first, tally, options.time_limit)
+        if not run_example(inv, target, first, tally, options.time_limit):
+            tally.rejected += 1  # the search below draws supported configurations instead
     except Violation:
         return failed()
     if tally.internal:
         return internal()
-    if tally.structural or example is not None:
-        status = "not-applicable" if tally.not_applicable else "pass"
-        return result(status, reason=tally.na_reason or tally.unsupported_reason)
+    if tally.structural or (example is not None and not tally.checked):
+        return not_applicable()
+    if example is not None:
+        return result("pass")
     try:
         hypothesis_test(inv, target, options, tally)()
     except Violation:
         return failed()
+    except (_GiveUp, Unsatisfiable):  # nothing checkable was drawn
+        if tally.checked == 0:
+            return not_applicable()
     except Exception as e:  # Hypothesis's own verdicts, e.g. a failure that did not replay (Flaky)
         if tally.failure is None:
             raise
@@ -180,8 +249,10 @@ def check_invariant(inv, target, options, example=None):
     if tally.internal:
         return internal()
     if tally.checked == 0:
-        return result("not-applicable", reason=tally.na_reason or f"every configuration unsupported: {tally.unsupported_reason}")
-    return result("pass", reason=f"unsupported: {tally.unsupported_reason}" if tally.unsupported else "")
+        return not_applicable()
+    skipped = [f"{tally.unsupported} unsupported ({tally.unsupported_reason})" if tally.unsupported else "",
+               f"{tally.not_applicable} not observable ({tally.na_reason})" if tally.not_applicable else ""]
+    return result("pass", reason="; ".join(filter(None, skipped)) and f"rejected: {'; '.join(filter(None, skipped))}")
 
 
 @dataclass
@@ -207,16 +278,10 @@ class TargetReport:
     def printed(self):
         return sum(r.printed for r in self.results)
 
-
-def exit_status(reports):
-    """The exit status of ``attnspec check`` (2, usage error, is decided before anything runs):
-    1 some invariant is violated; 4 attnspec's own code raised (an internal error) and nothing failed;
-    0 every applicable invariant was checked and holds."""
-    if any(rep.failed for rep in reports):
-        return 1
-    if any(rep.internal_error for rep in reports):
-        return 4
-    return 0
+    @property
+    def status(self):
+        """This target's exit status (see ``exit_status``)."""
+        return exit_status([self])
 
 
 def check_target(target, options, progress=None, example=None):
@@ -233,3 +298,34 @@ def check_target(target, options, progress=None, example=None):
         if progress:
             progress(results[-1])
     return TargetReport(target, results)
+
+
+# Exit statuses of `attnspec check` (and the verdict of a pytest run), by precedence: a usage error (2)
+# is raised before anything runs; then a violation (1), an internal error of attnspec (4), an n/a the
+# user did not accept (3: not fully checked), and 0: every applicable invariant checked and holds.
+EXIT = {0: "checked: every applicable invariant holds", 1: "FAIL: an invariant is violated",
+        2: "usage error", 3: "NOT FULLY CHECKED: an invariant is n/a and not accepted",
+        4: "INTERNAL ERROR in attnspec (not the module's fault)"}
+PRECEDENCE = (2, 1, 4, 3, 0)
+
+
+def result_status(result):
+    """The exit status one Result calls for."""
+    if result.status == "fail":
+        return 1
+    if result.status == "internal-error":
+        return 4
+    if result.status == "not-applicable" and not result.accepted:
+        return 3
+    return 0
+
+
+def exit_status(reports, usage_error=False):
+    """The exit status of a run: the most severe of its results by PRECEDENCE (2, 1, 4, 3, 0). A run with
+    nothing checked at all is not fully checked (3), never 0."""
+    found = {result_status(r) for rep in reports for r in rep.results}
+    if usage_error:
+        found.add(2)
+    if not any(r.status == "pass" for rep in reports for r in rep.results):
+        found.add(3)
+    return next(code for code in PRECEDENCE if code in found or code == 0)

@@ -226,6 +226,11 @@ class ConstructorAdapter(Adapter):
         except (TypeError, ValueError):  # builtins without a signature: just try
             self.accepts_qkv_bias = True
 
+    def adjust(self, cfg):
+        """No qkv_bias parameter: draw qkv_bias=False only (what the constructor builds), so every
+        example is one the module supports."""
+        return cfg if self.accepts_qkv_bias or not cfg.qkv_bias else cfg.replace(qkv_bias=False)
+
     def build(self, cfg):
         args, kwargs = self._kind.constructor_args(cfg)
         if "qkv_bias" in kwargs and not self.accepts_qkv_bias:

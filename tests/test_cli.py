@@ -1,10 +1,11 @@
-"""The command line as a user meets it: `python -m spec ...` in its own process, bad input included.
+"""The command line as a user meets it: `python -m attnspec ...` in its own process, bad input included.
 
 Contract under test (other tools depend on it):
 
-* exit 0: every applicable invariant holds for every target; 1: at least one is violated (a module
-  that raises, returns the wrong type or shape, produces NaN, or hangs past the time limit is a
-  violation); 2: usage error, with a one-line ``attnspec: error: ...`` message on stderr;
+* exit 0: every applicable invariant was checked and holds for every target; 1: at least one is
+  violated (a module that raises, returns the wrong type or shape, produces NaN, or hangs past the
+  time limit is a violation); 2: usage error, with a one-line ``attnspec: error: ...`` message on
+  stderr; 3: not fully checked (an n/a the user did not accept); 4: internal error of attnspec;
 * the harness never crashes (no Python traceback) and a bad target never hides another target's
   results;
 * the JSON report has ``targets[*].{kind,target,results[*].{invariant,status}}`` and, for a failure,
@@ -14,7 +15,7 @@ The broken modules live in ``tests/bad_targets/`` (one concern each). Every chec
 profile (derandomized: the same verdict on every run) with few examples or ``--only``, to stay fast.
 
 Most runs call ``attnspec.cli.main`` in the test process (importing torch costs ~3 s a process);
-``test_fresh_process_entry_points`` and the repro test run ``[sys.executable, "-m", "spec", ...]`` and
+``test_fresh_process_entry_points`` and the repro test run ``[sys.executable, "-m", "attnspec", ...]`` and
 the ``attnspec`` console script in their own processes; ``ATTNSPEC_TEST_FRESH=1`` runs every test that way.
 """
 
@@ -33,11 +34,12 @@ from pathlib import Path
 import pytest
 
 from attnspec.cli import main
+from attnspec.report import md_code
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = "tests/bad_targets"
 GOOD = "mha=attnspec.impl:MultiHeadAttention"
-STATUSES = {"pass", "fail", "not-applicable"}
+STATUSES = {"pass", "fail", "not-applicable", "internal-error"}
 FAST = ("--profile", "ci", "--max-examples", "5")
 TIMEOUT_S = 180
 ENV = {**{k: v for k, v in os.environ.items() if k != "HYPOTHESIS_PROFILE"},
@@ -51,11 +53,11 @@ def bad(name, attr="MHA"):
 def attnspec(*args, fresh=False, console_script=False, timeout=TIMEOUT_S):
     """Run `attnspec ARGS` from the repo root: in this process (``attnspec.cli.main``, stdout and stderr
     captured, an escaping exception printed as the interpreter would), or (fresh) in its own
-    ``[sys.executable, "-m", "spec", *ARGS]`` process, or (console_script) the installed ``attnspec``."""
+    ``[sys.executable, "-m", "attnspec", *ARGS]`` process, or (console_script) the installed ``attnspec``."""
     if console_script:
         argv = [str(Path(sys.executable).with_name("attnspec")), *args]
     elif fresh or os.environ.get("ATTNSPEC_TEST_FRESH"):
-        argv = [sys.executable, "-m", "spec", *args]
+        argv = [sys.executable, "-m", "attnspec", *args]
     else:
         out, err = io.StringIO(), io.StringIO()
         cwd = os.getcwd()
@@ -220,7 +222,8 @@ def test_printing_module_passes_with_a_warning_and_clean_stdout(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "DEBUG-FROM-USER-MODULE" not in proc.stdout, f"the module's print leaked into the report:\n{proc.stdout}"
     assert re.search(rf"warning: {re.escape(spec)} printed \d+ characters to stdout", proc.stdout), proc.stdout
-    assert re.search(rf"^\[1\] {re.escape(spec)}: ok \(3 pass, 0 fail, 0 n/a\)$", proc.stdout, re.M), proc.stdout
+    assert re.search(rf"^\[1\] {re.escape(spec)}: ok \(3 checked \(6 examples each\), 0 failed, 0 n/a not accepted, "
+                     rf"0 n/a accepted, 6 do not apply to mha, 17 deselected\)$", proc.stdout, re.M), proc.stdout
     assert_report_shape(report)
     assert_all_good(report, spec)
     assert_all_good(report)
@@ -251,11 +254,14 @@ def test_report_md_writes_a_markdown_table(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     text = md.read_text()
     lines = text.splitlines()
+    assert lines[0].startswith("## attnspec: ❌ FAIL") and "(exit 1)" in lines[0], lines[0]
+    targets = next(i for i, line in enumerate(lines) if line.startswith("| target |"))
+    assert md_code(bad("returns_numpy")) in lines[targets + 2], lines[targets + 2]
+    assert md_code(GOOD) in lines[targets + 3], lines[targets + 3]
     header = next(i for i, line in enumerate(lines) if line.startswith("| invariant |"))
-    assert f"`{bad('returns_numpy')}`" in lines[header] and f"`{GOOD}`" in lines[header], lines[header]
     assert re.fullmatch(r"\|(---\|){3}", lines[header + 1]), lines[header + 1]
-    rows = {line.split("|")[1].strip(): line for line in lines[header + 2:] if line.startswith("| `")}
-    assert set(rows) == {"`output-contract`", "`finite-output`"}, rows
+    rows = {line.split("|")[1].strip(): line for line in lines[header + 2:] if line.startswith("| <code>")}
+    assert set(rows) == {"<code>output-contract</code>", "<code>finite-output</code>"}, rows
     assert all(line.count("|") == 4 for line in rows.values()), rows
     assert "numpy.ndarray" in text  # the failure is explained under the table
 

@@ -4,7 +4,7 @@
 2. every invariant of the catalogue rejects at least one planted bug;
 3. a failure report is readable: the counterexample is minimal and the repro line reproduces it.
 
-(The correct modules are checked by tests/test_conformance.py.) Under a derandomized profile (ci)
+(The correct modules are checked by the plugin's conformance items, `attnspec_targets` in pyproject.toml.) Under a derandomized profile (ci)
 each check is one search; under a randomized one (dev) a missed bug gets a few more seeds (``_check``).
 ``ATTNSPEC_PLANTED_ALL=1`` also checks each bug's ``also`` invariants: they reject it too, but their
 counterexamples are slower to find and shrink, so the default run leaves them out.

@@ -3,6 +3,7 @@ tuples, the float64 rule, layouts the probe must read, fused SDPA / nn.Multihead
 level, and projections found by layout. (Correct modules: tests/correct_elsewhere.py; planted bugs:
 tests/planted.py.)"""
 
+import html
 import json
 import sys
 from pathlib import Path
@@ -96,7 +97,8 @@ def test_exit_status_precedence():
     def rep(*statuses):
         return TargetReport(None, [Result(f"i{n}", s) for n, s in enumerate(statuses)])
 
-    assert exit_status([rep("pass", "not-applicable")]) == 0
+    assert exit_status([rep("pass", "not-applicable")]) == 3  # an n/a the user did not accept
+    assert exit_status([rep("pass", "not-applicable", "internal-error")]) == 4
     assert exit_status([rep("pass", "internal-error")]) == 4
     assert exit_status([rep("internal-error"), rep("fail")]) == 1
     assert exit_status([rep("fail", "internal-error")]) == 1
@@ -237,7 +239,7 @@ def test_layout_is_in_every_report(tmp_path):
     md = tmp_path / "r.md"
     assert cli.main(["check", f"mha={CORRECT}:NanoGPTFlashAttention", "--only", "qkv-bias", "--max-examples", "2",
                      "-q", "--report-md", str(md)]) == 0
-    assert "fused qkv: c_attn" in md.read_text()
+    assert "fused qkv: c_attn" in html.unescape(md.read_text())
 
 
 def test_fused_split_views_write_through():
