@@ -6,6 +6,7 @@ import platform
 import torch
 
 from attnspec.invariants import BY_ID
+from attnspec.variants import VARIANTS
 
 MARK = {"pass": "pass", "fail": "FAIL", "not-applicable": "n/a"}
 
@@ -24,8 +25,13 @@ def _ids(reports):
 def header(profile, options, targets):
     lines = [f"attnspec: profile={profile} dtypes={','.join(options.dtypes)} device={options.device} "
              f"torch={torch.__version__} python={platform.python_version()}"]
-    lines += [f"  {t.kind.name:<18} {t.name}  ({type(t.adapter).__name__})" for t in targets]
+    lines += [f"  {t.kind.name:<18} {t.name}  ({type(t.adapter).__name__}){_variants_text(t)}" for t in targets]
     return "\n".join(lines)
+
+
+def _variants_text(target):
+    """' variants: a, b' for a target checked against contract variants, else ''."""
+    return f" variants: {', '.join(target.variants)}" if getattr(target, "variants", ()) else ""
 
 
 def _short(report):
@@ -45,7 +51,7 @@ def matrix(reports):
         counts = {s: sum(r.status == s for r in rep.results) for s in MARK}
         verdict = "FAIL" if rep.failed else "ok"
         lines.append(f"{col} {rep.target.spec}: {verdict} ({counts['pass']} pass, {counts['fail']} fail, "
-                     f"{counts['not-applicable']} n/a)")
+                     f"{counts['not-applicable']} n/a){_variants_text(rep.target)}")
     return "\n".join(lines)
 
 
@@ -91,6 +97,7 @@ def to_json(reports, profile, options):
             {
                 "kind": rep.target.kind.name,
                 "target": rep.target.name,
+                "variants": list(getattr(rep.target, "variants", ())),
                 "status": "fail" if rep.failed else "pass",
                 "stdout_chars": rep.printed,
                 "results": [
@@ -119,6 +126,8 @@ def to_markdown(reports, profile):
     for inv_id in ids:
         cells = [_cell(rep, inv_id, icon) for rep in reports]
         lines.append(f"| `{inv_id}` | " + " | ".join(cells) + " |")
+    lines += [f"\n`{rep.target.spec}` checked against contract variants: {', '.join(rep.target.variants)}"
+              for rep in reports if getattr(rep.target, "variants", ())]
     failures = [(rep, r) for rep in reports for r in rep.results if r.status == "fail"]
     if failures:
         lines += ["", "### Failures", ""]
@@ -142,4 +151,9 @@ def catalogue_markdown(catalogue, observes):
             section = inv.section
             lines += ["", f"## {section}", "", "| id | statement | kinds | observes |", "|---|---|---|---|"]
         lines.append(f"| `{inv.id}` | {inv.statement} | {', '.join(inv.kinds)} | {inv.observes} |")
+    lines += ["", "## Contract variants", "",
+              "The seed's contract is the default. `attnspec check --variant NAME` (or an adapter's `variants`) "
+              "checks a module against a named variation instead; the report says which.", "",
+              "| variant | what it changes | invariants |", "|---|---|---|"]
+    lines += [f"| `{v.name}` | {v.summary} | {', '.join(f'`{i}`' for i in v.invariants)} |" for v in VARIANTS.values()]
     return "\n".join(lines) + "\n"

@@ -74,7 +74,8 @@ def strategy_for(inv, target, options):
 
 
 def repro_command(inv, target, cfg):
-    return f"attnspec check {shlex.quote(target.spec)} --only {inv.id} --example {shlex.quote(cfg.to_json())}"
+    variants = "".join(f" --variant {v}" for v in getattr(target, "variants", ()))
+    return f"attnspec check {shlex.quote(target.spec)}{variants} --only {inv.id} --example {shlex.quote(cfg.to_json())}"
 
 
 def run_example(inv, target, cfg, tally, time_limit=None):

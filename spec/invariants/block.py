@@ -62,7 +62,8 @@ def layernorm_pre_sublayer(case):
     del out
 
 
-@invariant("feedforward-gelu-tanh", "ff(h) = W2 gelu_tanh(W1 h + b1) + b2 with W1: emb_dim -> 4*emb_dim",
+@invariant("feedforward-gelu-tanh", "ff(h) = W2 gelu_tanh(W1 h + b1) + b2 with W1: emb_dim -> 4*emb_dim "
+           "(variant gelu-erf: the exact erf GELU)",
            ("transformer-block",), "params")
 def feedforward_gelu_tanh(case):
     parts = case.projections()
@@ -74,13 +75,15 @@ def feedforward_gelu_tanh(case):
         case.forward(case.input())
     h, ff_out = seen["ff"]
 
+    gelu = case.contract.gelu
+
     def ff(dtype):
         (a, b), (c, d) = oracle.cast(parts["ff"], dtype)
-        return oracle.linear(oracle.gelu_tanh(oracle.linear(h.to(dtype), (a, b))), (c, d))
+        return oracle.linear(oracle.GELU[gelu](oracle.linear(h.to(dtype), (a, b))), (c, d))
 
     expected = ff(torch.float64)
     assert_close(ff_out, expected, dtype=h.dtype, measured=(ff(h.dtype) - expected).abs().max(),
-                 what="feed-forward output vs W2 gelu_tanh(W1 h + b1) + b2")
+                 what=f"feed-forward output vs W2 gelu_{gelu}(W1 h + b1) + b2")
 
 
 @invariant("block-residual-identity", "with both sub-layers outputting zeros, the block is the identity (residuals)",
