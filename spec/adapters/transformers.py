@@ -36,11 +36,11 @@ except ImportError as e:
                      f"so pip keeps the installed wheel)") from None
 
 
-def gpt2_config(cfg, attn_implementation, resid_pdrop):
+def gpt2_config(cfg, attn_implementation, resid_pdrop, activation_function="gelu_new"):
     """A one-layer GPT2Config with the seed's hyper-parameters (see the module docstring)."""
-    config = GPT2Config(vocab_size=8, n_positions=cfg.context_length, n_embd=cfg.d_out, n_layer=1,
-                        n_head=cfg.num_heads, activation_function="gelu_new", attn_pdrop=cfg.dropout, bos_token_id=0, eos_token_id=0,
-                        resid_pdrop=resid_pdrop, embd_pdrop=resid_pdrop, layer_norm_epsilon=1e-5,
+    config = GPT2Config(vocab_size=8, bos_token_id=0, eos_token_id=0, n_positions=cfg.context_length,
+                        n_embd=cfg.d_out, n_layer=1, n_head=cfg.num_heads, activation_function=activation_function,
+                        attn_pdrop=cfg.dropout, resid_pdrop=resid_pdrop, embd_pdrop=resid_pdrop, layer_norm_epsilon=1e-5,
                         scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
     config._attn_implementation = attn_implementation
     return config
@@ -120,10 +120,12 @@ class GPT2AttentionSDPA(GPT2Attention):
 
 class GPT2Block(Adapter):
     """``transformers``' GPT2Block (eager attention), checked as kind ``transformer-block``.
-    ``block_class``: the class built; ``attention_class``, if set, replaces the block's attention."""
+    ``block_class``: the class built; ``attention_class``, if set, replaces the block's attention;
+    ``activation_function``: GPT2Config's (``"gelu"``, the erf GELU, is the ``gelu-erf`` variant)."""
 
     kind = "transformer-block"
     attn_implementation = "eager"
+    activation_function = "gelu_new"
     block_class = modeling_gpt2.GPT2Block
     attention_class = None
 
@@ -131,7 +133,8 @@ class GPT2Block(Adapter):
         return cfg.replace(qkv_bias=True)
 
     def build(self, cfg):
-        config = gpt2_config(cfg, self.attn_implementation, resid_pdrop=cfg.dropout)
+        config = gpt2_config(cfg, self.attn_implementation, resid_pdrop=cfg.dropout,
+                             activation_function=self.activation_function)
         block = self.block_class(config, layer_idx=0)
         if self.attention_class is not None:
             block.attn = self.attention_class(config, layer_idx=0)
