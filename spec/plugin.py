@@ -1,6 +1,7 @@
 """pytest plugin: ``--impl KIND=TARGET`` (repeatable) runs the property tests on those targets
-instead of the bundled modules. Loads the Hypothesis profile: ``--hypothesis-profile`` wins,
-else $HYPOTHESIS_PROFILE, else ci when $CI is set, else dev."""
+instead of the bundled modules; ``--variant NAME`` checks them against a contract variant. Loads the
+Hypothesis profile: ``--hypothesis-profile`` wins, else $HYPOTHESIS_PROFILE, else ci when $CI is
+set, else dev."""
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ def pytest_addoption(parser):
     group = parser.getgroup("attnspec")
     group.addoption("--impl", action="append", default=[], metavar="KIND=TARGET",
                     help="check this target instead of the bundled impl modules (repeatable)")
+    group.addoption("--variant", action="append", default=[], metavar="NAME",
+                    help="check the targets against this contract variant (repeatable; `attnspec list --variants`)")
 
 
 def pytest_report_header(config):
@@ -32,7 +35,8 @@ def conformance_targets(config):
     """The resolved targets of this run; a bad --impl is a usage error before any test runs."""
     if not hasattr(config, "_attnspec_targets"):
         try:
-            config._attnspec_targets = [resolve(t) for t in (config.getoption("--impl") or BUNDLED)]
+            variants = tuple(config.getoption("--variant"))
+            config._attnspec_targets = [resolve(t, variants) for t in (config.getoption("--impl") or BUNDLED)]
         except UsageError as e:
-            raise pytest.UsageError(f"--impl: {e}") from None
+            raise pytest.UsageError(f"--impl/--variant: {e}") from None
     return config._attnspec_targets

@@ -373,3 +373,23 @@ def test_missing_transformers_is_a_usage_error(tmp_path):
     assert re.search(r"needs Hugging Face transformers.*pip install -c constraints.txt 'attnspec\[transformers\]'",
                      proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+
+def test_pytest_variant_option():
+    """`pytest --impl ... --variant NAME`: the plugin resolves its targets with the variant (whose effect
+    the tests above show); an unknown name is a usage error before any test runs."""
+    from attnspec.plugin import conformance_targets
+
+    class Config:
+        def __init__(self, **options):
+            self.options = options
+
+        def getoption(self, name):
+            return self.options[name]
+
+    block = "transformer-block=attnspec.impl:TransformerBlock"
+    (target,) = conformance_targets(Config(**{"--impl": [block], "--variant": ["gelu-erf"]}))
+    assert target.variants == ("gelu-erf",)
+    with pytest.raises(pytest.UsageError, match="unknown contract variant 'nope'"):
+        conformance_targets(Config(**{"--impl": [block], "--variant": ["nope"]}))
