@@ -67,10 +67,17 @@ def layernorm_pre_sublayer(case):
            ("transformer-block",), "params")
 def feedforward_gelu_tanh(case):
     parts = case.projections()
-    (w1, _), (w2, _) = parts["ff"]
+    (w1, b1), (w2, _) = parts["ff"]
     emb = case.cfg.d_in
     if tuple(w1.shape) != (4 * emb, emb) or tuple(w2.shape) != (emb, 4 * emb):
         raise Violation(f"feed-forward weights {tuple(w1.shape)}, {tuple(w2.shape)}; expected ({4 * emb}, {emb}), ({emb}, {4 * emb})")
+    # Pre-activations of std ~2, where the GELUs differ (tanh vs erf: up to 5e-4 of 1); at GPT-2's
+    # initialization (std 0.02) they are ~0.1 and differ by ~1e-11, below float32 resolution.
+    generator = torch.Generator().manual_seed(case.cfg.seed)
+    with torch.no_grad():
+        for p, std in ((w1, 2 / emb**0.5), (b1, 1.0)):
+            if p is not None:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).mul(std).to(p))
     with _hooked(case) as seen:
         case.forward(case.input())
     h, ff_out = seen["ff"]
