@@ -15,6 +15,7 @@ import torch
 
 from attnspec.errors import InternalError, NotApplicable, Unsupported, Violation
 from attnspec.probe import AttentionProbe
+from attnspec.variants import contract
 
 CALL_TIME_LIMIT_S = 10.0  # one constructor or forward call; overridable with --time-limit
 
@@ -46,6 +47,8 @@ class Case:
 
     def __init__(self, target, cfg, time_limit=None, stdout_sink=None):
         self.target, self.cfg, self.kind = target, cfg, target.kind
+        self.variants = getattr(target, "variants", ())  # contract variants checked (spec.variants)
+        self.contract = contract(self.variants)
         self.time_limit = CALL_TIME_LIMIT_S if time_limit is None else time_limit
         self.stdout_sink = stdout_sink  # list collecting what modules printed
 

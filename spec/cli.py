@@ -20,6 +20,7 @@ from attnspec.invariants import CATALOGUE, OBSERVES
 from attnspec.kinds import DTYPES, KINDS, Config
 from attnspec.runner import EXIT, Options, check_target, exit_status
 from attnspec.targets import BUNDLED, resolve
+from attnspec.variants import VARIANTS, check_names
 
 GPT2_SIZES = {"d_in": 768, "d_out": 768, "num_heads": 12, "context_length": 1024}
 
@@ -33,10 +34,12 @@ def _parser():
     lst = sub.add_parser("list", help="print the catalogue of invariants")
     lst.add_argument("--markdown", action="store_true", help="print SPEC.md")
     lst.add_argument("--kinds", action="store_true", help="print the kinds and their constructor signatures")
+    lst.add_argument("--variants", action="store_true", help="print the contract variants (--variant NAME)")
     chk = sub.add_parser("check", help="check targets against the spec (no targets: the bundled impl modules)",
                          epilog="exit status: " + "; ".join(f"{code} {EXIT[code]}" for code in sorted(EXIT)))
     chk.add_argument("targets", nargs="*", metavar="KIND=TARGET",
-                     help=f"KIND one of {', '.join(KINDS)}; TARGET package.module:Attr or path/to/file.py:Attr")
+                     help=f"KIND one of {', '.join(KINDS)}; TARGET package.module:Attr or path/to/file.py:Attr "
+                          f"(KIND= may be left out for an adapter that declares its kind)")
     chk.add_argument("--profile", choices=profiles.CHOICES, default=None,
                      help="attnspec's Hypothesis profile (ci = attnspec-ci, ...; default: $ATTNSPEC_PROFILE, "
                           "else ci when $CI is set, else dev)")
@@ -44,6 +47,8 @@ def _parser():
     chk.add_argument("--seed", type=int, help="Hypothesis seed (turns off derandomization)")
     chk.add_argument("--only", action="append", default=[], metavar="ID", help="check only these invariant ids")
     chk.add_argument("--skip", action="append", default=[], metavar="ID", help="skip these invariant ids")
+    chk.add_argument("--variant", action="append", default=[], metavar="NAME",
+                     help=f"check against a contract variant (repeatable): {', '.join(VARIANTS)}")
     chk.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtypes to draw (default float32, float64)")
     chk.add_argument("--device", default="cpu", help="torch device for modules and inputs (e.g. cuda)")
     chk.add_argument("--size", choices=("small", "gpt2"), default="small",
@@ -97,6 +102,9 @@ def _parse_example(text, targets, device):
 def cmd_list(args):
     if args.markdown:
         print(report.catalogue_markdown(CATALOGUE, OBSERVES), end="")
+    elif args.variants:
+        for v in VARIANTS.values():
+            print(f"{v.name:<18} {v.summary}\n{'':<18} changes: {', '.join(v.invariants)}")
     elif args.kinds:
         for kind in KINDS.values():
             print(f"{kind.name:<18} {kind.signature}\n{'':<18} {kind.summary}")
@@ -131,7 +139,8 @@ def cmd_check(args):
             raise UsageError(f"{flag} {path!r}: directory {os.path.dirname(os.path.abspath(path))!r} does not exist")
     if args.size == "small" and options.device == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronization (~8 ms per op when contended)
-    targets = [resolve(t) for t in (args.targets or BUNDLED)]
+    variants = check_names(_split_ids(args.variant))
+    targets = [resolve(t, variants) for t in (args.targets or BUNDLED)]
     options.check_selection([t.kind for t in targets])
     example = _parse_example(args.example, targets, args.device) if args.example else None
     err = sys.stderr

@@ -85,18 +85,26 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def transformer_block(x, parts, num_heads):
+def gelu_erf(x):
+    """The exact GELU: x Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))."""
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+GELU = {"tanh": gelu_tanh, "erf": gelu_erf}  # by spec.variants.Contract.gelu
+
+
+def transformer_block(x, parts, num_heads, gelu="tanh"):
     """x + att(LN1(x)), then + W2 gelu(W1 LN2(.) + b1) + b2 (eval: dropout is the identity)."""
     x = x + attention(layer_norm(x, parts["norm1"]), parts["att"], causal=True, num_heads=num_heads)[0]
-    hidden = gelu_tanh(linear(layer_norm(x, parts["norm2"]), parts["ff"][0]))
+    hidden = GELU[gelu](linear(layer_norm(x, parts["norm2"]), parts["ff"][0]))
     return x + linear(hidden, parts["ff"][1])
 
 
-def reference(kind, cfg, parts, x, dtype=torch.float64):
+def reference(kind, cfg, parts, x, dtype=torch.float64, gelu="tanh"):
     """The eval-mode output a module of ``kind`` with projections ``parts`` must produce on x."""
     parts, x = cast(parts, dtype), x.detach().to(dtype)
     if kind.name == "transformer-block":
-        return transformer_block(x, parts, cfg.num_heads)
+        return transformer_block(x, parts, cfg.num_heads, gelu)
     if kind.name == "mha-wrapper":
         return torch.cat([attention(x, head, causal=True)[0] for head in parts], dim=-1)
     return attention(x, parts, causal=kind.causal, num_heads=cfg.num_heads if kind.name == "mha" else 1)[0]

@@ -36,6 +36,8 @@ def pytest_addoption(parser):
                     help="accepted n/a's (lines `TARGET-glob INVARIANT-glob  # reason`, or .toml/.json)")
     group.addoption("--attnspec-profile", metavar="NAME", default=None,
                     help="attnspec's Hypothesis profile for its items: dev, ci, thorough (attnspec-*)")
+    group.addoption("--attnspec-variant", action="append", default=[], metavar="NAME", dest="attnspec_variants",
+                    help="check the targets against this contract variant (repeatable; `attnspec list --variants`)")
     parser.addini("attnspec_targets", type="linelist", default=[], help="KIND=TARGET to check, one per line")
     parser.addini("attnspec_expectations", type="string", default="",
                   help="expectations file (accepted n/a's), relative to the rootdir")
@@ -143,7 +145,7 @@ def pytest_collection_modifyitems(session, config, items):
     from attnspec.targets import resolve
 
     try:
-        targets = [resolve(text) for text in texts]
+        targets = [resolve(text, tuple(config.getoption("attnspec_variants"))) for text in texts]
     except UsageError as e:
         raise pytest.UsageError(f"attnspec ({source}): {e}") from None
     accepted = _expectations(config)

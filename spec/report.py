@@ -16,6 +16,7 @@ import torch
 
 from attnspec.invariants import BY_ID, CATALOGUE
 from attnspec.runner import EXIT, exit_status, result_status
+from attnspec.variants import VARIANTS
 
 LEGEND = "pass = checked and holds; N/A = not checked and not accepted; n/a = not checked, accepted; · = does not apply to the kind"
 
@@ -133,8 +134,14 @@ def verdict(reports):
 def header(profile, options, targets):
     lines = [f"attnspec: profile={profile} dtypes={','.join(options.dtypes)} device={options.device} "
              f"torch={torch.__version__} python={platform.python_version()}"]
-    lines += [f"  {t.kind.name:<18} {visible(t.name)}  ({type(t.adapter).__name__})" for t in targets]
+    lines += [f"  {t.kind.name:<18} {visible(t.name)}  ({type(t.adapter).__name__}){visible(_variants_text(t))}"
+              for t in targets]
     return "\n".join(lines)
+
+
+def _variants_text(target):
+    """' variants: a, b' for a target checked against contract variants, else ''."""
+    return f" variants: {', '.join(target.variants)}" if getattr(target, "variants", ()) else ""
 
 
 def matrix(reports):
@@ -148,6 +155,7 @@ def matrix(reports):
     lines.append(f"({LEGEND})")
     for col, rep in zip(cols, reports):
         lines.append(f"{col} {visible(rep.target.spec)}: {VERDICT[rep.status]} ({summary(rep)})"
+                     + visible(_variants_text(rep.target))
                      + (f"; projections: {visible(rep.layout)}" if rep.layout else ""))
     return "\n".join(lines)
 
@@ -223,6 +231,7 @@ def to_json(reports, profile, options):
                 "exit_status": rep.status,
                 "counts": counts(rep),
                 "layout": rep.layout,
+                "variants": list(getattr(rep.target, "variants", ())),
                 "stdout_chars": rep.printed,
                 "results": [
                     {"invariant": r.invariant, "status": r.status, "statement": BY_ID[r.invariant].statement,
@@ -264,6 +273,8 @@ def to_markdown(reports, profile):
     for inv_id in _ids(reports):
         lines.append(f"| {md_code(inv_id)} | " + " | ".join(_cell(rep, inv_id, ICON) for rep in reports) + " |")
     lines += ["", md_text(LEGEND)]
+    lines += [f"\n{md_code(rep.target.spec)} checked against contract variants: {md_text(', '.join(rep.target.variants))}"
+              for rep in reports if getattr(rep.target, "variants", ())]
     not_applicable = [(rep, r) for rep in reports for r in rep.results if r.status == "not-applicable"]
     if not_applicable:
         lines += ["", "### Not applicable", ""]
@@ -344,4 +355,10 @@ def catalogue_markdown(catalogue, observes):
             section = inv.section
             lines += ["", f"## {section}", "", "| id | statement | kinds | observes |", "|---|---|---|---|"]
         lines.append(f"| {md_code(inv.id)} | {md_text(inv.statement)} | {md_text(', '.join(inv.kinds))} | {md_text(inv.observes)} |")
+    lines += ["", "## Contract variants", "",
+              "The seed's contract is the default. `attnspec check --variant NAME` (or an adapter's `variants`) "
+              "checks a module against a named variation instead; the report says which.", "",
+              "| variant | what it changes | invariants |", "|---|---|---|"]
+    lines += [f"| {md_code(v.name)} | {md_text(v.summary)} | {', '.join(md_code(i) for i in v.invariants)} |"
+              for v in VARIANTS.values()]
     return "\n".join(lines) + "\n"

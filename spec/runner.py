@@ -108,7 +108,8 @@ def strategy_for(inv, target, options):
 
 
 def repro_command(inv, target, cfg):
-    return f"attnspec check {shlex.quote(target.spec)} --only {inv.id} --example {shlex.quote(cfg.to_json())}"
+    variants = "".join(f" --variant {v}" for v in getattr(target, "variants", ()))
+    return f"attnspec check {shlex.quote(target.spec)}{variants} --only {inv.id} --example {shlex.quote(cfg.to_json())}"
 
 
 # Rejected examples, none checked, before an invariant is called n/a: a declined configuration costs

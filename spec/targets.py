@@ -1,23 +1,29 @@
-"""Targets: resolve ``KIND=TARGET`` into something that builds modules, and adapters.
+"""Targets: resolve ``[KIND=]TARGET`` into something that builds modules, and adapters.
 
 TARGET is ``package.module:Attr`` or ``path/to/file.py:Attr``. Attr is a class or factory with the
 kind's constructor signature, or an ``Adapter`` (a subclass, an instance, or any object with a
 ``build(cfg)`` method) for modules whose constructor or parameter layout differs from the seed's.
+An adapter that declares its ``kind`` may be given without ``KIND=``; ready-made adapters for torch
+and Hugging Face modules are in ``attnspec.adapters``.
 """
 
 import contextlib
 import importlib
 import importlib.util
 import inspect
+import io
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
+from attnspec.case import CALL_TIME_LIMIT_S, _time_limit, _Timeout
 from attnspec.errors import Unsupported, UsageError, internal_error
-from attnspec.kinds import KINDS, Kind
+from attnspec.kinds import KINDS, Config, Kind
+from attnspec.variants import check_names
 
 
 class Adapter:
@@ -28,7 +34,8 @@ class Adapter:
     query/key/value/output projections live, so parameter-level invariants apply; returning None
     makes them not applicable."""
 
-    kind = None  # optional: the kind this adapter is written for
+    kind = None  # the kind this adapter is written for: then the target may be given without KIND=
+    variants = ()  # contract variants the module is checked against (names in spec.variants.VARIANTS)
 
     def build(self, cfg):
         raise NotImplementedError
@@ -231,12 +238,65 @@ class ConstructorAdapter(Adapter):
         example is one the module supports."""
         return cfg if self.accepts_qkv_bias or not cfg.qkv_bias else cfg.replace(qkv_bias=False)
 
-    def build(self, cfg):
+    def _arguments(self, cfg):
         args, kwargs = self._kind.constructor_args(cfg)
         if "qkv_bias" in kwargs and not self.accepts_qkv_bias:
             if kwargs.pop("qkv_bias"):
                 raise Unsupported("the constructor has no qkv_bias parameter")
+        return args, kwargs
+
+    def build(self, cfg):
+        args, kwargs = self._arguments(cfg)
         return self.factory(*args, **kwargs)
+
+    def diagnose(self, spec, name):
+        """UsageError if the constructor cannot take the kind's arguments: they do not bind to its
+        signature, or it raises TypeError/KeyError/AttributeError (another signature, other config keys
+        or a config object) for every trial configuration. Any other outcome is the check's to judge."""
+        try:
+            signature = inspect.signature(self.factory)
+        except (TypeError, ValueError):
+            signature = None
+        configs = [c for c in _trial_configs(self._kind) if self._kind.invalid_reason(c) is None]
+
+        def error(why):
+            target = f"{name}{signature}" if signature is not None else f"{name}(...)"
+            expected = self._kind.signature if self._kind.signature.startswith("(") else f"({self._kind.signature})"
+            return UsageError(f"{spec}: the constructor cannot be called with the {self._kind.name} kind's arguments: "
+                              f"expected {name}{expected}, the target is {target} ({why}); check it through an "
+                              f"adapter (README.md, Adapters; ready-made ones in attnspec.adapters)")
+
+        if signature is not None:
+            try:
+                args, kwargs = self._arguments(configs[0])
+                signature.bind(*args, **kwargs)
+            except TypeError as e:
+                raise error(f"the arguments do not bind: {e}") from None
+        failures = []
+        with torch.random.fork_rng(devices=[]):
+            for cfg in configs:
+                try:
+                    with _time_limit(CALL_TIME_LIMIT_S), contextlib.redirect_stdout(io.StringIO()):
+                        self.build(cfg)
+                except Unsupported:
+                    continue
+                except (TypeError, KeyError, AttributeError) as e:
+                    failures.append(e)
+                    continue
+                except (Exception, SystemExit, _Timeout):
+                    return  # another failure: the module's, reported by the check
+                return  # built
+        if failures:
+            e = failures[0]
+            raise error(f"it raised {type(e).__name__}: {e} for each of {len(failures)} configurations tried")
+
+
+def _trial_configs(kind):
+    """A few small configurations varied in what constructors branch on (bias, dropout, heads)."""
+    batch = 2 if kind.batched else 1
+    base = Config(d_in=4, d_out=4, num_heads=1, context_length=4, num_tokens=4, batch=batch, dropout=0.0,
+                  qkv_bias=False, dtype="float32", scale=1.0, seed=0)
+    return [base, base.replace(qkv_bias=True, dropout=0.1), base.replace(num_heads=2)]
 
 
 @dataclass
@@ -246,6 +306,7 @@ class Target:
     kind: Kind
     name: str
     adapter: Adapter
+    variants: tuple = ()  # contract variants checked (spec.variants): the adapter's and --variant's
 
     @property
     def spec(self):
@@ -276,6 +337,8 @@ def _import(module_part):
             return importlib.import_module(module_part)
     except ModuleNotFoundError as e:
         raise UsageError(f"cannot import module {module_part!r}: {e}") from None
+    except UsageError as e:  # e.g. an adapter module whose optional dependency is missing
+        raise UsageError(f"importing {module_part!r}: {e}") from None
     except BaseException as e:
         raise UsageError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from None
 
@@ -286,17 +349,29 @@ def _is_adapter(obj):
     return isinstance(obj, Adapter) or (not isinstance(obj, nn.Module) and callable(getattr(obj, "build", None)))
 
 
-def resolve(text):
-    """``KIND=TARGET`` -> Target, or UsageError with a one-line message saying what is wrong."""
-    kind_name, sep, ref = text.partition("=")
-    if not sep or not kind_name or not ref:
-        raise UsageError(f"malformed target {text!r}: expected KIND=module:Attr or KIND=path/to/file.py:Attr")
-    kind = KINDS.get(kind_name)
+def _kind(name, text):
+    kind = KINDS.get(name)
     if kind is None:
-        raise UsageError(f"unknown kind {kind_name!r} in {text!r}: expected one of {', '.join(KINDS)}")
+        raise UsageError(f"unknown kind {name!r} in {text!r}: expected one of {', '.join(KINDS)}")
+    return kind
+
+
+def resolve(text, variants=()):
+    """``[KIND=]TARGET`` -> Target, or UsageError with a one-line message saying what is wrong.
+
+    ``=`` cannot appear in a module path, so text with one starts with ``KIND=``. Without it the
+    target must be an adapter that declares its ``kind``. ``variants``: contract variants checked
+    besides the adapter's declared ones (spec.variants)."""
+    kind_name, sep, ref = text.partition("=")
+    if not sep:
+        kind_name, ref = None, text
+    elif not kind_name or not ref:
+        raise UsageError(f"malformed target {text!r}: expected KIND=module:Attr or KIND=path/to/file.py:Attr")
+    kind = _kind(kind_name, text) if kind_name else None
     module_part, sep, attr = ref.rpartition(":")
     if not sep or not module_part or not attr:
-        raise UsageError(f"malformed target {ref!r}: expected module:Attr or path/to/file.py:Attr")
+        raise UsageError(f"malformed target {ref!r}: expected KIND=module:Attr or KIND=path/to/file.py:Attr "
+                         f"(KIND= may be left out for an adapter that declares its kind)")
     module = _import(module_part)
     obj = module
     for part in attr.split("."):
@@ -307,19 +382,32 @@ def resolve(text):
     if _is_adapter(obj):
         try:
             adapter = obj() if isinstance(obj, type) else obj
+        except UsageError:
+            raise
         except Exception as e:
             raise UsageError(f"adapter {attr!r} cannot be instantiated without arguments: {type(e).__name__}: {e}") from None
         declared = getattr(adapter, "kind", None)
+        if kind is None and not declared:
+            raise UsageError(f"target {ref!r} has no KIND= and adapter {attr!r} declares no kind: write KIND={ref} "
+                             f"(KIND one of {', '.join(KINDS)}) or give the adapter a `kind` attribute")
+        kind = kind or _kind(declared, f"{attr}.kind")
         if declared and declared != kind.name:
             raise UsageError(f"adapter {attr!r} is written for kind {declared!r}, not {kind.name!r}")
         for hook in ("adjust", "projections", "heads", "sublayers"):  # duck-typed adapters get the defaults
             if not callable(getattr(adapter, hook, None)):
                 setattr(adapter, hook, getattr(Adapter(), hook))
     elif callable(obj):
+        if kind is None:
+            raise UsageError(f"target {ref!r} has no KIND=: a class or factory needs one, e.g. mha={ref} "
+                             f"(KIND one of {', '.join(KINDS)}); an adapter can declare its kind instead")
         adapter = ConstructorAdapter(obj, kind)
+        adapter.diagnose(f"{kind.name}={ref}", attr)
     else:
         raise UsageError(f"{ref!r} is not a class, factory or adapter: it is {type(obj).__name__} {obj!r:.40}")
-    return Target(kind, ref, adapter)
+    declared_variants = getattr(adapter, "variants", ())
+    if isinstance(declared_variants, str):
+        declared_variants = (declared_variants,)
+    return Target(kind, ref, adapter, variants=check_names((*declared_variants, *variants)))
 
 
 BUNDLED = [

@@ -66,12 +66,24 @@ def test_items_leave_the_users_run_as_it_was(tmp_path):
 
 
 def test_unaccepted_n_a_fails_the_item_and_an_expectation_skips_it(tmp_path):
-    target = "mha=attnspec_examples:SDPAAttention"
-    (tmp_path / "attnspec_examples.py").write_text(
-        (__import__("pathlib").Path(__file__).parents[1] / "examples" / "adapters.py").read_text())
-    args = ("--attnspec", target, "--attnspec-profile", "ci", "-k", "weights-future-zero")
+    target = "mha=attnspec_vacuous:HiddenProjections"  # projections under names no layout knows
+    (tmp_path / "attnspec_vacuous.py").write_text(
+        (__import__("pathlib").Path(__file__).parent / "gate_targets" / "vacuous.py").read_text())
+    args = ("--attnspec", target, "--attnspec-profile", "ci", "-k", "oracle-float64")
     failed = _pytest(tmp_path, *args)
-    assert failed.returncode == 1 and "NOT CHECKED weights-future-zero" in failed.stdout, failed.stdout
-    (tmp_path / "expect.txt").write_text(f"{target} weights-*  # fused\n")
+    assert failed.returncode == 1 and "NOT CHECKED oracle-float64" in failed.stdout, failed.stdout
+    (tmp_path / "expect.txt").write_text(f"{target} oracle-*  # projections hidden\n")
     skipped = _pytest(tmp_path, *args, "--attnspec-expectations", "expect.txt", "-rs")
-    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout and "accepted: fused" in skipped.stdout, skipped.stdout
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout and "accepted: projections hidden" in skipped.stdout, \
+        skipped.stdout
+
+
+def test_variant_option(tmp_path):
+    """`pytest --attnspec ... --attnspec-variant NAME` checks against the variant; an unknown name is a
+    usage error before any test runs."""
+    block = "transformer-block=attnspec.impl:TransformerBlock"
+    args = ("--attnspec", block, "--attnspec-profile", "ci", "-k", "feedforward-gelu-tanh")
+    erf = _pytest(tmp_path, *args, "--attnspec-variant", "gelu-erf")
+    assert erf.returncode == 1 and "gelu-erf" in erf.stdout, erf.stdout  # the tanh block breaks the erf variant
+    unknown = _pytest(tmp_path, *args, "--attnspec-variant", "nope")
+    assert unknown.returncode == 4 and "unknown contract variant 'nope'" in unknown.stderr, unknown.stderr

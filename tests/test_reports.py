@@ -62,7 +62,12 @@ def test_junit_and_json_stay_well_formed():
     assert data["exit_status"] == 1 and data["targets"][0]["results"][1]["reason"] == HOSTILE
 
 
-def test_spec_md_rows_have_four_columns():
+def test_spec_md_rows_have_as_many_cells_as_their_header():
+    columns = None
     for line in report.catalogue_markdown(CATALOGUE, OBSERVES).splitlines():
-        if line.startswith("| <code>"):
-            assert line.count("|") == 5, line
+        if not line.startswith("|"):
+            columns = None
+        elif columns is None:
+            columns = line.count("|")  # the table's header row
+        else:
+            assert line.count("|") == columns, line

@@ -29,13 +29,15 @@ def oracle_float64(case):
     parts, x = case.projections(), case.input()
     if case.kind.name == "mha" and "out" not in parts:
         raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
-    expected = oracle.reference(case.kind, case.cfg, parts, x)
-    measured = (oracle.reference(case.kind, case.cfg, parts, x, dtype=x.dtype) - expected).abs().max()
+    gelu = case.contract.gelu
+    expected = oracle.reference(case.kind, case.cfg, parts, x, gelu=gelu)
+    measured = (oracle.reference(case.kind, case.cfg, parts, x, dtype=x.dtype, gelu=gelu) - expected).abs().max()
     assert_close(case.forward(x), expected, dtype=x.dtype, measured=measured,
                  magnitude=max(expected.abs().max().item(), 1e-30), what="output vs float64 oracle")
 
 
-@invariant("qkv-bias", "qkv_bias=True gives the query/key/value projections a bias, False none; out_proj always has one",
+@invariant("qkv-bias", "qkv_bias=True gives the query/key/value projections a bias, False none; out_proj always has one "
+           "(variant out-proj-no-bias: iff qkv_bias)",
            ALL_KINDS, "params")
 def qkv_bias(case):
     parts = case.projections()
@@ -44,8 +46,13 @@ def qkv_bias(case):
             raise Violation(f"qkv_bias={case.cfg.qkv_bias} but the {label} projection "
                             f"{'has a bias' if bias is not None else 'has no bias'}")
     out = (parts["att"] if case.kind.name == "transformer-block" else parts).get("out") if isinstance(parts, dict) else None
-    if out is not None and out[1] is None:
-        raise Violation("the output projection has no bias (the seed's out_proj is nn.Linear(d_out, d_out), with bias)")
+    wanted = case.contract.out_proj_has_bias(case.cfg)
+    if out is not None and (out[1] is not None) != wanted:
+        rule = ("variant out-proj-no-bias: one bias flag, a bias iff qkv_bias" if case.contract.out_proj_bias == "qkv_bias"
+                else "the seed's out_proj is nn.Linear(d_out, d_out), with bias; one bias flag for every "
+                     "projection is --variant out-proj-no-bias")
+        raise Violation(f"qkv_bias={case.cfg.qkv_bias} but the output projection "
+                        f"{'has no bias' if wanted else 'has a bias'} ({rule})")
 
 
 @invariant("weight-transfer",

@@ -1,0 +1,156 @@
+"""Adapters for Hugging Face transformers' GPT-2 attention and block, eager and sdpa, built from a small
+``GPT2Config`` with random initialization (nothing is downloaded):
+
+    attnspec check attnspec.adapters.transformers:GPT2Attention attnspec.adapters.transformers:GPT2AttentionSDPA \
+                   attnspec.adapters.transformers:GPT2Block attnspec.adapters.transformers:GPT2BlockSDPA
+
+Needs transformers (``pip install -c constraints.txt 'attnspec[transformers]'``, which keeps the
+installed torch). The configuration is mapped onto the seed's: n_embd = d_out (= d_in), n_head =
+num_heads, n_positions = context_length, activation gelu_new (the tanh GELU), layer_norm_epsilon =
+1e-5, scale_attn_weights (1/sqrt(head_dim)), one layer (layer_idx 0). Dropout: attn_pdrop = p on the
+attention weights in both; resid_pdrop = 0 for ``mha`` (the seed's MultiHeadAttention has no dropout
+after out_proj) and p for the block (the seed's drop_shortcut on both residual branches; GPT-2 applies
+it inside attn and mlp, on the branch before the addition, which is the same thing).
+
+GPT-2's Conv1D stores weights as (in, out) and always has a bias: ``projections`` gives nn.Linear
+(out, in) views of c_attn's q, k, v thirds (in that order), c_proj, c_fc; ``adjust`` draws d_in =
+d_out and qkv_bias = True. The attention returns ``(output, weights)``: the ``mha`` module returns
+the output only; in the block, the attention sub-layer is a ``SubLayer`` that reads the first element.
+The causal mask is the one GPT2Model passes: an additive (1, 1, T, T) mask, finfo.min above the
+diagonal, for eager; None for sdpa, which then calls SDPA with is_causal=True.
+"""
+
+import torch
+import torch.nn as nn
+
+from attnspec.adapters.base import SubLayer, causal_mask
+from attnspec.errors import UsageError
+from attnspec.targets import Adapter
+
+try:
+    from transformers import GPT2Config
+    from transformers.models.gpt2 import modeling_gpt2
+except ImportError as e:
+    raise UsageError(f"attnspec.adapters.transformers needs Hugging Face transformers ({e}): "
+                     f"pip install -c constraints.txt 'attnspec[transformers]' (the constraints file pins torch, "
+                     f"so pip keeps the installed wheel)") from None
+
+
+def gpt2_config(cfg, attn_implementation, resid_pdrop, activation_function="gelu_new"):
+    """A one-layer GPT2Config with the seed's hyper-parameters (see the module docstring)."""
+    config = GPT2Config(vocab_size=8, bos_token_id=0, eos_token_id=0, n_positions=cfg.context_length,
+                        n_embd=cfg.d_out, n_layer=1, n_head=cfg.num_heads, activation_function=activation_function,
+                        attn_pdrop=cfg.dropout, resid_pdrop=resid_pdrop, embd_pdrop=resid_pdrop, layer_norm_epsilon=1e-5,
+                        scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def attention_mask(x, config):
+    """What GPT2Model passes for an unpadded batch: None for sdpa (is_causal), else the additive
+    (1, 1, T, T) mask with finfo(dtype).min on the future."""
+    if config._attn_implementation != "eager":
+        return None
+    t = x.shape[-2]
+    mask = torch.zeros(t, t, dtype=x.dtype, device=x.device)
+    return mask.masked_fill(causal_mask(t).to(x.device), torch.finfo(x.dtype).min)[None, None]
+
+
+def conv1d(conv, parts=1, i=0):
+    """Conv1D (weight (in, out)) as nn.Linear's (weight (out, in), bias): the i-th of ``parts`` equal column blocks."""
+    size = conv.weight.shape[1] // parts
+    columns = slice(i * size, (i + 1) * size)
+    return conv.weight.detach()[:, columns].T, conv.bias.detach()[columns]
+
+
+def attention_projections(attn):
+    """c_attn's output splits into q, k, v (``split(split_size, dim=2)``, in that order), then c_proj."""
+    parts = {name: conv1d(attn.c_attn, 3, i) for i, name in enumerate(("query", "key", "value"))}
+    parts["out"] = conv1d(attn.c_proj)
+    return parts
+
+
+class CausalGPT2Attention(nn.Module):
+    """forward(x) = attn(x, attention_mask=GPT2Model's causal mask)[0]: the attention output only."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        return self.attn(x, attention_mask=attention_mask(x, self.attn.config))[0]
+
+
+class CausalGPT2Block(nn.Module):
+    """forward(x) = block(x, attention_mask=GPT2Model's causal mask)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        out = self.block(x, attention_mask=attention_mask(x, self.block.attn.config))
+        return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
+
+
+class GPT2Attention(Adapter):
+    """``transformers``' GPT2Attention (eager), checked as kind ``mha``. ``attention_class``: the class
+    built (a subclass of GPT2Attention, e.g. your own)."""
+
+    kind = "mha"
+    attn_implementation = "eager"
+    attention_class = modeling_gpt2.GPT2Attention
+
+    def adjust(self, cfg):
+        return cfg.replace(d_in=cfg.d_out, qkv_bias=True)
+
+    def build(self, cfg):
+        config = gpt2_config(cfg, self.attn_implementation, resid_pdrop=0.0)
+        return CausalGPT2Attention(self.attention_class(config, layer_idx=0))
+
+    def projections(self, module):
+        return attention_projections(module.attn)
+
+
+class GPT2AttentionSDPA(GPT2Attention):
+    """GPT2Attention with ``attn_implementation="sdpa"`` (F.scaled_dot_product_attention)."""
+
+    attn_implementation = "sdpa"
+
+
+class GPT2Block(Adapter):
+    """``transformers``' GPT2Block (eager attention), checked as kind ``transformer-block``.
+    ``block_class``: the class built; ``attention_class``, if set, replaces the block's attention;
+    ``activation_function``: GPT2Config's (``"gelu"``, the erf GELU, is the ``gelu-erf`` variant)."""
+
+    kind = "transformer-block"
+    attn_implementation = "eager"
+    activation_function = "gelu_new"
+    block_class = modeling_gpt2.GPT2Block
+    attention_class = None
+
+    def adjust(self, cfg):
+        return cfg.replace(qkv_bias=True)
+
+    def build(self, cfg):
+        config = gpt2_config(cfg, self.attn_implementation, resid_pdrop=cfg.dropout,
+                             activation_function=self.activation_function)
+        block = self.block_class(config, layer_idx=0)
+        if self.attention_class is not None:
+            block.attn = self.attention_class(config, layer_idx=0)
+        return CausalGPT2Block(block)
+
+    def projections(self, module):
+        block = module.block
+        return {"att": attention_projections(block.attn),
+                "norm1": (block.ln_1.weight, block.ln_1.bias), "norm2": (block.ln_2.weight, block.ln_2.bias),
+                "ff": [conv1d(block.mlp.c_fc), conv1d(block.mlp.c_proj)]}
+
+    def sublayers(self, module):
+        return SubLayer(module.block.attn), module.block.mlp
+
+
+class GPT2BlockSDPA(GPT2Block):
+    """GPT2Block with ``attn_implementation="sdpa"``."""
+
+    attn_implementation = "sdpa"
