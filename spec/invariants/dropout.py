@@ -138,6 +138,8 @@ def dropout_masks_independent(case):
     that chance is below FALSE_ALARM / 2: together at most FALSE_ALARM per example. The input is repeated
     along the batch (replicas are independent draws) so that a shared mask is found even at 1 token."""
     p, x = case.cfg.dropout, case.input()
+    if p == 0:
+        raise NotApplicable("needs dropout > 0")
     T, heads = x.shape[-2], case.kind.attention_heads(case.cfg)
     replicas = _replicas_for_masks(p, x.shape[0] * T * (T + 1) // 2, heads)
     x = x.repeat(replicas, 1, 1)

@@ -110,6 +110,8 @@ def train_differs_from_eval(case):
     batch replicas of the input. A module that ignores its dropout (litgpt; dropout_p=0 passed to
     scaled_dot_product_attention in train mode) fails."""
     p = case.cfg.dropout
+    if p == 0:
+        raise NotApplicable("needs dropout > 0")
     x, rows = _replicated(case, _rows_needed(1 - p))
     if (1 - p) ** rows > FALSE_ALARM:
         raise NotApplicable(f"dropout={p} is too small to test with {MAX_REPLICAS} replicas")
@@ -131,6 +133,8 @@ def train_masks_vary(case):
     n rows, with (p^2 + (1-p)^2)^n <= FALSE_ALARM (batch replicas). Dropping a row's max weight (>= 1/T)
     changes the row by far more than rounding. A generator reseeded to a fixed seed in forward fails."""
     p = case.cfg.dropout
+    if p == 0:
+        raise NotApplicable("needs dropout > 0")
     agree = p * p + (1 - p) ** 2
     x, rows = _replicated(case, _rows_needed(agree))
     if agree ** rows > FALSE_ALARM:
