@@ -702,6 +702,31 @@ class FusedQKVDetachedValues(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(b, t, self.d_out))
 
 
+class _AttentionForgetsScaleInBackward(torch.autograd.Function):
+    """A hand-written attention (flash-style) whose backward forgets the 1/sqrt(d) in dQ and dK."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, future):
+        w = torch.softmax((q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(future, -torch.inf), dim=-1)
+        ctx.save_for_backward(q, k, v, w)
+        return w @ v
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, w = ctx.saved_tensors
+        dw = g @ v.transpose(-2, -1)
+        ds = w * (dw - (dw * w).sum(-1, keepdim=True))  # d scores; the 1/sqrt(d) is missing below
+        return ds @ k, ds.transpose(-2, -1) @ q, w.transpose(-2, -1) @ g, None
+
+
+class HandWrittenBackwardNoScale(MHASteps):
+    def forward(self, x):
+        b, T = x.shape[0], x.shape[-2]
+        q, k, v = (self.split(t, b, T) for t in self.project(x))
+        ctx = _AttentionForgetsScaleInBackward.apply(q, k, v, self.mask.bool()[:T, :T])
+        return self.out(self.merge(ctx, b, T))  # (no dropout: a bug of its own, not this one)
+
+
 # --- call history: right on the first call, wrong on a later one ----------------------------------
 
 
@@ -758,6 +783,17 @@ class SDPANoDropout(MultiHeadAttention):
                    for p in (self.W_query, self.W_key, self.W_value))
         ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.0)  # p dropped in train mode too
         return self.out_proj(ctx.transpose(1, 2).reshape(b, T, self.d_out))
+
+
+class GenerationCacheKeptInTrain(CausalSteps):
+    def project(self, x):
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        cache = self.__dict__.get("_generation_kv")
+        if not self.training:
+            self._generation_kv = (k.detach(), v.detach())  # a generation cache, filled in eval mode
+        elif cache is not None and cache[0].shape == k.shape:
+            k, v = cache  # never cleared on .train(): training sees the last eval input's keys and values
+        return q, k, v
 
 
 # --- dropout masks shared --------------------------------------------------------------------------
@@ -1048,4 +1084,8 @@ CORPUS = [
          "one dropout mask per batch element, shared by all heads"),
     _bug(MHA, DropoutMaskSharedAcrossBatchMHA, "dropout", ["dropout-masks-independent"],
          "one dropout mask per head, shared by all batch elements"),
+    _bug(MHA, HandWrittenBackwardNoScale, "gradients", ["gradient-oracle", "gradient-finite-differences"],
+         "a hand-written attention autograd.Function whose backward forgets 1/sqrt(head_dim) in dQ, dK"),
+    _bug(CA, GenerationCacheKeptInTrain, "history", ["history-independent"],
+         "K/V cached in eval mode (generation) and reused in train mode for inputs of that shape"),
 ]
