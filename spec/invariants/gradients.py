@@ -1,6 +1,7 @@
 """Gradients: training works. Backward is checked in train mode at dropout 0 (the path training takes,
-deterministic; eval mode if an --example gives p > 0), always as a vector-Jacobian product with a random output cotangent c (never ``.sum()``,
-whose all-ones cotangent hides errors that cancel across the output), one backward pass per example.
+deterministic; eval mode if an --example gives p > 0), always as a vector-Jacobian product with a random
+output cotangent c (never ``.sum()``, whose all-ones cotangent hides errors that cancel across the
+output), one backward pass per example.
 
 A parameter is *frozen mask* (exempt from the checks here) when it does not require grad and holds only
 0s and 1s: a causal mask kept as ``nn.Parameter(..., requires_grad=False)`` is a buffer in all but name.
@@ -71,11 +72,10 @@ def _labelled(parts, prefix=""):
     if isinstance(parts, dict):
         return [lt for k, v in parts.items() for lt in _labelled(v, f"{prefix} {k}")]
     if isinstance(parts, tuple) and len(parts) == 2:  # (weight, bias) or (scale, shift)
-        names = ("scale", "shift") if prefix.split()[-1:] and prefix.split()[-1].startswith("norm") else ("weight", "bias")
+        names = ("scale", "shift") if prefix.split(" ")[-1].startswith("norm") else ("weight", "bias")
         return [lt for name, v in zip(names, parts) if v is not None for lt in _labelled(v, f"{prefix} {name}")]
-    if isinstance(parts, (list, tuple)):
-        word = "head" if not prefix else prefix
-        return [lt for i, v in enumerate(parts) for lt in _labelled(v, f"{word} {i}" if not prefix else f"{prefix}[{i}]")]
+    if isinstance(parts, (list, tuple)):  # a wrapper's heads, a block's feed-forward layers
+        return [lt for i, v in enumerate(parts) for lt in _labelled(v, f"{prefix}[{i}]" if prefix else f"head {i}")]
     return []
 
 
