@@ -102,12 +102,7 @@ def transformer_block(x, parts, num_heads, gelu="tanh"):
 
 def reference(kind, cfg, parts, x, dtype=torch.float64, gelu="tanh"):
     """The eval-mode output a module of ``kind`` with projections ``parts`` must produce on x."""
-    parts, x = cast(parts, dtype), x.detach().to(dtype)
-    if kind.name == "transformer-block":
-        return transformer_block(x, parts, cfg.num_heads, gelu)
-    if kind.name == "mha-wrapper":
-        return torch.cat([attention(x, head, causal=True)[0] for head in parts], dim=-1)
-    return attention(x, parts, causal=kind.causal, num_heads=cfg.num_heads if kind.name == "mha" else 1)[0]
+    return evaluate(kind, cfg, cast(parts, dtype), x.detach().to(dtype), gelu)
 
 
 def reference_weights(kind, cfg, parts, x, dtype=torch.float64, d_k=None):
@@ -125,3 +120,26 @@ def renormalized_causal(weights):
     """The seed's first masking: zero the future of softmax weights, then divide each row by its sum."""
     kept = weights.masked_fill(causal_mask(weights.shape[-1], weights.device), 0.0)
     return kept / kept.sum(-1, keepdim=True)
+
+
+def evaluate(kind, cfg, parts, x, gelu="tanh"):
+    """``reference`` without the cast: differentiable in x and in the tensors of ``parts``.
+
+    A 1-D tensor of ``parts`` (a bias, a LayerNorm scale or shift) may also be given per token, of
+    shape x.shape[:-1] + (n,): its gradient is then the per-token contribution to the bias's gradient."""
+    if kind.name == "transformer-block":
+        return transformer_block(x, parts, cfg.num_heads, gelu)
+    if kind.name == "mha-wrapper":
+        return torch.cat([attention(x, head, causal=True)[0] for head in parts], dim=-1)
+    return attention(x, parts, causal=kind.causal, num_heads=cfg.num_heads if kind.name == "mha" else 1)[0]
+
+
+def output_from_weights(kind, cfg, parts, x, weights):
+    """The output computed with the given attention weights (..., H, T, T) in place of the softmax's:
+    out_proj(merge_h(weights_h @ V_h)) for mha, concat_h(weights_h @ V_h) for the wrapper, weights @ V
+    for one head. In train mode, with the dropped weights the module applied, this is its output."""
+    if kind.name == "mha-wrapper":
+        return torch.cat([weights[..., h, :, :] @ linear(x, head["value"]) for h, head in enumerate(parts)], dim=-1)
+    heads = weights.shape[-3]
+    context = merge_heads(weights @ split_heads(linear(x, parts["value"]), heads))
+    return linear(context, parts["out"]) if "out" in parts else context

@@ -6,10 +6,8 @@ bug, the invariant ids that reject it (``catches``: the ones characteristic of t
 to shrink, checked on every run by tests/test_planted.py through the public check path; ``also``: the
 others seen to reject it, checked with ``ATTNSPEC_PLANTED_ALL=1``) and its class of mistake.
 
-Not in the corpus, because no invariant rejects them (see the report of the corpus's author):
-dropout applied to the weights AND again to the context vectors (unbiased, and the applied weights
-are right), and one dropout mask shared by all heads. ``self.mask[-T:, -T:]`` is not a bug: the
-bottom-right T x T block of triu(ones(C, C), 1) is triu(ones(T, T), 1).
+``self.mask[-T:, -T:]`` is not a bug: the bottom-right T x T block of triu(ones(C, C), 1) is
+triu(ones(T, T), 1).
 
 To keep each bug to the line or two it changes, the attention modules are rebuilt from steps
 (``_Steps``): project, split heads, scores, mask, scale+softmax, dropout, @ V, merge heads, out_proj.
@@ -633,6 +631,186 @@ class SelfAttentionNormalizesInput(SelfSteps):
         return super().project(x)
 
 
+# --- gradient bugs: the forward is right, training is not ----------------------------------------
+
+
+class DetachedKeys(MHASteps):
+    def project(self, x):
+        return self.W_query(x), self.W_key(x).detach(), self.W_value(x)
+
+
+class DetachedValues(CausalSteps):
+    def project(self, x):
+        return self.W_query(x), self.W_key(x), self.W_value(x).detach()
+
+
+class ScoresUnderNoGrad(CausalSteps):
+    def scores(self, q, k):
+        with torch.no_grad():  # "scores need no gradient": cuts W_query and W_key off
+            return q @ k.transpose(-2, -1)
+
+
+class FrozenValueWeight(MHASteps):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.W_value.weight.requires_grad_(False)
+
+
+class _SoftmaxForgetsCentering(torch.autograd.Function):
+    """softmax with a hand-written backward that returns y * g, forgetting the - y * sum(g * y) term."""
+
+    @staticmethod
+    def forward(ctx, scores):
+        y = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return y * grad
+
+
+class CustomSoftmaxWrongBackward(MHASteps):
+    def normalize(self, s, d_k):
+        return _SoftmaxForgetsCentering.apply(s / d_k**0.5)
+
+
+class QueryWeightData(CausalSteps):
+    def project(self, x):  # .data "to save memory": W_query's weight never gets a gradient
+        return F.linear(x, self.W_query.weight.data, self.W_query.bias), self.W_key(x), self.W_value(x)
+
+
+class FusedQKVDetachedValues(nn.Module):
+    """nanoGPT-style fused c_attn (no projections found: only black-box checks apply) whose values are
+    detached: c_attn still gets a gradient through the queries and keys."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.c_attn = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.c_proj = nn.Linear(d_out, d_out)
+        self.drop = nn.Dropout(dropout)
+        self.n_head, self.d_out = num_heads, d_out
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.d_out, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, -1).transpose(1, 2) for z in (q, k, v.detach()))
+        att = (q @ k.transpose(-2, -1)) / k.shape[-1] ** 0.5
+        att = att.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), -torch.inf)
+        y = self.drop(torch.softmax(att, dim=-1)) @ v
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+class _AttentionForgetsScaleInBackward(torch.autograd.Function):
+    """A hand-written attention (flash-style) whose backward forgets the 1/sqrt(d) in dQ and dK."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, future):
+        w = torch.softmax((q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(future, -torch.inf), dim=-1)
+        ctx.save_for_backward(q, k, v, w)
+        return w @ v
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, w = ctx.saved_tensors
+        dw = g @ v.transpose(-2, -1)
+        ds = w * (dw - (dw * w).sum(-1, keepdim=True))  # d scores; the 1/sqrt(d) is missing below
+        return ds @ k, ds.transpose(-2, -1) @ q, w.transpose(-2, -1) @ g, None
+
+
+class HandWrittenBackwardNoScale(MHASteps):
+    def forward(self, x):
+        b, T = x.shape[0], x.shape[-2]
+        q, k, v = (self.split(t, b, T) for t in self.project(x))
+        ctx = _AttentionForgetsScaleInBackward.apply(q, k, v, self.mask.bool()[:T, :T])
+        return self.out(self.merge(ctx, b, T))  # (no dropout: a bug of its own, not this one)
+
+
+# --- call history: right on the first call, wrong on a later one ----------------------------------
+
+
+class ShapeCachedKV(MHASteps):
+    def project(self, x):
+        cache = self.__dict__.setdefault("_kv_by_shape", {})
+        if tuple(x.shape) not in cache:  # keys and values "cached" by shape: the first input of a shape wins
+            cache[tuple(x.shape)] = (self.W_key(x), self.W_value(x))
+        return (self.W_query(x), *cache[tuple(x.shape)])
+
+
+class MaskFromFirstCall(CausalSteps):
+    def mask_scores(self, s, T):
+        if self.__dict__.get("_additive") is None:  # built at the first call's length; a 1-token call makes it [[0]]
+            self._additive = torch.full((T, T), -torch.inf, device=s.device).triu(1)
+        return s + self._additive[:T, :T]
+
+
+class TrainMaskReusedInEval(CausalSteps):
+    def drop(self, w):
+        if self.training:
+            self._last_mask = (torch.rand_like(w) >= self.dropout.p) / (1 - self.dropout.p)
+            return w * self._last_mask
+        last = self.__dict__.get("_last_mask")
+        return w * last if last is not None and last.shape == w.shape else w  # reapplied after .eval()
+
+
+class LazyFusedQK(SelfAttention_v1):
+    def forward(self, x):
+        if self.__dict__.get("_w_qk") is None:  # fused at the first call, never refreshed
+            self._w_qk = self.W_query @ self.W_key.T
+        scores = x @ self._w_qk @ x.T
+        return torch.softmax(scores / self.W_key.shape[-1] ** 0.5, dim=-1) @ (x @ self.W_value)
+
+
+class ReseededDropout(CausalSteps):
+    def drop(self, w):
+        if not self.training:
+            return w
+        generator = torch.Generator(device=w.device).manual_seed(0)  # reseeded in every call: same positions
+        keep = torch.rand(w.shape, generator=generator, device=w.device) >= self.dropout.p
+        return w * keep / (1 - self.dropout.p)
+
+
+class IgnoresDropout(MHASteps):
+    def drop(self, w):
+        return w  # stores its dropout, never applies it (litgpt's attention)
+
+
+class SDPANoDropout(MultiHeadAttention):
+    def forward(self, x):
+        b, T, _ = x.shape
+        q, k, v = (p(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.W_query, self.W_key, self.W_value))
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.0)  # p dropped in train mode too
+        return self.out_proj(ctx.transpose(1, 2).reshape(b, T, self.d_out))
+
+
+class GenerationCacheKeptInTrain(CausalSteps):
+    def project(self, x):
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        cache = self.__dict__.get("_generation_kv")
+        if not self.training:
+            self._generation_kv = (k.detach(), v.detach())  # a generation cache, filled in eval mode
+        elif cache is not None and cache[0].shape == k.shape:
+            k, v = cache  # never cleared on .train(): training sees the last eval input's keys and values
+        return q, k, v
+
+
+# --- dropout masks shared --------------------------------------------------------------------------
+
+
+class DropoutMaskSharedAcrossHeads(MHASteps):
+    def drop(self, w):
+        keep = torch.rand(w.shape[0], 1, *w.shape[-2:], device=w.device) >= self.dropout.p  # one mask per element
+        return w * keep / (1 - self.dropout.p) if self.training else w
+
+
+class DropoutMaskSharedAcrossBatchMHA(MHASteps):
+    def drop(self, w):
+        keep = torch.rand(1, *w.shape[1:], device=w.device) >= self.dropout.p  # one (H, T, T) mask for the batch
+        return w * keep / (1 - self.dropout.p) if self.training else w
+
+
 # --- the corpus ----------------------------------------------------------------------------------
 
 
@@ -869,6 +1047,47 @@ CORPUS = [
          "turns the mask buffer into an additive -inf mask in place: outputs stay right"),
     _bug(SA, SelfAttentionNormalizesInput, "mutation", ["input-not-mutated", "oracle-float64"],
          "x /= ||x||: an in-place input normalization"),
+    # gradients
+    _bug(MHA, DetachedKeys, "gradients", ["gradient-oracle", "gradient-reaches-parameters"],
+         "keys .detach()ed: W_key never learns", also=["gradient-finite-differences"]),
+    _bug(CA, DetachedValues, "gradients", ["gradient-oracle", "gradient-finite-differences"],
+         "values .detach()ed: W_value never learns"),
+    _bug(CA, ScoresUnderNoGrad, "gradients", ["gradient-oracle", "gradient-reaches-parameters"],
+         "the scores computed under torch.no_grad()"),
+    _bug(MHA, FrozenValueWeight, "gradients", ["gradient-reaches-parameters", "gradient-oracle"],
+         "W_value.weight created with requires_grad=False"),
+    _bug(MHA, CustomSoftmaxWrongBackward, "gradients", ["gradient-oracle", "gradient-finite-differences"],
+         "a custom autograd.Function softmax whose backward forgets the -y*sum(g*y) term"),
+    _bug(CA, QueryWeightData, "gradients", ["gradient-reaches-parameters", "gradient-oracle"],
+         "F.linear(x, W_query.weight.data): the query weight gets no gradient"),
+    _bug(MHA, FusedQKVDetachedValues, "gradients", ["gradient-finite-differences"],
+         "fused c_attn (projections not found), values detached: c_attn still gets a gradient"),
+    # call history
+    _bug(MHA, ShapeCachedKV, "history", ["history-independent"],
+         "K/V cached by input shape: a later input of the same shape gets the first one's keys and values"),
+    _bug(CA, MaskFromFirstCall, "history", ["history-independent"],
+         "additive mask built at the first call's length: after a 1-token call, nothing is masked"),
+    _bug(CA, TrainMaskReusedInEval, "history", ["history-independent"],
+         "the last train-mode dropout mask is reapplied in eval mode"),
+    _bug(SA, LazyFusedQK, "history", ["parameter-update-respected"],
+         "W_query W_key^T fused at the first call, stale after load_state_dict or an optimizer step"),
+    _bug(CA, ReseededDropout, "history", ["train-masks-vary"],
+         "dropout generator reseeded to 0 inside forward: every call drops the same positions"),
+    _bug(MHA, IgnoresDropout, "history", ["train-differs-from-eval", "train-masks-vary"],
+         "the dropout module is built but never applied"),
+    _bug(MHA, SDPANoDropout, "history", ["train-differs-from-eval"],
+         "scaled_dot_product_attention with dropout_p=0 in train mode"),
+    # dropout applied twice, masks shared
+    _bug(MHA, DoubleDropout, "dropout", ["dropout-output-from-applied-weights"],
+         "dropout on the weights and again on the context before out_proj"),
+    _bug(MHA, DropoutMaskSharedAcrossHeads, "dropout", ["dropout-masks-independent"],
+         "one dropout mask per batch element, shared by all heads"),
+    _bug(MHA, DropoutMaskSharedAcrossBatchMHA, "dropout", ["dropout-masks-independent"],
+         "one dropout mask per head, shared by all batch elements"),
+    _bug(MHA, HandWrittenBackwardNoScale, "gradients", ["gradient-oracle", "gradient-finite-differences"],
+         "a hand-written attention autograd.Function whose backward forgets 1/sqrt(head_dim) in dQ, dK"),
+    _bug(CA, GenerationCacheKeptInTrain, "history", ["history-independent"],
+         "K/V cached in eval mode (generation) and reused in train mode for inputs of that shape"),
 ]
 
 

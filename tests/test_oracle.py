@@ -103,3 +103,50 @@ def test_probe_records_the_weights_fused_attention_computes():
     expected = torch.softmax((q @ k.transpose(-2, -1) / 2).masked_fill(torch.ones(3, 3).triu(1).bool(), -torch.inf), -1)
     torch.testing.assert_close(head.weights, expected)
     torch.testing.assert_close(out, expected @ v)  # the module still gets the kernel's output
+
+
+def _mha_parts(g, d_in, d_out, bias):
+    parts = {n: (torch.randn(d_out, d_in, generator=g, dtype=torch.float64),
+                 torch.randn(d_out, generator=g, dtype=torch.float64) if bias else None) for n in ("query", "key", "value")}
+    parts["out"] = (torch.randn(d_out, d_out, generator=g, dtype=torch.float64), torch.randn(d_out, generator=g, dtype=torch.float64))
+    return parts
+
+
+@given(st.sampled_from(["causal-attention", "mha-wrapper", "mha"]), st.integers(1, 3), st.integers(1, 5),
+       st.booleans(), st.integers(0, 2**16))
+def test_output_from_the_softmax_weights_is_the_reference(kind_name, num_heads, num_tokens, bias, seed):
+    """output_from_weights(reference_weights) == reference: the train-mode check's formula is the oracle's."""
+    from attnspec.kinds import KINDS, Config
+    kind = KINDS[kind_name]
+    heads = num_heads if kind.multi_head else 1
+    cfg = Config(d_in=3, d_out=2 * heads, num_heads=heads, context_length=5, num_tokens=num_tokens, batch=2,
+                 dropout=0.0, qkv_bias=bias, dtype="float64", scale=1.0, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    if kind_name == "mha-wrapper":
+        cfg = cfg.replace(d_out=2)
+        parts = [{n: v for n, v in _mha_parts(g, 3, 2, bias).items() if n != "out"} for _ in range(heads)]
+    else:
+        parts = _mha_parts(g, 3, cfg.d_out, bias)
+        if kind_name == "causal-attention":
+            del parts["out"]
+    x = torch.randn(2, num_tokens, 3, generator=g, dtype=torch.float64)
+    weights = oracle.reference_weights(kind, cfg, parts, x)
+    assert_close(oracle.output_from_weights(kind, cfg, parts, x, weights), oracle.reference(kind, cfg, parts, x),
+                 dtype=torch.float64, what="output from the oracle's weights vs the oracle")
+
+
+def test_per_token_biases_sum_to_the_bias_gradient():
+    """evaluate() accepts a bias given per token: summed over tokens, its gradient is the bias's gradient
+    (what gradient-oracle uses to see the terms of a bias gradient)."""
+    from attnspec.kinds import KINDS, Config
+    g = torch.Generator().manual_seed(0)
+    cfg = Config(d_in=3, d_out=4, num_heads=2, context_length=5, num_tokens=5, batch=2, dropout=0.0, qkv_bias=True,
+                 dtype="float64", scale=1.0, seed=0)
+    parts, x = _mha_parts(g, 3, 4, True), torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    c = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    bias = parts["value"][1].clone().requires_grad_(True)
+    per_token = parts["value"][1].expand(2, 5, 4).clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(oracle.evaluate(KINDS["mha"], cfg, {**parts, "value": (parts["value"][0], bias)}, x), bias, c)
+    (tokens,) = torch.autograd.grad(oracle.evaluate(KINDS["mha"], cfg, {**parts, "value": (parts["value"][0], per_token)}, x),
+                                    per_token, c)
+    assert_close(tokens.sum((0, 1)), plain, dtype=torch.float64, what="summed per-token bias gradient vs bias gradient")

@@ -8,7 +8,8 @@ from statistics import NormalDist
 
 import torch
 
-from attnspec.errors import Violation
+from attnspec import oracle
+from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import invariant
 from attnspec.strategies import NONZERO_DROPOUTS
 from attnspec.tolerance import allowed_error, assert_close
@@ -85,3 +86,89 @@ def fused_dropout_requested(eval_seen, train_seen, p):
             if head.dropout_p is not None and abs(head.dropout_p - expected) > 1e-12:
                 raise Violation(f"{head.source} was called with dropout_p={head.dropout_p:g} in {mode} mode, "
                                 f"expected {expected:g} (the configured dropout={p:g} in train mode, 0 in eval)")
+
+
+@invariant("dropout-output-from-applied-weights",
+           "train mode: forward(x) equals the oracle computed with the weights the module applied (dropped) in place "
+           "of the softmax's, on its own projections: no dropout beyond the weights (mha: or on its output)",
+           ("causal-attention", "mha-wrapper", "mha"), "weights+params", dropouts=NONZERO_DROPOUTS)
+def dropout_output_from_applied_weights(case):
+    """Exact, not statistical (false-alarm rate 0 beyond the tolerance rule): with A_h the applied weights
+    observed by the probe, out = out_proj(concat_h A_h V_h) (mha), concat_h A_h V_h (the wrapper), A V
+    (one head). Dropout applied again to the values, the context or the heads' outputs breaks it. For mha
+    an inverted dropout of the whole output after out_proj (nanoGPT's resid_dropout) is accepted: every
+    element is then 0 or expected / (1 - p)."""
+    parts, x, p = case.projections(), case.input(), case.cfg.dropout
+    if case.kind.name == "mha" and "out" not in parts:
+        raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
+    out, seen = case.observe(x, train=True)
+    T, heads = x.shape[-2], case.kind.attention_heads(case.cfg)
+    applied = seen.applied_weights()
+    if sum(a.numel() for a in applied) != x.shape[0] * heads * T * T:
+        raise NotApplicable(f"the applied weights are not observed as {heads} (num_tokens x num_tokens) matrices "
+                            f"per batch element", structural=False)
+    applied = torch.cat([a.reshape(x.shape[0], -1, T, T) for a in applied], dim=-3)
+
+    def computed(dtype):
+        return oracle.output_from_weights(case.kind, case.cfg, oracle.cast(parts, dtype), x.to(dtype), applied.to(dtype))
+
+    expected = computed(torch.float64)
+    measured = (computed(x.dtype) - expected).abs().max().item()
+    try:
+        assert_close(out, expected, dtype=x.dtype, measured=measured,
+                     what=f"train-mode output vs the output computed from the applied (dropped) weights, p={p}")
+    except Violation as mismatch:
+        if case.kind.name != "mha":
+            raise
+        scaled = expected / (1 - p)  # the output after an inverted dropout of the output itself
+        got = out.detach().double().cpu()
+        err = torch.minimum(got.abs(), (got - scaled).abs())
+        if (err > allowed_error(x.dtype, scaled.abs().max().item(), measured / (1 - p))).any():
+            raise Violation(f"{mismatch}; nor is it an inverted dropout of that output (0 or expected / (1 - p)): "
+                            f"dropout is applied beyond the weights (to the values or the context?)") from None
+
+
+def _replicas_for_masks(p, rows_per_element, heads):
+    """Batch replicas N making both mask-sharing tests decisive: if shared, (p^2+(1-p)^2)^(N m) and
+    (p^N+(1-p)^N)^(H m) below FALSE_ALARM / 2 (m causal positions per head and element)."""
+    for replicas in range(1, 4097):
+        heads_chance = (p * p + (1 - p) ** 2) ** (replicas * rows_per_element)
+        batch_chance = (p**replicas + (1 - p) ** replicas) ** (heads * rows_per_element)
+        if heads_chance < FALSE_ALARM / 2 and batch_chance < FALSE_ALARM / 2:
+            return replicas
+    return 4096
+
+
+@invariant("dropout-masks-independent",
+           "train mode: the heads do not all share one dropout mask, nor do the batch elements",
+           ("causal-attention", "mha-wrapper", "mha", "transformer-block"), "weights", dropouts=NONZERO_DROPOUTS)
+def dropout_masks_independent(case):
+    """Over the n positions (batch x query x key, causal) where every one of K masks applies to a positive
+    weight, K independent Bernoulli masks are all identical with probability (p^K + (1-p)^K)^n. Checked for
+    K = the heads (n over the batch) and K = the batch elements (n over the heads), each flagged only when
+    that chance is below FALSE_ALARM / 2: together at most FALSE_ALARM per example. The input is repeated
+    along the batch (replicas are independent draws) so that a shared mask is found even at 1 token."""
+    p, x = case.cfg.dropout, case.input()
+    if p == 0:
+        raise NotApplicable("needs dropout > 0")
+    T, heads = x.shape[-2], case.kind.attention_heads(case.cfg)
+    replicas = _replicas_for_masks(p, x.shape[0] * T * (T + 1) // 2, heads)
+    x = x.repeat(replicas, 1, 1)
+    _, seen = case.observe(x, train=True)
+    applied = seen.applied_weights()
+    if sum(a.numel() for a in applied) != x.shape[0] * heads * T * T:
+        raise NotApplicable("the applied weights are not observed per head and batch element", structural=False)
+    kept = torch.cat([(a != 0).reshape(x.shape[0], -1, T, T) for a in applied], dim=-3).cpu()
+    positive = torch.cat([(h.weights > 0).reshape(x.shape[0], -1, T, T) for h in seen.heads], dim=-3).cpu()
+    positive &= ~oracle.causal_mask(T)
+    for dim, group in ((1, "heads"), (0, "batch elements")):
+        k = kept.shape[dim]
+        common = positive.all(dim)
+        n = int(common.sum())
+        if k < 2 or not n:
+            continue
+        chance = (p**k + (1 - p) ** k) ** n
+        identical = bool(((kept == kept.narrow(dim, 0, 1)).all(dim) | ~common).all())
+        if identical and chance < FALSE_ALARM / 2:
+            raise Violation(f"all {k} {group} share one dropout mask over {n} positions (input of {tuple(x.shape)}; "
+                            f"independent masks coincide with probability {chance:.2g} < {FALSE_ALARM / 2:g})")

@@ -1,0 +1,276 @@
+"""Gradients: training works. Backward is checked in train mode at dropout 0 (the path training takes,
+deterministic; eval mode if an --example gives p > 0), always as a vector-Jacobian product with a random
+output cotangent c (never ``.sum()``, whose all-ones cotangent hides errors that cancel across the
+output), one backward pass per example.
+
+A parameter is *frozen mask* (exempt from the checks here) when it does not require grad and holds only
+0s and 1s: a causal mask kept as ``nn.Parameter(..., requires_grad=False)`` is a buffer in all but name.
+"""
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from attnspec import oracle
+from attnspec.errors import NotApplicable, Violation
+from attnspec.invariants.base import ALL_KINDS, invariant
+from attnspec.tolerance import allowed_error, assert_close
+
+COTANGENT_SALT = 7919  # the cotangent's seed is cfg.seed + this: independent of the input's
+FD_STEP = 1e-5  # central-difference step, relative to the tensor's rms (float64: ~eps^(1/3))
+
+
+def cotangent(case, shape):
+    """A random output cotangent c ~ N(0, 1), seeded from the config."""
+    generator = torch.Generator().manual_seed(case.cfg.seed + COTANGENT_SALT)
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=case.cfg.device,
+                                                                           dtype=case.cfg.torch_dtype)
+
+
+def _direction(t, salt):
+    """A random direction for ``t``: N(0, 1) entries scaled by t's rms (1 where t is all zeros)."""
+    generator = torch.Generator().manual_seed(salt)
+    u = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
+    rms = t.detach().double().pow(2).mean().sqrt().item() if t.numel() else 0.0
+    return u * (rms if rms > 0 else 1.0)
+
+
+def _frozen_mask(p):
+    return not p.requires_grad and (not p.is_floating_point() or bool(((p == 0) | (p == 1)).all()))
+
+
+def _parameters(module):
+    """(name, parameter) of every parameter that is not a frozen mask."""
+    return [(n, p) for n, p in module.named_parameters() if not _frozen_mask(p)]
+
+
+def _train(case):
+    """Train mode at dropout 0 (the path training takes); eval mode where a dropout p > 0 was given
+    (--example), so that the function differentiated is deterministic."""
+    return case.cfg.dropout == 0
+
+
+def _vjp(case, x, tensors):
+    """(output, c, [d<c, forward(x)>/dt for t in tensors]), None-free (zeros where no gradient flows or a
+    tensor does not require grad). Violation if the output is cut off from autograd."""
+    out = case.forward(x, train=_train(case))
+    c = cotangent(case, out.shape)
+    wanted = [t for t in tensors if t.requires_grad]
+    if wanted and not out.requires_grad:
+        raise Violation("the output does not require grad although the input and parameters do: forward is cut "
+                        "off from autograd (torch.no_grad, .detach(), .data?)")
+    grads = case.guard("backward", torch.autograd.grad, out, wanted, c, allow_unused=True) if wanted else []
+    by_id = {id(t): g for t, g in zip(wanted, grads)}
+    return out, c, [torch.zeros_like(t) if by_id.get(id(t)) is None else by_id[id(t)] for t in tensors]
+
+
+def _labelled(parts, prefix=""):
+    """(label, tensor) for every tensor of a projections tree, e.g. ("head 1 key bias", t)."""
+    if isinstance(parts, torch.Tensor):
+        return [(prefix.strip(), parts)]
+    if isinstance(parts, dict):
+        return [lt for k, v in parts.items() for lt in _labelled(v, f"{prefix} {k}")]
+    if isinstance(parts, tuple) and len(parts) == 2:  # (weight, bias) or (scale, shift)
+        names = ("scale", "shift") if prefix.split(" ")[-1].startswith("norm") else ("weight", "bias")
+        return [lt for name, v in zip(names, parts) if v is not None for lt in _labelled(v, f"{prefix} {name}")]
+    if isinstance(parts, (list, tuple)):  # a wrapper's heads, a block's feed-forward layers
+        return [lt for i, v in enumerate(parts) for lt in _labelled(v, f"{prefix}[{i}]" if prefix else f"head {i}")]
+    return []
+
+
+def _rebuild(parts, leaves):
+    """``parts`` with its tensors replaced, in _labelled order, by ``leaves``."""
+    it = iter(leaves)
+
+    def walk(node):
+        if isinstance(node, torch.Tensor):
+            return next(it)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v) for v in node)
+        return node
+    return walk(parts)
+
+
+def _parameter_grad_view(module, grads, t):
+    """The part of a parameter's gradient that ``t`` (a parameter, or a view of one: ``W.T``, rows of a
+    fused in_proj) covers, as (name, gradient of t). None if t lies in no parameter's storage."""
+    for (name, p), g in zip(module.named_parameters(), grads):
+        if p.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+            continue
+        start = t.storage_offset() - p.storage_offset()
+        if not 0 <= start < p.numel():
+            continue
+        laid_out = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device)
+        laid_out.copy_(g)  # the parameter's memory layout, so t's strides and offset index into it
+        return name, laid_out.as_strided(t.shape, t.stride(), laid_out.storage_offset() + start)
+    return None
+
+
+def _oracle_vjp(case, parts, x, c, dtype, jitter=0.0):
+    """The oracle's gradients of <c, reference(x)> w.r.t. x and each tensor of ``parts`` (_labelled order),
+    evaluated in ``dtype`` with every input (x, c, the tensors) multiplied by 1 + jitter N(0, 1), and for
+    each tensor the magnitude of its gradient's terms: a 1-D tensor (a bias, a LayerNorm scale/shift) is
+    made per token, so its gradient is a sum over tokens whose terms are seen; the magnitude is then
+    max_k sum_tokens |term| (the key bias's gradient is such a sum that cancels to 0: softmax is invariant
+    to it), else max |gradient|. A LayerNorm scale's magnitude is at least its shift's (the normalized
+    input it multiplies is O(1); with emb_dim 1 it is 0 exactly and only rounding is left)."""
+    generator = torch.Generator().manual_seed(case.cfg.seed + COTANGENT_SALT + 1)
+
+    def prepare(t):
+        t = t.detach().to(torch.float64)
+        if jitter:
+            t = t * (1 + jitter * torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device))
+        return t.to(dtype)
+
+    labelled = _labelled(parts)
+    tensors = [t for _, t in labelled]
+    xd = prepare(x).requires_grad_(True)
+    lead = tuple(x.shape[:-1])
+    leaves = [(prepare(t).expand(*lead, *t.shape) if t.dim() == 1 else prepare(t)).clone().requires_grad_(True)
+              for t in tensors]
+    out = oracle.evaluate(case.kind, case.cfg, _rebuild(parts, leaves), xd, case.contract.gelu)
+    grads = torch.autograd.grad(out, [xd, *leaves], prepare(c), allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip([xd, *leaves], grads)]
+    lead_dims = tuple(range(len(lead)))
+    summed = [grads[0]] + [g.sum(lead_dims) if t.dim() == 1 else g for t, g in zip(tensors, grads[1:])]
+    magnitudes = [grads[0].abs().max().item()] + [
+        (g.abs().sum(lead_dims) if t.dim() == 1 else g.abs()).max().item() if g.numel() else 0.0
+        for t, g in zip(tensors, grads[1:])]
+    by_label = dict(zip((label for label, _ in labelled), magnitudes[1:]))
+    for i, (label, _) in enumerate(labelled):
+        if label.endswith(" scale"):
+            magnitudes[i + 1] = max(magnitudes[i + 1], by_label.get(label[:-len("scale")] + "shift", 0.0))
+    return summed, magnitudes
+
+
+@invariant("gradient-oracle",
+           "train mode, dropout 0: the gradients of <c, forward(x)> w.r.t. x and every projection parameter "
+           "equal the float64 oracle's on the module's own parameters (c a random cotangent)",
+           ALL_KINDS, "params", dropouts=st.just(0.0))
+def gradient_oracle(case):
+    """Tolerance (spec/tolerance.py), per gradient tensor: |module - oracle64| <= max(RTOL[dtype] * magnitude,
+    10 * measured), measured the error of the same reference computed in the module's dtype; in float64,
+    which has no lower precision, the change of the float64 reference when its inputs are perturbed by
+    float64's eps (relative): the error a backward-stable implementation makes where the gradient is
+    ill-conditioned (softmax's backward cancels)."""
+    parts, x = case.projections(), case.input()
+    if case.kind.name == "mha" and "out" not in parts:
+        raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
+    if case.kind.name == "transformer-block" and case.cfg.d_in <= 2:
+        raise NotApplicable("LayerNorm over emb_dim <= 2 features puts every token on one line: the gradients "
+                            "behind it cancel to rounding noise", structural=False)
+    labelled = _labelled(parts)
+    params = [p for _, p in case.module.named_parameters()]
+    x = x.requires_grad_(True)
+    out, c, grads = _vjp(case, x, [x, *params])
+    got = [("the input x", grads[0])]
+    for label, t in labelled:
+        found = _parameter_grad_view(case.module, grads[1:], t)
+        if found is None:
+            raise NotApplicable(f"the {label} projection is not (a view of) a parameter of the module")
+        name, g = found
+        owner = dict(case.module.named_parameters())[name]
+        got.append((f"{label} ({name}{'' if owner.requires_grad else ', requires_grad=False'})", g))
+    expected, magnitudes = _oracle_vjp(case, parts, x, c, torch.float64)
+    if x.dtype == torch.float64:
+        low, _ = _oracle_vjp(case, parts, x, c, torch.float64, jitter=torch.finfo(x.dtype).eps)
+    else:
+        low, _ = _oracle_vjp(case, parts, x, c, x.dtype)
+    for (label, g), e, m, lo in zip(got, expected, magnitudes, low):
+        measured = (lo.double() - e).abs().max().item() if e.numel() else 0.0
+        assert_close(g, e, dtype=x.dtype, magnitude=m, measured=measured,
+                     what=f"gradient w.r.t. {label} vs the float64 oracle's")
+
+
+@invariant("gradient-finite-differences",
+           "float64, train mode, dropout 0: the analytic directional derivative of <c, forward> along a random "
+           "direction of x, and of all parameters, equals the central difference",
+           ALL_KINDS, "forward", dropouts=st.just(0.0), dtypes=("float64",))
+def gradient_finite_differences(case):
+    """Black-box: needs no projections. phi(s) = <c, forward(theta + s u)> for theta = x, then theta = all
+    parameters at once (u ~ rms(t) N(0, 1) per tensor t; a wrong gradient of any one tensor shows,
+    unless errors cancel exactly: probability 0), h = FD_STEP. D(h) = (phi(h) - phi(-h)) / 2h = phi'(0)
+    + h^2 phi3 / 6 + O(h^4), phi3 the third derivative. Its error has two parts, both given to
+    spec/tolerance.py: rounding, |phi error| <= RTOL[float64] * S with S = <|c|, |forward|>, so
+    |D(h) error| <= RTOL[float64] * S / h (the magnitude S / h); truncation, measured as |D(h) - D(2h)|
+    (= 3 h^2 |phi3| / 6, three times D(h)'s own). A failing parameter direction is then split per
+    tensor to name the culprit. One backward and 8 forwards per example."""
+    x = case.input()
+    if x.dtype != torch.float64:
+        raise NotApplicable("finite differences need float64")
+    params = _parameters(case.module)
+    x = x.requires_grad_(True)
+    out, c, grads = _vjp(case, x, [x] + [p for _, p in params])
+    scale = (c.abs() * out.detach().abs()).sum().item()
+    x0 = x.detach().clone()
+
+    def check(label, tensors, tensor_grads, salt):
+        directions = [_direction(t, salt + i) for i, t in enumerate(tensors)]
+        originals = [t.detach().clone() for t in tensors]
+
+        def phi(s):
+            try:
+                with torch.no_grad():
+                    for t, o, u in zip(tensors, originals, directions):
+                        t.copy_(o + s * u)
+                    return (c * case.forward(x0, train=_train(case))).sum().item()
+            finally:
+                with torch.no_grad():
+                    for t, o in zip(tensors, originals):
+                        t.copy_(o)
+
+        d1 = (phi(FD_STEP) - phi(-FD_STEP)) / (2 * FD_STEP)
+        d2 = (phi(2 * FD_STEP) - phi(-2 * FD_STEP)) / (4 * FD_STEP)
+        analytic = sum((g.detach() * u).sum().item() for g, u in zip(tensor_grads, directions))
+        assert_close(torch.tensor(analytic, dtype=torch.float64), torch.tensor(d1, dtype=torch.float64),
+                     dtype=torch.float64, magnitude=scale / FD_STEP, measured=abs(d1 - d2),
+                     what=f"directional derivative w.r.t. {label}, analytic vs central difference (step {FD_STEP:g})")
+
+    check("the input x", [x0], grads[:1], case.cfg.seed)
+    if not params:
+        return
+    try:
+        check("all parameters", [p for _, p in params], grads[1:], case.cfg.seed + 1)
+    except Violation as joint:
+        for i, ((name, p), g) in enumerate(zip(params, grads[1:])):
+            frozen = "" if p.requires_grad else ", which does not require grad"
+            check(f"parameter {name!r}{frozen}", [p], [g], case.cfg.seed + 1 + i)
+        raise joint
+
+
+@invariant("gradient-reaches-parameters",
+           "every parameter that changes the output when perturbed requires grad and receives a nonzero gradient",
+           ALL_KINDS, "forward", dropouts=st.just(0.0))
+def gradient_reaches_parameters(case):
+    """Influence is decided by perturbing, not assumed: t += rms(t) N(0, 1) must move the output by more
+    than the dtype's tolerance. A parameter that legitimately gets no gradient also has no influence
+    (the key projection's bias: softmax is shift-invariant per row; the query and key with one token),
+    so it is exempt by construction. One forward+backward, then one forward per parameter without gradient."""
+    x = case.input()
+    params = _parameters(case.module)
+    out, _, grads = _vjp(case, x, [p for _, p in params])
+    magnitude = max(out.abs().max().item(), x.abs().max().item())
+    for i, ((name, p), g) in enumerate(zip(params, grads)):
+        if p.requires_grad and bool((g != 0).any()):
+            continue  # it gets a gradient: nothing to decide
+        original = p.detach().clone()
+        try:
+            with torch.no_grad():
+                p.copy_(original + _direction(p, case.cfg.seed + i))
+            moved = (case.forward(x, train=_train(case)) - out).abs().max().item()
+        except Violation:  # the perturbed module fails (say, a non-finite output): it surely has influence
+            moved = math.inf
+        finally:
+            with torch.no_grad():
+                p.copy_(original)
+        if moved <= allowed_error(x.dtype, magnitude):  # NaN compares False: influence
+            continue
+        if not p.requires_grad:
+            raise Violation(f"parameter {name!r} changes the output (by up to {moved:.3g} when perturbed) but has "
+                            f"requires_grad=False: training never updates it")
+        if not bool((g != 0).any()):
+            raise Violation(f"parameter {name!r} changes the output (by up to {moved:.3g} when perturbed) but its "
+                            f"gradient is zero everywhere: no gradient reaches it (.detach(), torch.no_grad, .data?)")

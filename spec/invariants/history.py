@@ -1,0 +1,164 @@
+"""Call history: a module is a function of its parameters and its input, whatever was called before.
+
+Every other invariant builds a fresh module and calls it the same way a few times; these call it at
+other shapes, on other inputs, in train mode, after its parameters change, and compare with a module
+that is fresh. The dropout checks here are forward-level: they need no observable weights, so they
+apply to fused kernels (scaled_dot_product_attention) as well.
+"""
+
+import math
+
+import torch
+
+from attnspec.errors import NotApplicable, Violation
+from attnspec.invariants.base import ALL_KINDS, DROPOUT_KINDS, invariant
+from attnspec.strategies import NONZERO_DROPOUTS
+from attnspec.tolerance import allowed_error, assert_close
+
+FALSE_ALARM = 1e-6  # per example, for the statistical checks below
+MAX_REPLICAS = 4096  # batch replicas of the input, for the rare smallest configurations (T = 1, p = 0.05)
+
+
+def _fresh_with_parameters_of(case, module):
+    """A newly built module, given ``module``'s parameter values (by name) before its first call."""
+    fresh = case.build()
+    source = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            if name not in source or source[name].shape != p.shape:
+                raise Violation(f"two modules built from one configuration have different parameters ({name!r})")
+            p.copy_(source[name])
+    return fresh
+
+
+def _other_shape(case):
+    """(num_tokens, batch) unlike the example's: 1 token (a generation step) unless the example has 1."""
+    T = case.cfg.num_tokens
+    return (1 if T > 1 else min(2, case.cfg.context_length)), case.cfg.batch + 1
+
+
+@invariant("history-independent",
+           "after calls at another shape and on another input of x's shape, in eval and train mode, forward(x) "
+           "(train, then eval) equals forward(x) of a fresh module with the same parameters and RNG state",
+           ALL_KINDS, "forward")
+def history_independent(case):
+    """Eval then train: eval calls at (1 token, batch + 1) and on another input x' of x's shape, then a
+    train-mode call on x, compared with a fresh module's train-mode call on x from the same global RNG
+    state (eval calls draw no random numbers, so even a private generator is where a fresh module's is).
+    Train then eval: train calls at the other shape and on x', then eval on x, compared with the fresh
+    module's eval output. A cache keyed by shape (K/V, masks), a mask sized by the first call, a cache
+    not cleared when switching to train, or a dropout mask kept from train mode and reapplied in eval
+    shows as a difference."""
+    x = case.input()
+    fresh = _fresh_with_parameters_of(case, case.module)
+    expected = case.forward(x, module=fresh)
+    expected_train = case.forward(x, train=True, module=fresh, seed_salt=9)
+    other_tokens, other_batch = _other_shape(case)
+    other, same_shape = case.input(salt=2, num_tokens=other_tokens, batch=other_batch), case.input(salt=3)
+
+    def after(history, train):
+        for i, (before, before_train) in enumerate(history):
+            case.forward(before, train=before_train, seed_salt=i + 1)
+        calls = ", ".join(f"{'train' if t else 'eval'} {tuple(b.shape)}" for b, t in history)
+        return case.forward(x, train=train, seed_salt=9), f"after calls [{calls}]"
+
+    trained, calls = after([(other, False), (same_shape, False)], train=True)
+    try:
+        assert_close(trained, expected_train, dtype=x.dtype, what=f"train-mode output {calls} vs a fresh module's")
+    except Violation:
+        # Judge only a module whose train mode is a function of the global RNG: another fresh module agrees.
+        again = case.forward(x, train=True, module=_fresh_with_parameters_of(case, case.module), seed_salt=9)
+        if torch.equal(again, expected_train):
+            raise
+    evaluated, calls = after([(other, True), (same_shape, True)], train=False)
+    assert_close(evaluated, expected, dtype=x.dtype, what=f"eval output {calls} vs a fresh module's")
+
+
+@invariant("parameter-update-respected",
+           "after its parameters change in place (load_state_dict, an optimizer step), forward equals a fresh "
+           "module's given the same parameters",
+           ALL_KINDS, "forward")
+def parameter_update_respected(case):
+    """The module is called (eval and train) first, so anything computed lazily at the first call exists;
+    then (1) ``load_state_dict`` of a module built from another seed, (2) an in-place step
+    p += 0.5 rms(p) N(0, 1) on every parameter, as an optimizer does. After each, forward(x) must equal
+    that of a module built afresh with those parameters (set before its first call)."""
+    x, module = case.input(), case.module
+    case.forward(x)
+    case.forward(x, train=True)
+    other = case.build(seed=case.cfg.seed + 1)
+    case.guard("load_state_dict", module.load_state_dict, other.state_dict())
+    assert_close(case.forward(x), case.forward(x, module=other), dtype=x.dtype,
+                 what="output after load_state_dict of another module's state vs that module's output")
+    generator = torch.Generator().manual_seed(case.cfg.seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point():
+                rms = p.double().pow(2).mean().sqrt().item() if p.numel() else 0.0
+                step = torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.5 * (rms or 1.0)
+                p.add_(step.to(device=p.device, dtype=p.dtype))
+    assert_close(case.forward(x), case.forward(x, module=_fresh_with_parameters_of(case, module)), dtype=x.dtype,
+                 what="output after an in-place step on every parameter vs a fresh module given those parameters")
+
+
+def _replicated(case, needed):
+    """The example's input repeated along the batch so that it has at least ``needed`` attention rows
+    (batch x heads x num_tokens), and that number of rows."""
+    x = case.input()
+    rows = x.shape[0] * case.kind.attention_heads(case.cfg) * x.shape[-2]
+    replicas = min(MAX_REPLICAS, max(1, math.ceil(needed / rows)))
+    return x.repeat(replicas, 1, 1), rows * replicas
+
+
+def _rows_needed(probability_per_row):
+    """Rows n such that probability_per_row ** n <= FALSE_ALARM."""
+    return math.ceil(math.log(FALSE_ALARM) / math.log(probability_per_row))
+
+
+@invariant("train-differs-from-eval",
+           "train mode at dropout p > 0 changes the output (after an eval call): dropout is applied",
+           DROPOUT_KINDS, "forward", dropouts=NONZERO_DROPOUTS, dtypes=("float32", "float64"))
+def train_differs_from_eval(case):
+    """Inverted dropout changes every row of the weights that it touches: a kept weight becomes w/(1-p),
+    a dropped one 0, so train == eval needs every weight of every row kept AND no rescaling, which
+    inverted dropout never gives; with the rescaling left out of account the chance is at most
+    (1-p)^n over n attention rows (each row has a positive weight: its max), made <= FALSE_ALARM by
+    batch replicas of the input. A module that ignores its dropout (litgpt; dropout_p=0 passed to
+    scaled_dot_product_attention in train mode) fails."""
+    p = case.cfg.dropout
+    if p == 0:
+        raise NotApplicable("needs dropout > 0")
+    x, rows = _replicated(case, _rows_needed(1 - p))
+    if (1 - p) ** rows > FALSE_ALARM:
+        raise NotApplicable(f"dropout={p} is too small to test with {MAX_REPLICAS} replicas")
+    evaluated = case.forward(x)
+    trained = case.forward(x, train=True, seed_salt=1)
+    magnitude = max(evaluated.abs().max().item(), x.abs().max().item())
+    if (trained - evaluated).abs().max().item() <= allowed_error(x.dtype, magnitude):
+        raise Violation(f"train mode at dropout={p} gives the eval output (input of {tuple(x.shape)}, {rows} "
+                        f"attention rows; a correct module does so with probability < {FALSE_ALARM:g}): "
+                        f"dropout is never applied")
+
+
+@invariant("train-masks-vary",
+           "two train-mode calls at dropout p > 0 (different RNG states) give different outputs: new masks each call",
+           DROPOUT_KINDS, "forward", dropouts=NONZERO_DROPOUTS, dtypes=("float32", "float64"))
+def train_masks_vary(case):
+    """Case.forward seeds the global RNG from cfg.seed + salt, so the two calls see different RNG states.
+    Two independent masks agree on a weight with probability p^2 + (1-p)^2; on the max weight of each of
+    n rows, with (p^2 + (1-p)^2)^n <= FALSE_ALARM (batch replicas). Dropping a row's max weight (>= 1/T)
+    changes the row by far more than rounding. A generator reseeded to a fixed seed in forward fails."""
+    p = case.cfg.dropout
+    if p == 0:
+        raise NotApplicable("needs dropout > 0")
+    agree = p * p + (1 - p) ** 2
+    x, rows = _replicated(case, _rows_needed(agree))
+    if agree ** rows > FALSE_ALARM:
+        raise NotApplicable(f"dropout={p} is too small to test with {MAX_REPLICAS} replicas")
+    first = case.forward(x, train=True, seed_salt=1)
+    second = case.forward(x, train=True, seed_salt=2)
+    magnitude = max(first.abs().max().item(), x.abs().max().item())
+    if (second - first).abs().max().item() <= allowed_error(x.dtype, magnitude):
+        raise Violation(f"two train-mode calls at dropout={p} with different RNG states give the same output "
+                        f"(input of {tuple(x.shape)}, {rows} attention rows; a correct module does so with "
+                        f"probability < {FALSE_ALARM:g}): every call drops the same positions")
