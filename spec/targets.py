@@ -7,15 +7,18 @@ kind's constructor signature, or an ``Adapter`` (a subclass, an instance, or any
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.nn as nn
 
+from attnspec.case import describe
 from attnspec.errors import Unsupported, UsageError
 from attnspec.kinds import KINDS, Kind
 
@@ -157,22 +160,29 @@ class Target:
         return f"{self.kind.name}={self.name}"
 
 
+def _looks_like_file(module_part):
+    return module_part.endswith(".py") or os.sep in module_part or "/" in module_part or os.path.isfile(module_part)
+
+
 def _import(module_part):
-    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+    """The module named by TARGET: a file (any suffix, loaded as Python source) or an importable name."""
+    if _looks_like_file(module_part):
         path = Path(module_part).resolve()
         if not path.is_file():
             raise UsageError(f"target file {module_part!r} not found")
         sys.path.insert(0, str(path.parent))  # so the file can import its siblings
-        name = f"attnspec_target_{path.stem}_{abs(hash(str(path)))}"  # loaded afresh on every resolve
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(loader_spec)
+        stem = re.sub(r"\W", "_", path.stem)
+        name = f"attnspec_target_{stem}_{abs(hash(str(path)))}"  # loaded afresh on every resolve
+        # an explicit source loader: a .txt or suffix-less file is Python source too
+        loader = importlib.machinery.SourceFileLoader(name, str(path))
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
         sys.modules[name] = module
         try:
             with contextlib.redirect_stdout(sys.stderr):  # prints at import must not corrupt the report
-                loader_spec.loader.exec_module(module)
+                loader.exec_module(module)
         except BaseException as e:  # the user's file is broken: say so, do not crash
             del sys.modules[name]
-            raise UsageError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from None
+            raise UsageError(f"importing {module_part!r} raised {describe(e)}") from None
         return module
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -180,9 +190,9 @@ def _import(module_part):
         with contextlib.redirect_stdout(sys.stderr):
             return importlib.import_module(module_part)
     except ModuleNotFoundError as e:
-        raise UsageError(f"cannot import module {module_part!r}: {e}") from None
+        raise UsageError(f"cannot import module {module_part!r}: {describe(e).partition(': ')[2]}") from None
     except BaseException as e:
-        raise UsageError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from None
+        raise UsageError(f"importing {module_part!r} raised {describe(e)}") from None
 
 
 def _is_adapter(obj):
@@ -191,8 +201,9 @@ def _is_adapter(obj):
     return isinstance(obj, Adapter) or (not isinstance(obj, nn.Module) and callable(getattr(obj, "build", None)))
 
 
-def resolve(text):
-    """``KIND=TARGET`` -> Target, or UsageError with a one-line message saying what is wrong."""
+def parse(text):
+    """``KIND=TARGET`` -> (Kind, TARGET, module part, attribute), without importing anything; UsageError
+    with a one-line message saying what is wrong."""
     kind_name, sep, ref = text.partition("=")
     if not sep or not kind_name or not ref:
         raise UsageError(f"malformed target {text!r}: expected KIND=module:Attr or KIND=path/to/file.py:Attr")
@@ -202,6 +213,12 @@ def resolve(text):
     module_part, sep, attr = ref.rpartition(":")
     if not sep or not module_part or not attr:
         raise UsageError(f"malformed target {ref!r}: expected module:Attr or path/to/file.py:Attr")
+    return kind, ref, module_part, attr
+
+
+def resolve(text):
+    """``KIND=TARGET`` -> Target, or UsageError with a one-line message saying what is wrong."""
+    kind, ref, module_part, attr = parse(text)
     module = _import(module_part)
     obj = module
     for part in attr.split("."):
@@ -212,8 +229,8 @@ def resolve(text):
     if _is_adapter(obj):
         try:
             adapter = obj() if isinstance(obj, type) else obj
-        except Exception as e:
-            raise UsageError(f"adapter {attr!r} cannot be instantiated without arguments: {type(e).__name__}: {e}") from None
+        except BaseException as e:
+            raise UsageError(f"adapter {attr!r} cannot be instantiated without arguments: {describe(e)}") from None
         declared = getattr(adapter, "kind", None)
         if declared and declared != kind.name:
             raise UsageError(f"adapter {attr!r} is written for kind {declared!r}, not {kind.name!r}")
