@@ -103,9 +103,21 @@ def _restore_modes(saved):
     torch._GLOBAL_DEVICE_CONTEXT.device_context = context
 
 
+def _cwd():
+    try:
+        return os.getcwd()
+    except OSError:  # deleted
+        return None
+
+
+def _restore_cwd(saved):
+    if saved is not None and _cwd() != saved:
+        _chdir(saved)
+
+
 def _chdir(path):
     """Back to ``path``; if the module deleted it, to its nearest existing ancestor."""
-    while True:
+    while path:
         try:
             return os.chdir(path)
         except OSError:
@@ -148,7 +160,7 @@ _STATE = [
                 lambda s: torch.use_deterministic_algorithms(s[0], warn_only=s[1])),
     (torch.get_rng_state, torch.set_rng_state),  # (Python's random: Hypothesis resets it for every example)
     (lambda: (torch._C._len_torch_function_stack(), _default_device_context()), _restore_modes),
-    _if_changed(os.getcwd, _chdir),
+    (_cwd, _restore_cwd),
     (lambda: (sys.stdout, sys.stderr, sys.stdin), _set_streams),
 ]
 _MAIN_THREAD_STATE = [(_signal_handlers, _set_signal_handlers)]
@@ -282,17 +294,21 @@ class Case:
         torch.manual_seed(self.cfg.seed + seed_salt)
         step = _Step("forward")
 
-        def call():  # one guarded call (each costs ~0.1 ms): the mode switches, forward, the plain copy
+        def call():  # one guarded call (each costs ~0.1 ms): the mode switches and forward
             step.now = "module.train()"
             module.train(train)
             step.now = "forward"
             out = module(x)
             step.now = "module.eval()"
             module.eval()
-            step.now = "copying forward's output"
-            return (type(out), _plain_copy(out)) if isinstance(out, torch.Tensor) else (type(out), out)
+            return out
 
-        subclass, out = self.guard(step, call)
+        out = self.guard(step, call)
+        subclass = type(out)
+        if subclass is torch.Tensor:  # a copy: a module may reuse its output buffer
+            out = out.clone()
+        elif isinstance(out, torch.Tensor):  # the subclass's own code runs here: guarded
+            out = self.guard("copying forward's output", _plain_copy, out)
         if not isinstance(out, torch.Tensor):
             raise Violation(f"forward returned a {subclass.__module__}.{subclass.__qualname__}, expected a torch.Tensor")
         if type(out) is not torch.Tensor:

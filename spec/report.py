@@ -7,7 +7,7 @@ import torch
 
 from attnspec.invariants import BY_ID
 
-MARK = {"pass": "pass", "fail": "FAIL", "not-applicable": "n/a"}
+MARK = {"pass": "pass", "fail": "FAIL", "not-applicable": "n/a", "internal-error": "ERROR"}
 
 
 def _cell(rep, inv_id, marks):
@@ -112,7 +112,7 @@ def write_json(path, reports, profile, options):
 
 def to_markdown(reports, profile):
     ids = _ids(reports)
-    icon = {"pass": "✅", "fail": "❌", "not-applicable": "n/a"}
+    icon = {"pass": "✅", "fail": "❌", "not-applicable": "n/a", "internal-error": "ERROR"}
     lines = [f"## attnspec conformance ({profile} profile)", "",
              "| invariant | " + " | ".join(f"`{rep.target.spec}`" for rep in reports) + " |",
              "|---|" + "---|" * len(reports)]

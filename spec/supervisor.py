@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 
-from attnspec.case import CALL_TIME_LIMIT_S, _chdir, clean_text
+from attnspec.case import CALL_TIME_LIMIT_S, _chdir, clean_text, describe
 from attnspec.errors import UsageError
 from attnspec.invariants import BY_ID
 from attnspec.runner import Options, Result, TargetReport
@@ -68,9 +68,10 @@ def _worker_main(commands, events, supervisor_pid):
         os.environ.update(job["env"])
         sys.path[:] = job["path"]
         _run(job, commands, send)
-    except BaseException:  # attnspec's own code failed (the module's exceptions are caught in guard)
+    except BaseException as e:  # attnspec's own code failed (the module's exceptions are caught in guard)
         try:
-            send(ev="crash", error=traceback.format_exc(limit=-3))
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            send(ev="crash", error=f"({where.filename}:{where.lineno}): {describe(e)}")
         except BaseException:
             pass
     finally:
@@ -150,7 +151,7 @@ class _Worker:
         commands_r, self.commands = ctx.Pipe(duplex=False)
         self.events, events_w = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=_worker_main, args=(commands_r, events_w, os.getpid()), daemon=True,
-                                   name=f"attnspec worker {job.spec}")
+                                   name=f"attnspec worker {job.index}")
         self.process.start()
         commands_r.close()
         events_w.close()
@@ -382,7 +383,7 @@ class Supervisor:
         if self.stopped is not None:  # the run is being interrupted: that is no verdict on the module
             return
         if crash is not None:
-            status, reason = "internal-error", f"internal error in attnspec (worker): {crash.strip().splitlines()[-1]}"
+            status, reason = "internal-error", f"internal error in attnspec {crash}"
         else:
             reason = reason or f"the worker process {_exit_reason(worker.process.exitcode)}"
             where = {"resolving": "while importing the target", "idle": "after importing the target"}.get(state)
