@@ -1,7 +1,11 @@
 """The command line: `attnspec list` prints the spec; `attnspec check KIND=TARGET ...` gates modules.
 
 Exit status of check: 0 every applicable invariant holds for every target; 1 at least one is
-violated; 2 usage error (unknown kind, malformed or unimportable target, bad option)."""
+violated (a module that raises, hangs, exits or kills its worker included); 2 usage error (unknown
+kind, malformed or unimportable target, bad option or report path), before anything runs; 3 not
+fully checked (stopped early by SIGTERM/SIGINT or --total-time-limit, nothing failed); 4 internal
+error in attnspec. The targets run in worker processes (spec/supervisor.py); this process owns the
+verdict and the reports, which are written whatever happens, before anything is printed."""
 
 import argparse
 import json

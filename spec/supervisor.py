@@ -8,9 +8,11 @@ supervisor or another target. Two workers check at a time (``JOBS``).
 
 Protocol: JSON over two one-way pipes, never pickled objects. Supervisor -> worker:
 ``{"op": "resolve", ...}`` then, once every target resolved, ``{"op": "check", ...}``. Worker ->
-supervisor: ``resolved``/``usage`` (the one-line usage error), then for each call into the module
-``call`` (what, configuration) and ``ret`` (spec/case.py's monitor), one ``result`` per invariant
-(``dataclasses.asdict(Result)``), and ``done``. The supervisor kills a worker whose call outlives the
+supervisor: ``resolved``/``usage`` (the one-line usage error), one ``result`` per invariant
+(``dataclasses.asdict(Result)``), and ``done``. Around every call into the module (spec/case.py's
+monitor) the worker writes what it calls, the configuration and the time onto a small shared-memory
+board (no system call: thousands of calls a second cost nothing), which the supervisor reads for
+its deadlines and, after a death, for the reason and the counterexample. The supervisor kills a worker whose call outlives the
 per-call limit by ``grace`` (a module that blocks, ignores or swallows SIGALRM, or one long C++ op),
 whose import outlives ``IMPORT_LIMITS`` per-call limits, or that says nothing for ``SILENCE_S``
 outside calls. A worker that dies, exits (any status) or is killed fails the invariant it was in,
@@ -39,6 +41,7 @@ from attnspec.runner import Options, Result, TargetReport
 from attnspec.targets import Target, parse
 
 JOBS = 2  # targets checked at a time (the CI machine has 2 cores)
+BOARD_BYTES = 4096  # the worker's board: 4-byte length, then JSON [what or null, cfg json, monotonic time]
 IMPORT_LIMITS = 3  # importing a target may take this many per-call limits
 SILENCE_S = 60.0  # the longest a worker may go without a message outside calls (harness code only)
 RETRIES = 2  # fresh workers for a target's remaining invariants after its worker died
@@ -48,7 +51,7 @@ POLL_S = 0.25  # how often the supervisor looks at its signal flag
 # ---------------------------------------------------------------------------------------------
 # The worker side (a forked child of the forkserver; imports the module under test).
 
-def _worker_main(commands, events, supervisor_pid):
+def _worker_main(commands, events, board, supervisor_pid):
     """Resolve one target, wait for the go, check it, stream results; always ends with os._exit, so a
     module's non-daemon threads and atexit hooks cannot keep the process alive or change anything."""
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -67,7 +70,7 @@ def _worker_main(commands, events, supervisor_pid):
         os.environ.clear()
         os.environ.update(job["env"])
         sys.path[:] = job["path"]
-        _run(job, commands, send)
+        _run(job, commands, send, board)
     except BaseException as e:  # attnspec's own code failed (the module's exceptions are caught in guard)
         try:
             where = traceback.extract_tb(e.__traceback__)[-1]
@@ -78,7 +81,7 @@ def _worker_main(commands, events, supervisor_pid):
         os._exit(0)
 
 
-def _run(job, commands, send):
+def _run(job, commands, send, board):
     import torch
 
     from attnspec import case
@@ -96,10 +99,35 @@ def _run(job, commands, send):
     job = json.loads(commands.recv_bytes())
     options = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["options"].items()})
     example = Config.from_json(job["example"]) if job["example"] else None
-    case.set_monitor(lambda what, cfg: send(ev="call", what=what, cfg=cfg.to_json()) if what else send(ev="ret"))
+    case.set_monitor(_Board(board).post)
     check_target(target, options, progress=lambda r: send(ev="result", result=dataclasses.asdict(r)), example=example)
     case.set_monitor(None)
     send(ev="done")
+
+
+class _Board:
+    """The worker's side of the board: (what, cfg) before a call, (None, None) after it."""
+
+    def __init__(self, board):
+        self.board, self.cfg, self.cfg_json = board, None, None
+
+    def post(self, what, cfg):
+        if cfg is not None and cfg is not self.cfg:
+            self.cfg, self.cfg_json = cfg, cfg.to_json()
+        data = json.dumps([what, self.cfg_json if what else None, time.monotonic()]).encode()
+        if len(data) <= BOARD_BYTES - 4:
+            self.board[4:4 + len(data)] = data
+            self.board[0:4] = len(data).to_bytes(4, "little")
+
+
+def _read_board(board):
+    """(what, cfg json, since) in a call, (None, None, since) after one, or None (empty or mid-write)."""
+    try:
+        n = int.from_bytes(board[0:4], "little")
+        what, cfg, since = json.loads(board[4:4 + n]) if 0 < n <= BOARD_BYTES - 4 else (None, None, None)
+        return (clean_text(str(what)) if what is not None else None, cfg, float(since)) if since is not None else None
+    except (ValueError, TypeError):
+        return None
 
 
 def _watch_supervisor(pid):
@@ -120,13 +148,14 @@ def _watch_supervisor(pid):
 _forkserver = None
 
 
-def _context():
-    """Where workers come from. A single-threaded supervisor (the `attnspec check` process) forks
-    itself: torch is imported and no thread holds a lock, so a worker starts in ~20 ms. With other
-    threads (e.g. cli.main inside pytest-xdist), forking is unsafe: workers come from a forkserver
-    that imports torch and attnspec once (~3 s, then ~20 ms a worker)."""
+def _context(device):
+    """Where workers come from. A single-threaded supervisor (the `attnspec check` process) checking
+    on the CPU forks itself: torch is imported, no thread holds a lock and no tensor op has started
+    an OpenMP pool, so a worker starts in ~20 ms. With other threads (e.g. cli.main inside
+    pytest-xdist), or CUDA (which a forked child cannot re-initialize), workers come from a
+    forkserver that imports torch and attnspec once (~3 s, then ~20 ms a worker)."""
     global _forkserver
-    if threading.active_count() == 1:
+    if threading.active_count() == 1 and device == "cpu":
         return multiprocessing.get_context("fork")
     if _forkserver is None:
         _forkserver = multiprocessing.get_context("forkserver")
@@ -146,18 +175,31 @@ def _exit_reason(code):
 
 
 class _Worker:
-    def __init__(self, job):
-        ctx = _context()
+    def __init__(self, job, device):
+        ctx = _context(device)
         commands_r, self.commands = ctx.Pipe(duplex=False)
         self.events, events_w = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_worker_main, args=(commands_r, events_w, os.getpid()), daemon=True,
+        self.board = ctx.RawArray("c", BOARD_BYTES)
+        self.process = ctx.Process(target=_worker_main, args=(commands_r, events_w, self.board, os.getpid()), daemon=True,
                                    name=f"attnspec worker {job.index}")
         self.process.start()
         commands_r.close()
         events_w.close()
         self.job, self.state = job, "resolving"
         self.started = self.heard = time.monotonic()
-        self.call = None  # (what, cfg json, since) while the module runs
+        self.posted = None  # the board as last read
+
+    @property
+    def call(self):
+        """(what, cfg json, since) while the module runs, else None."""
+        posted = _read_board(self.board)
+        self.posted = posted or self.posted
+        return self.posted if self.posted and self.posted[0] is not None else None
+
+    @property
+    def quiet_since(self):
+        """Since when the worker has been in attnspec's own code (the last call returned, or the go)."""
+        return max(self.heard, self.posted[2]) if self.posted else self.heard
 
     def send(self, **message):
         try:
@@ -238,7 +280,7 @@ class Supervisor:
 
     def _start(self, job):
         job.attempts += 1
-        job.worker = _Worker(job)
+        job.worker = _Worker(job, self.options.device)
         job.worker.send(op="resolve", target=job.spec, cwd=self.cwd, env=dict(os.environ), path=list(sys.path),
                         threads=self.threads)
 
@@ -303,15 +345,17 @@ class Supervisor:
         if worker.state == "resolving":
             return worker.started + IMPORT_LIMITS * self.limit
         if worker.state == "checking":
-            return worker.call[2] + self.limit + self.grace if worker.call else worker.heard + SILENCE_S
+            call = worker.call
+            return call[2] + self.limit + self.grace if call else worker.quiet_since + SILENCE_S
         return None  # idle: waiting for the go
 
     def _timeout_reason(self, worker, now):
         if worker.state == "resolving":
             return f"importing the target did not finish within {IMPORT_LIMITS * self.limit:g} s (worker killed)"
-        if worker.call:
-            return (f"{worker.call[0]} did not return within {self.limit:g} s (the in-process timer was defeated; "
-                    f"worker killed after {now - worker.call[2]:.0f} s)")
+        call = worker.call
+        if call:
+            return (f"{call[0]} did not return within {self.limit:g} s (the in-process timer was defeated; "
+                    f"worker killed after {now - call[2]:.0f} s)")
         return f"the worker stopped answering for {SILENCE_S:g} s outside any call into the module (worker killed)"
 
     def _read(self, worker):
@@ -333,11 +377,7 @@ class Supervisor:
 
     def _handle(self, worker, message):
         job, ev = worker.job, message["ev"]
-        if ev == "call":
-            worker.call = (clean_text(str(message["what"])), message["cfg"], time.monotonic())
-        elif ev == "ret":
-            worker.call = None
-        elif ev == "result":
+        if ev == "result":
             result = _rebuild(message["result"])
             if result.invariant != job.current:
                 raise ValueError(result.invariant)

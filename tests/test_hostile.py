@@ -102,7 +102,7 @@ CASES = {  # name: (target, extra args, exit status, cause of the failure)
     "blocks SIGALRM": (hostile("BlocksAlarm"), TL1, 1, TIMER),
     "signal.alarm(0)": (hostile("CancelsAlarm"), TL1, 1, TIMER),
     "bare except swallows the timeout": (hostile("SwallowsTimeout"), TL1, 1, TIMER),
-    "one long C++ op": (hostile("LongNativeCall"), TL1, 1, TIMER + r".*killed after \d+ s"),
+    "one long C++ op": (hostile("LongNativeCall"), TL1, 1, TIMER + r".*worker killed after \d+ s"),
     "exception __str__ hangs": (hostile("MessageHangs"), TL1, 1, r"forward raised _HangingMessage: <its message did not format"),
     "hang at import": (hostile("MHA", "hangs_at_import.py"), TL1, 1, r"importing the target did not finish within 3 s"),
     "non-daemon thread": (hostile("NonDaemonThread"), (), 0, None),
@@ -151,6 +151,15 @@ def test_guard_restores_process_state_in_process():
         assert [r.status for r in rep.results] == ["pass", "pass"], (poison.__name__, rep.results)
         assert snapshot() == before, poison.__name__
     assert [r.status for r in check_target(resolve(GOOD), options).results] == ["pass", "pass"]
+
+
+def test_total_time_limit_stops_the_run(tmp_path):
+    spec = hostile("SwallowsTimeout")
+    rc, out, err, report, md = run(spec, *FAST, "--time-limit", "60", "--total-time-limit", "1", tmp_path=tmp_path)
+    assert rc == 3 and "Traceback" not in out + err, out + err
+    [hung] = results(report, spec)
+    assert hung["status"] == "not-applicable" and "--total-time-limit 1 s reached" in hung["reason"], hung
+    assert md is not None
 
 
 # ---------------------------------------------------------------------------------------------
