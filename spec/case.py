@@ -112,10 +112,10 @@ def _cwd():
 
 def _restore_cwd(saved):
     if saved is not None and _cwd() != saved:
-        _chdir(saved)
+        change_dir(saved)
 
 
-def _chdir(path):
+def change_dir(path):
     """Back to ``path``; if the module deleted it, to its nearest existing ancestor."""
     while path:
         try:
@@ -126,9 +126,9 @@ def _chdir(path):
             path = os.path.dirname(path)
 
 
-def _if_changed(get, set, same=lambda a, b: a == b):
+def _if_changed(get, set):
     """(save, restore) that only calls the setter when the value changed (some setters cost ~1 ms)."""
-    return get, lambda saved: None if same(get(), saved) else set(saved)
+    return get, lambda saved: None if get() == saved else set(saved)
 
 
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGCHLD,

@@ -2,9 +2,9 @@
 and never imports the module under test; each target is resolved and checked in its own worker.
 
 Workers are forked from a process that has imported torch and attnspec (``_context``: ~20 ms a
-worker, not the ~3 s of a fresh interpreter), so every target gets a fresh process: nothing a module does to its
-process (global state, threads, signal handlers, atexit hooks, os._exit, a segfault) reaches the
-supervisor or another target. Two workers check at a time (``JOBS``).
+worker, not the ~3 s of a fresh interpreter), so every target gets a fresh process: nothing a
+module does to its process (global state, threads, signal handlers, atexit hooks, os._exit, a
+segfault) reaches the supervisor or another target. Two workers check at a time (``JOBS``).
 
 Protocol: JSON over two one-way pipes, never pickled objects. Supervisor -> worker:
 ``{"op": "resolve", ...}`` then, once every target resolved, ``{"op": "check", ...}``. Worker ->
@@ -12,10 +12,11 @@ supervisor: ``resolved``/``usage`` (the one-line usage error), one ``result`` pe
 (``dataclasses.asdict(Result)``), and ``done``. Around every call into the module (spec/case.py's
 monitor) the worker writes what it calls, the configuration and the time onto a small shared-memory
 board (no system call: thousands of calls a second cost nothing), which the supervisor reads for
-its deadlines and, after a death, for the reason and the counterexample. The supervisor kills a worker whose call outlives the
-per-call limit by ``grace`` (a module that blocks, ignores or swallows SIGALRM, or one long C++ op),
-whose import outlives ``IMPORT_LIMITS`` per-call limits, or that says nothing for ``SILENCE_S``
-outside calls. A worker that dies, exits (any status) or is killed fails the invariant it was in,
+its deadlines and, after a death, for the reason and the counterexample.
+
+The supervisor kills a worker whose call outlives the per-call limit by ``grace`` (a module that
+blocks, ignores or swallows SIGALRM, or one long C++ op), whose import outlives ``IMPORT_LIMITS``
+per-call limits, or that stays ``SILENCE_S`` in attnspec's own code without a call. A worker that dies, exits (any status) or is killed fails the invariant it was in,
 with the reason and, if it was in a call, the configuration; the target's remaining invariants go to
 a fresh worker, at most ``RETRIES`` times (then, or after output-contract, they are "not checked").
 A worker that dies or hangs while importing fails its target (the other targets are still judged);
@@ -34,9 +35,8 @@ import threading
 import time
 import traceback
 
-from attnspec.case import CALL_TIME_LIMIT_S, _chdir, clean_text, describe
+from attnspec.case import CALL_TIME_LIMIT_S, change_dir, clean_text, describe
 from attnspec.errors import UsageError
-from attnspec.invariants import BY_ID
 from attnspec.runner import Options, Result, TargetReport
 from attnspec.targets import Target, parse
 
@@ -49,7 +49,7 @@ POLL_S = 0.25  # how often the supervisor looks at its signal flag
 
 
 # ---------------------------------------------------------------------------------------------
-# The worker side (a forked child of the forkserver; imports the module under test).
+# The worker side (forked from the supervisor or the forkserver; imports the module under test).
 
 def _worker_main(commands, events, board, supervisor_pid):
     """Resolve one target, wait for the go, check it, stream results; always ends with os._exit, so a
@@ -66,7 +66,7 @@ def _worker_main(commands, events, board, supervisor_pid):
 
     try:
         job = json.loads(commands.recv_bytes())
-        _chdir(job["cwd"])  # (or its nearest ancestor, if a module deleted it)
+        change_dir(job["cwd"])  # (or its nearest ancestor, if a module deleted it)
         os.environ.clear()
         os.environ.update(job["env"])
         sys.path[:] = job["path"]
@@ -389,15 +389,13 @@ class Supervisor:
             else:
                 worker.state = "idle"
         elif ev == "usage":
-            self._finish(job)
-            if job.attempts > 1:  # a retry that no longer imports: the module's doing
-                self._not_checked(job, f"not checked: resolving the target again failed: {message['message']}")
-            else:
+            if job.attempts == 1:
                 raise UsageError(clean_text(str(message["message"])))
-        elif ev == "done":
+            # a retry that no longer imports: the module's doing
+            self._not_checked(job, f"not checked: importing the target again failed: {clean_text(str(message['message']))}")
             self._finish(job)
-            if job.current is not None:
-                self._not_checked(job, "not checked: the worker ended early")
+        elif ev == "done":
+            self._not_checked(job, "not checked: the worker ended early")  # (nothing, normally)
             self._finish(job)
         elif ev == "crash":
             self._lost(worker, None, crash=clean_text(str(message["error"])))
