@@ -1,14 +1,25 @@
 """One example: a target built from one configuration, and guarded calls into the module.
 
-Everything the module under test does runs through ``guard``: an exception, a hang past the time
-limit, or a wrong return type becomes a Violation naming the call, never a crash of the harness.
-The module is built once per example; each check reuses it.
+Everything the module under test does runs through ``guard``: an exception (any BaseException), a
+hang past the time limit, or a wrong return type becomes a Violation naming the call, never a crash
+of the harness; the process-wide state a module can change (torch's grad mode, default dtype and
+device, threads, RNG, function modes; cwd, sys.stdout/stderr, warnings filters, signal handlers and
+mask) is restored after every call, so one target cannot break the checks of the next. Outputs are
+copied into plain tensors before anything compares them. The module is built once per example.
+
+The timer is a SIGALRM in this process: enough for a well-behaved module. `attnspec check` also runs
+every target in a worker process (spec/supervisor.py) that reports each call through ``set_monitor``,
+so a module that blocks or swallows the alarm is killed from outside.
 """
 
+import _signal  # signal's C core: the same calls without the enum conversions (~10x faster per call)
 import contextlib
 import io
+import os
 import signal
+import sys
 import threading
+import warnings
 from functools import cached_property
 
 import torch
@@ -18,6 +29,14 @@ from attnspec.probe import AttentionProbe
 from attnspec.variants import contract
 
 CALL_TIME_LIMIT_S = 10.0  # one constructor or forward call; overridable with --time-limit
+MESSAGE_CHARS = 2000  # a module's exception message is cut to this length
+
+_monitor = None  # worker processes: called with (what, cfg) before each call into the module, (None, None) after
+
+
+def set_monitor(fn):
+    global _monitor
+    _monitor = fn
 
 
 class _Timeout(BaseException):  # BaseException: a module's `except Exception` cannot swallow it
@@ -26,6 +45,8 @@ class _Timeout(BaseException):  # BaseException: a module's `except Exception` c
 
 @contextlib.contextmanager
 def _time_limit(seconds):
+    """SIGALRM after ``seconds`` (main thread only). On the way out the alarm is cancelled, one the
+    module left pending (blocked) is discarded, and the signal mask and handler are restored."""
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -33,13 +54,186 @@ def _time_limit(seconds):
     def expire(signum, frame):
         raise _Timeout()
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    previous = _signal.signal(signal.SIGALRM, expire)
+    _signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        _signal.setitimer(signal.ITIMER_REAL, 0)
+        _signal.signal(signal.SIGALRM, _signal.SIG_IGN)  # discards a pending alarm (POSIX)
+        if _signal.pthread_sigmask(signal.SIG_BLOCK, ()) != mask:
+            _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _signal.signal(signal.SIGALRM, previous if previous is not None else _signal.SIG_DFL)
+
+
+def clean_text(text):
+    """``text`` safe to write anywhere: lone surrogates backslash-escaped, cut to MESSAGE_CHARS."""
+    text = text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def describe(exc, time_limit=None):
+    """``Type: message`` of an exception raised by module code, even if its ``__str__`` raises or hangs."""
+    try:
+        name = type(exc).__name__ if isinstance(type(exc).__name__, str) else "exception"
+    except BaseException:
+        name = "exception"
+    try:
+        with _time_limit(time_limit):
+            message = str(exc)
+        if not isinstance(message, str):
+            raise TypeError
+    except _Timeout:
+        message = f"<its message did not format within {time_limit:g} s>"
+    except BaseException:
+        message = "<its message cannot be formatted>"
+    return clean_text(f"{name}: {message}" if message else name)
+
+
+def _default_device_context():
+    return getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+
+
+def _restore_modes(saved):
+    """Pop the torch function modes a call left pushed (``set_default_device`` pushes one) and put
+    the default device back."""
+    depth, context = saved
+    while torch._C._len_torch_function_stack() > depth:
+        torch._C._pop_torch_function_stack()
+    torch._GLOBAL_DEVICE_CONTEXT.device_context = context
+
+
+def _cwd():
+    try:
+        return os.getcwd()
+    except OSError:  # deleted
+        return None
+
+
+def _restore_cwd(saved):
+    if saved is not None and _cwd() != saved:
+        change_dir(saved)
+
+
+def change_dir(path):
+    """Back to ``path``; if the module deleted it, to its nearest existing ancestor."""
+    while path:
+        try:
+            return os.chdir(path)
+        except OSError:
+            if path == os.path.dirname(path):
+                return
+            path = os.path.dirname(path)
+
+
+def _if_changed(get, set):
+    """(save, restore) that only calls the setter when the value changed (some setters cost ~1 ms)."""
+    return get, lambda saved: None if get() == saved else set(saved)
+
+
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGCHLD,
+                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
+
+
+def _signal_handlers():
+    return [(s, _signal.getsignal(s)) for s in _HANDLED_SIGNALS]
+
+
+def _set_signal_handlers(saved):
+    for s, handler in saved:
+        if handler is not None and _signal.getsignal(s) is not handler:
+            _signal.signal(s, handler)
+
+
+def _set_streams(saved):
+    sys.stdout, sys.stderr, sys.stdin = saved
+
+
+# Process-wide state a module can change, as (save, restore) pairs: saved before every call into the
+# module and restored after it. Signal handlers only in the main thread (Python's rule).
+_STATE = [
+    _if_changed(torch.is_grad_enabled, torch.set_grad_enabled),
+    _if_changed(torch.get_default_dtype, torch.set_default_dtype),
+    _if_changed(torch.get_num_threads, torch.set_num_threads),
+    _if_changed(torch.is_anomaly_enabled, torch.set_anomaly_enabled),
+    _if_changed(lambda: (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+                lambda s: torch.use_deterministic_algorithms(s[0], warn_only=s[1])),
+    (torch.get_rng_state, torch.set_rng_state),  # (Python's random: Hypothesis resets it for every example)
+    (lambda: (torch._C._len_torch_function_stack(), _default_device_context()), _restore_modes),
+    (_cwd, _restore_cwd),
+    (lambda: (sys.stdout, sys.stderr, sys.stdin), _set_streams),
+]
+_MAIN_THREAD_STATE = [(_signal_handlers, _set_signal_handlers)]
+
+
+@contextlib.contextmanager
+def restored_state():
+    """Run the block, then put back every piece of process-wide state in ``_STATE`` (and CUDA's RNG
+    if CUDA is in use) and the warnings filters."""
+    pairs = list(_STATE)
+    if threading.current_thread() is threading.main_thread():
+        pairs += _MAIN_THREAD_STATE
+    if torch.cuda.is_initialized():
+        pairs.append((torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
+    saved = [(save(), restore) for save, restore in pairs]
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        for value, restore in saved:
+            restore(value)
+
+
+class _UserInterrupt:
+    """While a module runs in the main thread with Python's default SIGINT handler (the pytest plugin),
+    record a real Ctrl-C so it is re-raised, not blamed on the module. Workers ignore SIGINT: there a
+    KeyboardInterrupt can only come from the module."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __enter__(self):
+        self.active = (threading.current_thread() is threading.main_thread()
+                       and _signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.active:
+            _signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.active:
+            _signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def _reported(what, cfg):
+    if _monitor:
+        _monitor(str(what), cfg)
+    try:
+        yield
+    finally:
+        if _monitor:
+            _monitor(None, None)
+
+
+class _Step:
+    """What a guarded call is doing now (its str), for the message if it fails there."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __str__(self):
+        return self.now
+
+
+def _plain_copy(t):
+    """A plain torch.Tensor copy of ``t`` (autograd graph kept), bypassing a subclass's __torch_function__."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.clone()
 
 
 class Case:
@@ -53,29 +247,47 @@ class Case:
         self.stdout_sink = stdout_sink  # list collecting what modules printed
 
     def guard(self, what, fn, *args, **kwargs):
-        """Call module code: its exceptions, hangs and prints are reported, not propagated."""
+        """Call module code: its exceptions, hangs and prints are reported, not propagated, and the
+        global state it changed is restored. Violation/NotApplicable/Unsupported pass through (an
+        adapter's verdicts)."""
         buffer = io.StringIO()
         try:
-            with _time_limit(self.time_limit), contextlib.redirect_stdout(buffer):
-                return fn(*args, **kwargs)
-        except (Violation, NotApplicable, Unsupported, InternalError):  # InternalError: our hooks/probe
-            raise
-        except _Timeout:
-            raise Violation(f"{what} did not return within {self.time_limit:g} s") from None
-        except (Exception, SystemExit) as e:  # sys.exit() in a module must not end the harness
-            raise Violation(f"{what} raised {type(e).__name__}: {e}") from None
+            with _reported(what, self.cfg), restored_state(), _UserInterrupt() as interrupt:
+                try:
+                    with _time_limit(self.time_limit), contextlib.redirect_stdout(buffer):
+                        return fn(*args, **kwargs)
+                except (Violation, NotApplicable, Unsupported, InternalError):  # InternalError: our hooks/probe
+                    raise
+                except _Timeout:
+                    message = f"{what} did not return within {self.time_limit:g} s"
+                except BaseException as e:  # SystemExit, KeyboardInterrupt, GeneratorExit...: the module's
+                    if interrupt.seen:
+                        raise
+                    message = f"{what} raised {describe(e, self.time_limit)}"
         finally:
             if buffer.getvalue() and self.stdout_sink is not None:
                 self.stdout_sink.append(buffer.getvalue())
+        raise Violation(message)
 
     def build(self, seed=None):
         """A fresh module, constructed after torch.manual_seed(seed or cfg.seed), in eval mode."""
-        torch.manual_seed(self.cfg.seed if seed is None else seed)
+        self.seed(self.cfg.seed if seed is None else seed)
         module = self.guard("the constructor", self.target.adapter.build, self.cfg)
         if not isinstance(module, torch.nn.Module):
             raise Violation(f"the constructor returned {type(module).__name__}, not a torch.nn.Module")
-        module = self.guard("moving the module", module.to, device=self.cfg.device, dtype=self.cfg.torch_dtype)
-        return module.eval()
+        moved = self.guard("moving the module (module.to)", module.to, device=self.cfg.device, dtype=self.cfg.torch_dtype)
+        if not isinstance(moved, torch.nn.Module):
+            raise Violation(f"module.to(device, dtype) returned {type(moved).__name__}, not the module")
+        self.guard("module.eval()", moved.eval)
+        return moved
+
+    def seed(self, seed):
+        """torch.manual_seed(seed); on the CPU only the CPU generator (torch.manual_seed also seeds
+        every uninitialized accelerator backend, formatting a stack trace each: ~5 ms a call)."""
+        if self.cfg.device == "cpu":
+            torch.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
 
     @cached_property
     def module(self):
@@ -85,18 +297,36 @@ class Case:
         return self.cfg.random_input(self.kind.input_shape(self.cfg, num_tokens, batch), salt)
 
     def forward(self, x, train=False, module=None, seed_salt=0):
-        """module(x) in eval or train mode; must be a Tensor of the kind's output shape. The global RNG
-        is seeded from the config first, so every call is reproducible (even a module that draws
-        random numbers in eval mode)."""
+        """module(x) in eval or train mode; must be a plain strided Tensor of the kind's output shape on
+        x's device (a tensor subclass is copied into a plain tensor first). The global RNG is seeded
+        from the config first, so every call is reproducible (even a module that draws random numbers
+        in eval mode). Returns a copy: a module may reuse its output buffer."""
         module = self.module if module is None else module
-        module.train(train)
-        torch.manual_seed(self.cfg.seed + seed_salt)
-        try:
-            out = self.guard("forward", module, x)
-        finally:
+        self.seed(self.cfg.seed + seed_salt)
+        step = _Step("forward")
+
+        def call():  # one guarded call (each costs ~0.1 ms): the mode switches and forward
+            step.now = "module.train()"
+            module.train(train)
+            step.now = "forward"
+            out = module(x)
+            step.now = "module.eval()"
             module.eval()
+            return out
+
+        out = self.guard(step, call)
+        subclass = type(out)
+        if subclass is torch.Tensor:  # a copy: a module may reuse its output buffer
+            out = out.clone()
+        elif isinstance(out, torch.Tensor):  # the subclass's own code runs here: guarded
+            out = self.guard("copying forward's output", _plain_copy, out)
         if not isinstance(out, torch.Tensor):
-            raise Violation(f"forward returned a {type(out).__module__}.{type(out).__qualname__}, expected a torch.Tensor")
+            raise Violation(f"forward returned a {subclass.__module__}.{subclass.__qualname__}, expected a torch.Tensor")
+        if type(out) is not torch.Tensor:
+            raise Violation(f"forward returned a {subclass.__qualname__} that does not convert to a plain torch.Tensor")
+        if out.layout != torch.strided or out.device != x.device:
+            raise Violation(f"forward returned a {out.layout} tensor on device {out.device}, expected a strided "
+                            f"tensor on {x.device}")
         expected = self.kind.output_shape(self.cfg, num_tokens=x.shape[-2], batch=x.shape[0] if self.kind.batched else None)
         if tuple(out.shape) != expected:
             raise Violation(f"forward returned shape {tuple(out.shape)}, expected {expected} for input {tuple(x.shape)}")
@@ -104,7 +334,7 @@ class Case:
             index = tuple(int(i) for i in (~torch.isfinite(out)).nonzero()[0])
             raise Violation(f"forward returned output[{index}] = {out[index].item()} for a finite input "
                             f"(scale {self.cfg.scale:g}, {'train' if train else 'eval'} mode)")
-        return out.clone()  # a module may reuse its output buffer; comparisons need their own copy
+        return out
 
     def observe(self, x, train=False, module=None):
         """(output, Observation); NotApplicable if no attention softmax is seen."""

@@ -1,16 +1,21 @@
 """The command line: `attnspec list` prints the spec; `attnspec check KIND=TARGET ...` gates modules.
 
 Exit status of check (``runner.EXIT``; when several apply, the first of 2, 1, 4, 3, 0):
-0 every applicable invariant was checked and holds on every target; 1 at least one is violated;
-2 usage error (unknown kind, malformed or unimportable target, bad option, a selection that leaves
-nothing to check), before anything runs; 3 not fully checked: some invariant is n/a (cannot observe
-what it needs) and the user did not accept it (--accept-na, --expectations); 4 internal error in
-attnspec itself (nothing failed)."""
+0 every applicable invariant was checked and holds on every target; 1 at least one is violated (a
+module that raises, hangs, exits or kills its worker included); 2 usage error (unknown kind, malformed
+or unimportable target, bad option or report path, a selection that leaves nothing to check), before
+anything runs; 3 not fully checked: some invariant is n/a and the user did not accept it (--accept-na,
+--expectations), or the run was stopped early (SIGTERM/SIGINT, --total-time-limit); 4 internal error in
+attnspec itself (nothing failed). The targets run in worker processes (spec/supervisor.py); this process
+owns the verdict and the reports, which are written whatever happens, before anything is printed."""
 
 import argparse
+import json
+import math
 import os
+import signal
 import sys
-import time
+import threading
 
 import torch
 
@@ -18,8 +23,9 @@ from attnspec import __version__, expectations, profiles, report
 from attnspec.errors import UsageError
 from attnspec.invariants import CATALOGUE, OBSERVES
 from attnspec.kinds import DTYPES, KINDS, Config
-from attnspec.runner import EXIT, Options, check_target, exit_status
-from attnspec.targets import BUNDLED, resolve
+from attnspec.runner import EXIT, Options, exit_status
+from attnspec.supervisor import Supervisor
+from attnspec.targets import BUNDLED, parse
 from attnspec.variants import VARIANTS, check_names
 
 GPT2_SIZES = {"d_in": 768, "d_out": 768, "num_heads": 12, "context_length": 1024}
@@ -54,6 +60,8 @@ def _parser():
     chk.add_argument("--size", choices=("small", "gpt2"), default="small",
                      help="small: dims <= 8 (default); gpt2: emb 768, 12 heads, context 1024")
     chk.add_argument("--time-limit", type=float, default=None, help="seconds allowed per constructor/forward call")
+    chk.add_argument("--total-time-limit", type=float, default=None, metavar="S",
+                     help="stop after S seconds: what was judged is reported, the rest is not checked (exit 3 if nothing failed)")
     chk.add_argument("--example", help="run one configuration, given as the JSON a report prints, instead of searching")
     chk.add_argument("--accept-na", action="append", default=[], metavar="ID[,ID]",
                      help="accept these invariants (globs allowed) being n/a on every target (else n/a exits 3)")
@@ -70,32 +78,85 @@ def _split_ids(values):
     return tuple(i for v in values for i in v.split(",") if i)
 
 
+DEVICE_TYPES = ("cpu", "cuda")  # where modules and inputs can live (meta has no data; mps is untested)
+MAX_SECONDS = 1e6  # a time limit beyond this is a typo (and overflows the timer)
+
+
 def _check_device(device):
     try:
         torch_device = torch.device(device)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, TypeError) as e:
         raise UsageError(f"--device {device!r} is not a torch device: {str(e).splitlines()[0]}") from None
+    if torch_device.type not in DEVICE_TYPES:
+        raise UsageError(f"--device {device!r}: attnspec runs modules on {' or '.join(DEVICE_TYPES)}")
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device!r}: this torch build has no CUDA device available")
+    if torch_device.type == "cuda" and (torch_device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA devices")
 
 
-def _parse_example(text, targets, device):
+def _check_seconds(flag, value):
+    if value is not None and not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise UsageError(f"{flag}={value} must be a number of seconds in (0, {MAX_SECONDS:g}]")
+
+
+def _report_path(flag, path):
+    """The absolute path of a report (a module that chdirs cannot move it), checked writable now: a bad
+    path is a usage error before anything runs, not a crash after the whole run."""
+    if path is None:
+        return None
+    if not path:
+        raise UsageError(f"{flag} '': empty path")
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a directory")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise UsageError(f"{flag} {path!r}: directory {os.path.dirname(path)!r} does not exist")
+    existed = os.path.exists(path)
     try:
-        example = Config.from_json(text)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path!r} is not writable: {e.strerror}") from None
+    if not existed:
+        os.remove(path)
+    return path
+
+
+def _int(lo, hi):
+    return ((int,), lambda v: lo <= v <= hi, f"an integer in [{lo}, {hi}]")
+
+
+# --example fields: (types, valid(value), what a valid value is). bool is not an int here.
+EXAMPLE_FIELDS = {
+    **{f: _int(1, 1 << 16) for f in ("d_in", "d_out", "num_heads", "context_length", "num_tokens", "batch")},
+    "seed": _int(0, (1 << 63) - (1 << 20)),  # torch.manual_seed(seed + salt) must not overflow
+    "dropout": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "qkv_bias": ((bool,), lambda v: True, "true or false"),
+    "dtype": ((str,), lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "scale": ((int, float), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "device": ((str,), lambda v: True, "a device"),
+}
+
+
+def _parse_example(text, kinds, device):
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        example = Config(**fields)
     except (ValueError, TypeError) as e:
         raise UsageError(f"--example is not a configuration JSON: {e}") from None
-    ints = ("d_in", "d_out", "num_heads", "context_length", "num_tokens", "batch", "seed")
-    bad = [f for f in ints if not isinstance(getattr(example, f), int) or getattr(example, f) < (0 if f == "seed" else 1)]
-    if bad:
-        raise UsageError(f"--example fields {', '.join(bad)} must be positive integers")
+    for name, (types, valid, what) in EXAMPLE_FIELDS.items():
+        value = getattr(example, name)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types) or not valid(value):
+            raise UsageError(f"--example field {name}={json.dumps(value)} must be {what}")
     if example.device != device:
         raise UsageError(f"--example device {example.device!r} differs from --device {device!r}")
-    if example.dtype not in DTYPES:
-        raise UsageError(f"--example dtype {example.dtype!r} is not one of {', '.join(DTYPES)}")
-    for target in targets:
-        reason = target.kind.invalid_reason(example)
+    for kind in kinds:
+        reason = kind.invalid_reason(example)
         if reason:
-            raise UsageError(f"--example is not a valid {target.kind.name} configuration: {reason}")
+            raise UsageError(f"--example is not a valid {kind.name} configuration: {reason}")
     return example
 
 
@@ -127,73 +188,121 @@ def cmd_check(args):
                       sizes=GPT2_SIZES if args.size == "gpt2" else None, time_limit=args.time_limit,
                       only=_split_ids(args.only), skip=_split_ids(args.skip))
     options.selected()  # validates the ids
-    if args.time_limit is not None and not args.time_limit > 0:
-        raise UsageError(f"--time-limit={args.time_limit} must be a positive number of seconds")
+    _check_seconds("--time-limit", args.time_limit)
+    _check_seconds("--total-time-limit", args.total_time_limit)
     _check_device(args.device)
     accepted = expectations.from_ids(args.accept_na)
     if args.expectations:
         accepted += expectations.load(args.expectations)
-    for flag, path in (("--report-json", args.report_json), ("--report-md", args.report_md),
-                       ("--junit-xml", args.junit_xml)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UsageError(f"{flag} {path!r}: directory {os.path.dirname(os.path.abspath(path))!r} does not exist")
-    if args.size == "small" and options.device == "cpu":
-        torch.set_num_threads(1)  # tiny tensors: threads only add synchronization (~8 ms per op when contended)
+    json_path, md_path, junit_path = (_report_path(flag, path) for flag, path in
+                                      (("--report-json", args.report_json), ("--report-md", args.report_md),
+                                       ("--junit-xml", args.junit_xml)))
     variants = check_names(_split_ids(args.variant))
-    targets = [resolve(t, variants) for t in (args.targets or BUNDLED)]
-    options.check_selection([t.kind for t in targets])
-    example = _parse_example(args.example, targets, args.device) if args.example else None
-    err = sys.stderr
+    specs = args.targets or BUNDLED
+    kinds = [parse(spec)[0] for spec in specs]  # malformed targets and unknown kinds: before any worker starts
+    options.check_selection([k for k in kinds if k is not None])
+    example = _parse_example(args.example, [k for k in kinds if k is not None], args.device) if args.example is not None else None
+    threads = 1 if args.size == "small" and options.device == "cpu" else None  # tiny tensors: threads only contend
     if not args.targets:
-        print(f"attnspec: no targets given: checking the {len(BUNDLED)} bundled modules of attnspec.impl "
-              f"(give KIND=TARGET to check yours)", file=err)
-    pairs = [(t.spec, inv.id) for t in targets for inv in options.selected() if inv.applies_to(t.kind)]
-    for entry in expectations.unmatched(accepted, pairs):
-        print(report.visible(expectations.warning(entry)), file=err)
-    print(report.header(profile, options, targets), file=err)
-    reports = []
-    for i, target in enumerate(targets, 1):
-        start = time.perf_counter()
-        if not args.quiet:
-            print(f"[{i}/{len(targets)}] {target.spec} ", end="", file=err, flush=True)
+        _emit(f"attnspec: no targets given: checking the {len(BUNDLED)} bundled modules of attnspec.impl "
+              f"(give KIND=TARGET to check yours)", sys.stderr)
 
-        def progress(result):
-            if not args.quiet:
-                print(PROGRESS.get(result.status, "?"), end="", file=err, flush=True)
+    def resolved(targets):
+        """Every target imported (kinds declared by adapters now known): the selection, the example and the
+        expectations are judged against them before anything is checked."""
+        options.check_selection([t.kind for t in targets])
+        if example is not None:
+            _parse_example(args.example, [t.kind for t in targets], args.device)
+        pairs = [(t.spec, inv.id) for t in targets for inv in options.selected() if inv.applies_to(t.kind)]
+        for entry in expectations.unmatched(accepted, pairs):
+            _emit(report.visible(expectations.warning(entry)), sys.stderr)
+        _emit(report.header(profile, options, targets), sys.stderr)
 
-        rep = expectations.apply(accepted, [check_target(target, options, progress=None if args.quiet else progress,
-                                                         example=example)])[0]
-        reports.append(rep)
-        if not args.quiet:
-            print(f" {report.VERDICT[rep.status]} ({time.perf_counter() - start:.1f} s)", file=err, flush=True)
-    print(report.matrix(reports))
+    supervisor = Supervisor(specs, options, example, threads, args.total_time_limit, on_resolved=resolved,
+                            on_report=None if args.quiet else _progress(len(specs)), variants=variants)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # SIGTERM/SIGINT: report what was judged, exit non-zero
+        previous = {s: signal.signal(s, lambda signum, frame: supervisor.stop(f"interrupted by {signal.Signals(signum).name}"))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        reports = expectations.apply(accepted, supervisor.run())  # resolves every target first: a usage error raises before anything is checked
+    except UsageError:
+        raise
+    except BaseException:  # attnspec's own failure: what was judged is still reported
+        _write_reports(expectations.apply(accepted, supervisor.reports()), json_path, md_path, junit_path, profile, options)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    _write_reports(reports, json_path, md_path, junit_path, profile, options)  # before stdout, which may be closed
+    _emit(report.matrix(reports))
     text = report.details(reports)
     if text:
-        print("\n" + text)
-    print("\n" + report.verdict(reports))
-    if args.report_json:
-        report.write_json(args.report_json, reports, profile, options)
-    if args.report_md:
-        with open(args.report_md, "a", encoding="utf-8") as f:
-            f.write(report.to_markdown(reports, profile))
-    if args.junit_xml:
-        report.write_junit(args.junit_xml, reports, profile)
-    return exit_status(reports)
+        _emit("\n" + text)
+    _emit("\n" + report.verdict(reports))
+    if supervisor.stopped:
+        _emit(f"attnspec: stopped early: {supervisor.stopped}", sys.stderr)
+    status = exit_status(reports)
+    return 3 if supervisor.stopped and status == 0 else status  # stopped early: never "checked"
 
 
 PROGRESS = {"pass": ".", "fail": "F", "not-applicable": "-", "internal-error": "E"}
 
 
+def _progress(total):
+    def show(index, rep):
+        marks = "".join(PROGRESS.get(r.status, "?") for r in rep.results)
+        seconds = sum(r.seconds for r in rep.results)
+        _emit(f"[{index + 1}/{total}] {report.visible(rep.target.spec)} {marks} {report.VERDICT[rep.status]} "
+              f"({seconds:.1f} s)", sys.stderr)
+    return show
+
+
+def _write_reports(reports, json_path, md_path, junit_path, profile, options):
+    if json_path:
+        report.write_json(json_path, reports, profile, options)
+    if md_path:
+        with open(md_path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(report.to_markdown(reports, profile))
+    if junit_path:
+        report.write_junit(junit_path, reports, profile)
+
+
+def _emit(text, stream=None):
+    """print() that survives a closed stdout (`attnspec check | head`): the verdict is the exit status."""
+    stream = stream or sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except (BrokenPipeError, ValueError):
+        _silence(stream)
+
+
+def _silence(stream):
+    """Point a closed stream's descriptor at /dev/null, so the interpreter's final flush cannot fail."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv=None):
+    for stream in (sys.stdout, sys.stderr):  # PYTHONIOENCODING=ascii, a non-UTF-8 path: escaped, never a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = _parser().parse_args(argv)
     try:
         return cmd_list(args) if args.command == "list" else cmd_check(args)
     except UsageError as e:
-        print(f"attnspec: error: {e}", file=sys.stderr)
+        _emit(f"attnspec: error: {e}", sys.stderr)
         return 2
-    except BrokenPipeError:  # `attnspec list | head`
-        sys.stderr.close()
-        return 0
+    except BrokenPipeError:  # `attnspec list | head`; check's output survives a closed stdout in _emit
+        _silence(sys.stdout)
+        return 0 if args.command == "list" else 4
+    except Exception as e:  # a bug in attnspec itself: one line, exit 4 (ATTNSPEC_DEBUG=1: the traceback)
+        if os.environ.get("ATTNSPEC_DEBUG"):
+            raise
+        _emit(f"attnspec: internal error: {type(e).__name__}: {e}", sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def hypothesis_test(inv, target, options=None, tally=None):
             reject()  # not counted toward max_examples: draw another configuration
 
     # Hypothesis keys its example database by the test's source; ours is shared, so add the pair.
-    test._hypothesis_internal_add_digest = f"{inv.id}|{target.spec}".encode()
+    test._hypothesis_internal_add_digest = f"{inv.id}|{target.spec}".encode(errors="surrogateescape")
     overrides = {} if options.max_examples is None else {"max_examples": options.max_examples}
     if options.seed is not None:
         test, overrides["derandomize"] = hypothesis_seed(options.seed)(test), False

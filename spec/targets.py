@@ -9,10 +9,12 @@ and Hugging Face modules are in ``attnspec.adapters``.
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import io
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from attnspec.case import CALL_TIME_LIMIT_S, _time_limit, _Timeout
+from attnspec.case import CALL_TIME_LIMIT_S, _time_limit, _Timeout, describe
 from attnspec.errors import Unsupported, UsageError, internal_error
 from attnspec.kinds import KINDS, Config, Kind
 from attnspec.variants import check_names
@@ -313,22 +315,29 @@ class Target:
         return f"{self.kind.name}={self.name}"
 
 
+def _looks_like_file(module_part):
+    return module_part.endswith(".py") or os.sep in module_part or "/" in module_part or os.path.isfile(module_part)
+
+
 def _import(module_part):
-    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+    """The module named by TARGET: a file (any suffix, loaded as Python source) or an importable name."""
+    if _looks_like_file(module_part):
         path = Path(module_part).resolve()
         if not path.is_file():
             raise UsageError(f"target file {module_part!r} not found")
         sys.path.insert(0, str(path.parent))  # so the file can import its siblings
-        name = f"attnspec_target_{path.stem}_{abs(hash(str(path)))}"  # loaded afresh on every resolve
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(loader_spec)
+        stem = re.sub(r"\W", "_", path.stem)
+        name = f"attnspec_target_{stem}_{abs(hash(str(path)))}"  # loaded afresh on every resolve
+        # an explicit source loader: a .txt or suffix-less file is Python source too
+        loader = importlib.machinery.SourceFileLoader(name, str(path))
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
         sys.modules[name] = module
         try:
             with contextlib.redirect_stdout(sys.stderr):  # prints at import must not corrupt the report
-                loader_spec.loader.exec_module(module)
+                loader.exec_module(module)
         except BaseException as e:  # the user's file is broken: say so, do not crash
             del sys.modules[name]
-            raise UsageError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from None
+            raise UsageError(f"importing {module_part!r} raised {describe(e)}") from None
         return module
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -336,11 +345,11 @@ def _import(module_part):
         with contextlib.redirect_stdout(sys.stderr):
             return importlib.import_module(module_part)
     except ModuleNotFoundError as e:
-        raise UsageError(f"cannot import module {module_part!r}: {e}") from None
+        raise UsageError(f"cannot import module {module_part!r}: {describe(e).partition(': ')[2]}") from None
     except UsageError as e:  # e.g. an adapter module whose optional dependency is missing
         raise UsageError(f"importing {module_part!r}: {e}") from None
     except BaseException as e:
-        raise UsageError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from None
+        raise UsageError(f"importing {module_part!r} raised {describe(e)}") from None
 
 
 def _is_adapter(obj):
@@ -356,12 +365,11 @@ def _kind(name, text):
     return kind
 
 
-def resolve(text, variants=()):
-    """``[KIND=]TARGET`` -> Target, or UsageError with a one-line message saying what is wrong.
-
-    ``=`` cannot appear in a module path, so text with one starts with ``KIND=``. Without it the
-    target must be an adapter that declares its ``kind``. ``variants``: contract variants checked
-    besides the adapter's declared ones (spec.variants)."""
+def parse(text):
+    """``[KIND=]TARGET`` -> (Kind or None, TARGET, module part, attribute), without importing anything;
+    UsageError with a one-line message saying what is wrong. ``=`` cannot appear in a module path, so
+    text with one starts with ``KIND=``; without it (kind None) the target must be an adapter that
+    declares its ``kind``."""
     kind_name, sep, ref = text.partition("=")
     if not sep:
         kind_name, ref = None, text
@@ -372,6 +380,14 @@ def resolve(text, variants=()):
     if not sep or not module_part or not attr:
         raise UsageError(f"malformed target {ref!r}: expected KIND=module:Attr or KIND=path/to/file.py:Attr "
                          f"(KIND= may be left out for an adapter that declares its kind)")
+    return kind, ref, module_part, attr
+
+
+def resolve(text, variants=()):
+    """``[KIND=]TARGET`` -> Target (importing the target), or UsageError with a one-line message saying
+    what is wrong (see ``parse``). ``variants``: contract variants checked besides the adapter's
+    declared ones (spec.variants)."""
+    kind, ref, module_part, attr = parse(text)
     module = _import(module_part)
     obj = module
     for part in attr.split("."):
@@ -384,8 +400,8 @@ def resolve(text, variants=()):
             adapter = obj() if isinstance(obj, type) else obj
         except UsageError:
             raise
-        except Exception as e:
-            raise UsageError(f"adapter {attr!r} cannot be instantiated without arguments: {type(e).__name__}: {e}") from None
+        except BaseException as e:
+            raise UsageError(f"adapter {attr!r} cannot be instantiated without arguments: {describe(e)}") from None
         declared = getattr(adapter, "kind", None)
         if kind is None and not declared:
             raise UsageError(f"target {ref!r} has no KIND= and adapter {attr!r} declares no kind: write KIND={ref} "

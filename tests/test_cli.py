@@ -223,7 +223,7 @@ def test_printing_module_passes_with_a_warning_and_clean_stdout(tmp_path):
     assert "DEBUG-FROM-USER-MODULE" not in proc.stdout, f"the module's print leaked into the report:\n{proc.stdout}"
     assert re.search(rf"warning: {re.escape(spec)} printed \d+ characters to stdout", proc.stdout), proc.stdout
     assert re.search(rf"^\[1\] {re.escape(spec)}: ok \(3 checked \(6 examples each\), 0 failed, 0 n/a not accepted, "
-                     rf"0 n/a accepted, 6 do not apply to mha, 17 deselected\)$", proc.stdout, re.M), proc.stdout
+                     rf"0 n/a accepted, \d+ do not apply to mha, \d+ deselected\)$", proc.stdout, re.M), proc.stdout
     assert_report_shape(report)
     assert_all_good(report, spec)
     assert_all_good(report)

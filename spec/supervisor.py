@@ -1,0 +1,470 @@
+"""Process isolation for `attnspec check`: the supervisor owns the verdict, the timer and the reports
+and never imports the module under test; each target is resolved and checked in its own worker.
+
+Workers are forked from a process that has imported torch and attnspec (``_context``: ~20 ms a
+worker, not the ~3 s of a fresh interpreter), so every target gets a fresh process: nothing a
+module does to its process (global state, threads, signal handlers, atexit hooks, os._exit, a
+segfault) reaches the supervisor or another target. Two workers check at a time (``JOBS``).
+
+Protocol: JSON over two one-way pipes, never pickled objects. Supervisor -> worker:
+``{"op": "resolve", ...}`` then, once every target resolved, ``{"op": "check", ...}``. Worker ->
+supervisor: ``resolved``/``usage`` (the one-line usage error), one ``result`` per invariant
+(``dataclasses.asdict(Result)``), and ``done``. Around every call into the module (spec/case.py's
+monitor) the worker writes what it calls, the configuration and the time onto a small shared-memory
+board (no system call: thousands of calls a second cost nothing), which the supervisor reads for
+its deadlines and, after a death, for the reason and the counterexample.
+
+The supervisor kills a worker whose call outlives the per-call limit by ``grace`` (a module that
+blocks, ignores or swallows SIGALRM, or one long C++ op), whose import outlives ``IMPORT_LIMITS``
+per-call limits, or that stays ``SILENCE_S`` in attnspec's own code without a call. A worker that dies, exits (any status) or is killed fails the invariant it was in,
+with the reason and, if it was in a call, the configuration; the target's remaining invariants go to
+a fresh worker, at most ``RETRIES`` times (then, or after output-contract, they are "not checked").
+A worker that dies or hangs while importing fails its target (the other targets are still judged);
+an import that raises is a usage error (exit 2), as before.
+"""
+
+import dataclasses
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+import traceback
+
+from attnspec.case import CALL_TIME_LIMIT_S, change_dir, clean_text, describe
+from attnspec.errors import UsageError
+from attnspec.kinds import KINDS
+from attnspec.runner import Options, Result, TargetReport
+from attnspec.targets import Target, parse
+
+# The kind of a target given without KIND= until its worker imports it (the adapter declares it).
+UNRESOLVED = dataclasses.replace(next(iter(KINDS.values())), name="unresolved",
+                                 summary="a target whose adapter declares its kind, not imported yet")
+
+JOBS = 2  # targets checked at a time (the CI machine has 2 cores)
+BOARD_BYTES = 4096  # the worker's board: 4-byte length, then JSON [what or null, cfg json, monotonic time]
+IMPORT_LIMITS = 3  # importing a target may take this many per-call limits
+SILENCE_S = 60.0  # the longest a worker may go without a message outside calls (harness code only)
+RETRIES = 2  # fresh workers for a target's remaining invariants after its worker died
+POLL_S = 0.25  # how often the supervisor looks at its signal flag
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker side (forked from the supervisor or the forkserver; imports the module under test).
+
+def _worker_main(commands, events, board, supervisor_pid):
+    """Resolve one target, wait for the go, check it, stream results; always ends with os._exit, so a
+    module's non-daemon threads and atexit hooks cannot keep the process alive or change anything."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # nothing a module writes reaches the terminal or the supervisor's stdout
+        os.dup2(devnull, fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's: a KeyboardInterrupt here is the module's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (a forked worker inherits the supervisor's handler)
+    threading.Thread(target=_watch_supervisor, args=(supervisor_pid,), daemon=True).start()
+
+    def send(**message):
+        events.send_bytes(json.dumps(message).encode())
+
+    try:
+        job = json.loads(commands.recv_bytes())
+        change_dir(job["cwd"])  # (or its nearest ancestor, if a module deleted it)
+        os.environ.clear()
+        os.environ.update(job["env"])
+        sys.path[:] = job["path"]
+        _run(job, commands, send, board)
+    except BaseException as e:  # attnspec's own code failed (the module's exceptions are caught in guard)
+        try:
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            send(ev="crash", error=f"({where.filename}:{where.lineno}): {describe(e)}")
+        except BaseException:
+            pass
+    finally:
+        os._exit(0)
+
+
+def _run(job, commands, send, board):
+    import torch
+
+    from attnspec import case
+    from attnspec.kinds import Config
+    from attnspec.runner import check_target
+    from attnspec.targets import resolve
+
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    try:
+        target = resolve(job["target"], tuple(job["variants"]))
+    except UsageError as e:
+        return send(ev="usage", message=str(e))
+    send(ev="resolved", adapter=type(target.adapter).__name__, kind=target.kind.name, variants=list(target.variants))
+    job = json.loads(commands.recv_bytes())
+    options = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["options"].items()})
+    example = Config.from_json(job["example"]) if job["example"] else None
+    case.set_monitor(_Board(board).post)
+    check_target(target, options, progress=lambda r: send(ev="result", result=dataclasses.asdict(r)), example=example)
+    case.set_monitor(None)
+    send(ev="done")
+
+
+class _Board:
+    """The worker's side of the board: (what, cfg) before a call, (None, None) after it."""
+
+    def __init__(self, board):
+        self.board, self.cfg, self.cfg_json = board, None, None
+
+    def post(self, what, cfg):
+        if cfg is not None and cfg is not self.cfg:
+            self.cfg, self.cfg_json = cfg, cfg.to_json()
+        data = json.dumps([what, self.cfg_json if what else None, time.monotonic()]).encode()
+        if len(data) <= BOARD_BYTES - 4:
+            self.board[4:4 + len(data)] = data
+            self.board[0:4] = len(data).to_bytes(4, "little")
+
+
+def _read_board(board):
+    """(what, cfg json, since) in a call, (None, None, since) after one, or None (empty or mid-write)."""
+    try:
+        n = int.from_bytes(board[0:4], "little")
+        what, cfg, since = json.loads(board[4:4 + n]) if 0 < n <= BOARD_BYTES - 4 else (None, None, None)
+        return (clean_text(str(what)) if what is not None else None, cfg, float(since)) if since is not None else None
+    except (ValueError, TypeError):
+        return None
+
+
+def _watch_supervisor(pid):
+    """A worker outlives no supervisor (one killed with SIGKILL leaves no orphan spinning)."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The supervisor side.
+
+_forkserver = None
+
+
+def _context(device):
+    """Where workers come from. A single-threaded supervisor (the `attnspec check` process) checking
+    on the CPU forks itself: torch is imported, no thread holds a lock and no tensor op has started
+    an OpenMP pool, so a worker starts in ~20 ms. With other threads (e.g. cli.main inside
+    pytest-xdist), or CUDA (which a forked child cannot re-initialize), workers come from a
+    forkserver that imports torch and attnspec once (~3 s, then ~20 ms a worker)."""
+    global _forkserver
+    if threading.active_count() == 1 and device == "cpu":
+        return multiprocessing.get_context("fork")
+    if _forkserver is None:
+        _forkserver = multiprocessing.get_context("forkserver")
+        _forkserver.set_forkserver_preload(["torch", "attnspec.runner", "attnspec.invariants", "attnspec.impl"])
+    return _forkserver
+
+
+def _exit_reason(code):
+    if code is None:
+        return "stopped answering"
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"was killed by signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+class _Worker:
+    def __init__(self, job, device):
+        ctx = _context(device)
+        commands_r, self.commands = ctx.Pipe(duplex=False)
+        self.events, events_w = ctx.Pipe(duplex=False)
+        self.board = ctx.RawArray("c", BOARD_BYTES)
+        self.process = ctx.Process(target=_worker_main, args=(commands_r, events_w, self.board, os.getpid()), daemon=True,
+                                   name=f"attnspec worker {job.index}")
+        self.process.start()
+        commands_r.close()
+        events_w.close()
+        self.job, self.state = job, "resolving"
+        self.started = self.heard = time.monotonic()
+        self.posted = None  # the board as last read
+
+    @property
+    def call(self):
+        """(what, cfg json, since) while the module runs, else None."""
+        posted = _read_board(self.board)
+        self.posted = posted or self.posted
+        return self.posted if self.posted and self.posted[0] is not None else None
+
+    @property
+    def quiet_since(self):
+        """Since when the worker has been in attnspec's own code (the last call returned, or the go)."""
+        return max(self.heard, self.posted[2]) if self.posted else self.heard
+
+    def send(self, **message):
+        try:
+            self.commands.send_bytes(json.dumps(message).encode())
+        except OSError:  # it died: its sentinel says so
+            pass
+
+    def kill(self):
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.events.close()
+        self.commands.close()
+
+
+@dataclasses.dataclass
+class _Job:
+    """One target as the supervisor sees it: the invariants to check, the results received so far."""
+
+    index: int
+    spec: str
+    target: Target
+    expected: list
+    results: list = dataclasses.field(default_factory=list)
+    attempts: int = 0
+    worker: _Worker = None
+    done: bool = False
+
+    @property
+    def current(self):
+        return self.expected[len(self.results)] if len(self.results) < len(self.expected) else None
+
+
+class Supervisor:
+    """Check ``specs`` (KIND=TARGET texts) in worker processes; ``run()`` returns TargetReports in the
+    order given. ``stop(reason)`` (from a signal handler) ends the run early: what was judged is kept,
+    the rest is "not checked"."""
+
+    def __init__(self, specs, options, example=None, threads=None, total_time_limit=None, on_resolved=None,
+                 on_report=None, variants=()):
+        self.options, self.example, self.threads = options, example, threads
+        self.limit = options.time_limit or CALL_TIME_LIMIT_S
+        self.grace = max(2.0, 0.5 * self.limit)
+        self.deadline = None if total_time_limit is None else time.monotonic() + total_time_limit
+        self.total_time_limit = total_time_limit
+        self.on_resolved, self.on_report = on_resolved, on_report
+        self.stopped = None
+        self.cwd = os.getcwd()  # once: a module may delete the directory (workers start in it)
+        self.jobs = []
+        self.selected, self.variants = options.selected(), tuple(variants)
+        for i, spec in enumerate(specs):
+            kind, ref, _, _ = parse(spec)
+            # A target without KIND= (an adapter declaring its kind) gets its invariants once its worker
+            # has imported it; until then it stands for a target of unknown kind, whose import is checked.
+            target = Target(kind or UNRESOLVED, ref, None)
+            self.jobs.append(_Job(i, spec, target, self._invariants(kind) if kind else ["output-contract"]))
+
+    def _invariants(self, kind):
+        return [inv.id for inv in self.selected if inv.applies_to(kind)]
+
+    def stop(self, reason):
+        self.stopped = self.stopped or reason
+
+    # -- the run
+
+    def run(self):
+        try:
+            self._resolve_all()
+            if self.on_resolved:
+                self.on_resolved([job.target for job in self.jobs])
+            if self.stopped is None:
+                self._check_all()
+        finally:
+            for job in self.jobs:
+                if job.worker is not None:
+                    job.worker.kill()
+                    job.worker = None
+                if not job.done:
+                    self._not_checked(job, f"not checked: {self.stopped or 'the run ended early'}")
+        return self.reports()
+
+    def reports(self):
+        return [TargetReport(job.target, list(job.results)) for job in self.jobs]
+
+    def _start(self, job):
+        job.attempts += 1
+        job.worker = _Worker(job, self.options.device)
+        job.worker.send(op="resolve", target=job.spec, variants=list(self.variants), cwd=self.cwd, env=dict(os.environ), path=list(sys.path),
+                        threads=self.threads)
+
+    def _resolve_all(self):
+        """Every target imported before anything is checked: a usage error stops the run (exit 2)."""
+        pending = [job for job in self.jobs]
+        while self.stopped is None:
+            resolving = [j for j in self.jobs if j.worker and j.worker.state == "resolving"]
+            while pending and len(resolving) < JOBS:
+                self._start(pending[0])
+                resolving.append(pending.pop(0))
+            if not pending and not resolving:
+                return
+            self._step()
+
+    def _check_all(self):
+        waiting = [job for job in self.jobs if not job.done]
+        while self.stopped is None:
+            busy = [j for j in self.jobs if j.worker and j.worker.state != "idle"]
+            while waiting and len(busy) < JOBS:
+                job = waiting.pop(0)
+                if job.worker is None:  # a retry: a fresh worker goes straight on to check
+                    self._start(job)
+                else:
+                    self._go(job)
+                busy.append(job)
+            if not waiting and not busy:
+                return
+            self._step()
+            waiting += [j for j in self.jobs if not j.done and j.worker is None and j not in waiting]
+
+    def _go(self, job):
+        only = tuple(job.expected[len(job.results):])
+        options = dataclasses.replace(self.options, only=only, skip=())
+        job.worker.state = "checking"
+        job.worker.heard = time.monotonic()
+        job.worker.send(op="check", options=dataclasses.asdict(options),
+                        example=self.example.to_json() if self.example else None)
+
+    def _step(self):
+        """Wait for messages, deaths or deadlines (at most POLL_S) and handle them."""
+        workers = [j.worker for j in self.jobs if j.worker]
+        now = time.monotonic()
+        deadlines = [d for d in (self._deadline(w) for w in workers) if d is not None]
+        if self.deadline is not None:
+            deadlines.append(self.deadline)
+        timeout = max(0.0, min([POLL_S] + [d - now for d in deadlines]))
+        ready = multiprocessing.connection.wait([w.events for w in workers] + [w.process.sentinel for w in workers],
+                                                timeout)
+        for worker in workers:
+            if worker.events in ready or worker.process.sentinel in ready:
+                self._read(worker)
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            self.stop(f"--total-time-limit {self.total_time_limit:g} s reached")
+        for worker in [j.worker for j in self.jobs if j.worker]:
+            deadline = self._deadline(worker)
+            if deadline is not None and now >= deadline:
+                self._lost(worker, self._timeout_reason(worker, now), killed=True)
+
+    def _deadline(self, worker):
+        if worker.state == "resolving":
+            return worker.started + IMPORT_LIMITS * self.limit
+        if worker.state == "checking":
+            call = worker.call
+            return call[2] + self.limit + self.grace if call else worker.quiet_since + SILENCE_S
+        return None  # idle: waiting for the go
+
+    def _timeout_reason(self, worker, now):
+        if worker.state == "resolving":
+            return f"importing the target did not finish within {IMPORT_LIMITS * self.limit:g} s (worker killed)"
+        call = worker.call
+        if call:
+            return (f"{call[0]} did not return within {self.limit:g} s (the in-process timer was defeated; "
+                    f"worker killed after {now - call[2]:.0f} s)")
+        return f"the worker stopped answering for {SILENCE_S:g} s outside any call into the module (worker killed)"
+
+    def _read(self, worker):
+        """Handle every message the worker has sent; a closed pipe or a dead process is its end."""
+        job = worker.job
+        try:
+            while worker.events.poll():
+                message = json.loads(worker.events.recv_bytes())
+                worker.heard = time.monotonic()
+                self._handle(worker, message)
+                if job.worker is not worker:  # finished, or lost
+                    return
+        except (EOFError, OSError, ValueError, TypeError, KeyError) as e:
+            reason = None if isinstance(e, (EOFError, OSError)) else f"sent a malformed message ({type(e).__name__})"
+            self._lost(worker, reason)
+            return
+        if not worker.process.is_alive():
+            self._lost(worker, None)
+
+    def _handle(self, worker, message):
+        job, ev = worker.job, message["ev"]
+        if ev == "result":
+            result = _rebuild(message["result"])
+            if result.invariant != job.current:
+                raise ValueError(result.invariant)
+            job.results.append(result)
+        elif ev == "resolved":
+            kind = KINDS[str(message["kind"])]
+            if job.target.kind is UNRESOLVED and not job.results:
+                job.expected = self._invariants(kind)
+            job.target = Target(kind, job.target.name, type(str(message["adapter"]), (), {})(),
+                                variants=tuple(str(v) for v in message["variants"]))
+            if job.results:  # a retry: straight on
+                self._go(job)
+            else:
+                worker.state = "idle"
+        elif ev == "usage":
+            if job.attempts == 1:
+                raise UsageError(clean_text(str(message["message"])))
+            # a retry that no longer imports: the module's doing
+            self._not_checked(job, f"not checked: importing the target again failed: {clean_text(str(message['message']))}")
+            self._finish(job)
+        elif ev == "done":
+            self._not_checked(job, "not checked: the worker ended early")  # (nothing, normally)
+            self._finish(job)
+        elif ev == "crash":
+            self._lost(worker, None, crash=clean_text(str(message["error"])))
+        else:
+            raise ValueError(ev)
+
+    def _finish(self, job):
+        if job.worker is not None:
+            job.worker.kill()
+            job.worker = None
+        if job.current is None and not job.done:
+            job.done = True
+            if self.on_report:
+                self.on_report(job.index, TargetReport(job.target, list(job.results)))
+
+    def _lost(self, worker, reason, killed=False, crash=None):
+        """The worker ended without finishing its target: fail the invariant it was in, with why."""
+        job, call, state = worker.job, worker.call, worker.state
+        if not killed:
+            worker.process.join(1.0)
+        worker.kill()
+        job.worker = None
+        if self.stopped is not None:  # the run is being interrupted: that is no verdict on the module
+            return
+        if crash is not None:
+            status, reason = "internal-error", f"internal error in attnspec {crash}"
+        else:
+            reason = reason or f"the worker process {_exit_reason(worker.process.exitcode)}"
+            where = {"resolving": "while importing the target", "idle": "after importing the target"}.get(state)
+            if where is None:
+                where = f"during {call[0]}" if call else "outside any call into the module"
+            status, reason = "fail", f"{reason} {where}" if not killed else reason
+        inv = job.current
+        if inv is None:
+            return self._finish(job)
+        cfg = json.loads(call[1]) if call and status == "fail" else None
+        repro = (f"attnspec check {shlex.quote(job.spec)} --only {inv} --example {shlex.quote(call[1])}"
+                 if cfg else "")
+        job.results.append(Result(inv, status, reason=reason, counterexample=cfg, repro=repro))
+        if job.current is None:
+            return self._finish(job)
+        if state in ("resolving", "idle") or inv == "output-contract" or job.attempts > RETRIES:
+            self._not_checked(job, f"not checked: the target's worker {'died' if status == 'fail' else 'failed'} "
+                                   f"in {inv}")
+            return self._finish(job)
+        # otherwise: a fresh worker takes the remaining invariants (_check_all starts it)
+
+    def _not_checked(self, job, reason):
+        while job.current is not None:
+            job.results.append(Result(job.current, "not-applicable", reason=reason))
+
+
+def _rebuild(fields):
+    """A Result from the worker's dict; its text cleaned (lone surrogates, length) once, here."""
+    names = {f.name for f in dataclasses.fields(Result)}
+    fields = {k: (clean_text(v) if isinstance(v, str) else v) for k, v in fields.items() if k in names}
+    return Result(**fields)

@@ -1,0 +1,264 @@
+"""Hostile modules (issue 12): each class does one thing a module under test must not be able to do
+to the gate: end or kill its process, defeat the timer, fool a comparison, poison the next target,
+crash the harness or get attnspec blamed. tests/test_hostile.py checks each through `attnspec check`.
+Every class is otherwise the seed's MultiHeadAttention (correct), so the only fault is the hostile one."""
+
+import atexit
+import ctypes
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+import torch
+
+from attnspec.impl import MultiHeadAttention
+
+
+def _forever():
+    while True:
+        time.sleep(0.01)
+
+
+# -- failing runs that exited 0
+
+class Exit0Forward(MultiHeadAttention):
+    def forward(self, x):
+        os._exit(0)
+
+
+class Exit0Thread(MultiHeadAttention):
+    def forward(self, x):
+        thread = threading.Thread(target=os._exit, args=(0,))
+        thread.start()
+        thread.join()
+        return super().forward(x)
+
+
+class AtexitExit0(MultiHeadAttention):
+    """Wrong output shape, and an atexit hook that exits 0."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        atexit.register(os._exit, 0)
+
+    def forward(self, x):
+        return super().forward(x)[:, :, :1]
+
+
+class _ZeroDifference(torch.Tensor):
+    """A tensor whose differences (and comparisons) all say "equal"."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if getattr(func, "__name__", "") in ("__sub__", "sub", "__rsub__", "isclose", "allclose", "equal"):
+            return torch.zeros_like(out.as_subclass(torch.Tensor)) if isinstance(out, torch.Tensor) else True
+        return out
+
+
+class FakeSubNotCausal(MultiHeadAttention):
+    """Attends to the future (the mean over every token), behind a tensor subclass whose `-` is zero."""
+
+    def forward(self, x):
+        mixed = x.mean(dim=1, keepdim=True).expand_as(x)
+        return self.out_proj(self.W_value(mixed)).as_subclass(_ZeroDifference)
+
+
+# -- ending or killing its own process
+
+class KillSelf(MultiHeadAttention):
+    def forward(self, x):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TermSelf(MultiHeadAttention):
+    def forward(self, x):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+
+class Segfault(MultiHeadAttention):
+    def forward(self, x):
+        ctypes.string_at(0)
+
+
+# -- defeating the timer (run with --time-limit 1)
+
+class IgnoresAlarm(MultiHeadAttention):
+    def forward(self, x):
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        _forever()
+
+
+class BlocksAlarm(MultiHeadAttention):
+    def forward(self, x):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        _forever()
+
+
+class CancelsAlarm(MultiHeadAttention):
+    def forward(self, x):
+        signal.alarm(0)
+        _forever()
+
+
+class SwallowsTimeout(MultiHeadAttention):
+    def forward(self, x):
+        while True:
+            try:
+                _forever()
+            except:  # noqa: E722 (the point: a bare except swallows the timer's exception)
+                pass
+
+
+class LongNativeCall(MultiHeadAttention):
+    """One C++ op of minutes (~20 products of 4000 x 4000 matrices): no Python signal handler runs
+    until it returns."""
+
+    def forward(self, x):
+        return torch.linalg.matrix_power(torch.eye(4000) * 0.5, 1000)
+
+
+class NonDaemonThread(MultiHeadAttention):
+    """Correct, but leaves a non-daemon thread running forever."""
+
+    def forward(self, x):
+        threading.Thread(target=_forever).start()
+        return super().forward(x)
+
+
+class _HangingMessage(Exception):
+    def __str__(self):
+        _forever()
+
+
+class _RaisingMessage(Exception):
+    def __str__(self):
+        raise RuntimeError("no message for you")
+
+    __repr__ = __str__
+
+
+class MessageHangs(MultiHeadAttention):
+    def forward(self, x):
+        raise _HangingMessage()
+
+
+class MessageRaises(MultiHeadAttention):
+    def forward(self, x):
+        raise _RaisingMessage()
+
+
+# -- BaseExceptions and text the harness used to crash on
+
+class RaisesKeyboardInterrupt(MultiHeadAttention):
+    def forward(self, x):
+        raise KeyboardInterrupt
+
+
+class RaisesGeneratorExit(MultiHeadAttention):
+    def forward(self, x):
+        raise GeneratorExit
+
+
+class LoneSurrogate(MultiHeadAttention):
+    def forward(self, x):
+        raise ValueError("bad byte \udc80 in the message")
+
+
+class DeletesCwd(MultiHeadAttention):
+    """Correct, but leaves the process in a working directory it deleted."""
+
+    def forward(self, x):
+        path = tempfile.mkdtemp()
+        os.chdir(path)
+        os.rmdir(path)
+        return super().forward(x)
+
+
+# -- faults that were blamed on attnspec
+
+class MetaOutput(MultiHeadAttention):
+    def forward(self, x):
+        return torch.empty(super().forward(x).shape, device="meta")
+
+
+class TrainRaises(MultiHeadAttention):
+    def train(self, mode=True):
+        if mode:
+            raise RuntimeError("this module cannot train")
+        return super().train(mode)
+
+
+class ToReturnsNone(MultiHeadAttention):
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+
+
+# -- correct modules that change process-wide state after computing their output
+
+def _poison(change):
+    class Poisoned(MultiHeadAttention):
+        def forward(self, x):
+            out = super().forward(x)
+            change()
+            return out
+
+    Poisoned.__name__ = Poisoned.__qualname__ = change.__name__
+    return Poisoned
+
+
+def GradOff():
+    torch.set_grad_enabled(False)
+
+
+def MetaDefaultDevice():
+    torch.set_default_device("meta")
+
+
+def Float16DefaultDtype():
+    torch.set_default_dtype(torch.float16)
+
+
+def Chdir():
+    os.chdir(tempfile.gettempdir())
+
+
+def ReplacesStdout():
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+def WarningsAsErrors():
+    warnings.simplefilter("error")
+
+
+def SeedsRng():
+    torch.manual_seed(0)
+
+
+def Threads():
+    torch.set_num_threads(3)
+
+
+def BlocksAlarmAfter():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+
+
+def IgnoresSignals():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def PushesFunctionMode():
+    torch.overrides.TorchFunctionMode().__enter__()
+
+
+POISONS = [GradOff, MetaDefaultDevice, Float16DefaultDtype, Chdir, ReplacesStdout, WarningsAsErrors, SeedsRng, Threads,
+           BlocksAlarmAfter, IgnoresSignals, PushesFunctionMode]
+for _change in POISONS:
+    globals()[_change.__name__] = _poison(_change)

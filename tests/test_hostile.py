@@ -1,0 +1,254 @@
+"""Nothing a module does can crash, hang, fool or silence the gate (issue 12).
+
+Each hostile module (tests/hostile/) or malformed command line is run through `attnspec check` beside
+a correct target (GOOD, checked after it): the documented exit status, no harness traceback, the
+correct target judged all-pass, and the JSON and Markdown reports written and well-formed. Most runs
+call ``attnspec.cli.main`` in this process (its targets still run in worker processes); the ones about
+the supervisor's own process (signals, a closed stdout, argv bytes, the output encoding) run it fresh.
+Runs use ``--only`` with one or two cheap invariants and ``--max-examples 2``.
+"""
+
+import contextlib
+import html
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnspec.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTILE = ROOT / "tests" / "hostile"
+GOOD = "mha=attnspec.impl:MultiHeadAttention"
+FAST = ("--profile", "ci", "--max-examples", "2", "--only", "output-contract")
+TL1 = ("--time-limit", "1")
+ENV = {**{k: v for k, v in os.environ.items() if k != "HYPOTHESIS_PROFILE"}, "OMP_NUM_THREADS": "1"}
+
+
+def hostile(attr, file="modules.py"):
+    return f"mha={HOSTILE / file}:{attr}"
+
+
+def run(*args, tmp_path, cwd=ROOT):
+    """`attnspec check ARGS --report-json --report-md` in this process: (rc, stdout, stderr, JSON, Markdown)."""
+    json_path, md_path = tmp_path / "report.json", tmp_path / "report.md"
+    out, err = io.StringIO(), io.StringIO()
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(["check", *args, "--report-json", str(json_path), "--report-md", str(md_path)])
+            except SystemExit as e:
+                rc = e.code
+            except BaseException:
+                traceback.print_exc()
+                rc = "crashed"
+    finally:
+        os.chdir(before)
+    return rc, out.getvalue(), err.getvalue(), *_reports(json_path, md_path)
+
+
+def _reports(json_path, md_path):
+    report = json.loads(json_path.read_text()) if json_path.exists() else None
+    md = md_path.read_text(encoding="utf-8") if md_path.exists() else None
+    return report, md
+
+
+def results(report, spec):
+    kind, _, name = spec.partition("=")
+    [target] = [t for t in report["targets"] if t["kind"] == kind and t["target"] == name]
+    return target["results"]
+
+
+def assert_judged(rc, out, err, report, md, spec, status, cause):
+    """The documented status; no traceback; the reports well-formed; the hostile target failed with
+    ``cause`` (status 1) or passed (0); GOOD, checked in the same run, all pass."""
+    assert "Traceback (most recent call last)" not in out + err, out + err
+    assert rc == status, f"exit {rc}, expected {status}\nstdout:\n{out}\nstderr:\n{err}"
+    assert report is not None and md is not None, "reports not written"
+    assert md.startswith("## attnspec: ") and GOOD.split("=")[1] in md
+    for r in results(report, GOOD):
+        assert r["status"] == "pass", r
+    mine = results(report, spec)
+    if cause is None:
+        assert all(r["status"] == "pass" for r in mine), mine
+    else:
+        failed = [r for r in mine if r["status"] == "fail"]
+        assert failed and re.search(cause, failed[0]["reason"]), mine
+        assert f"FAIL {failed[0]['invariant']} on {spec}" in out
+
+
+TIMER = r"forward did not return within 1 s"
+CASES = {  # name: (target, extra args, exit status, cause of the failure)
+    "os._exit(0) in forward": (hostile("Exit0Forward"), (), 1, r"worker process exited with status 0 during forward"),
+    "os._exit(0) from a thread": (hostile("Exit0Thread"), (), 1, r"exited with status 0 during forward"),
+    "atexit hook exits 0": (hostile("AtexitExit0"), (), 1, r"forward returned shape"),
+    "os._exit(0) at import": (hostile("MHA", "exits_at_import.py"), (), 1, r"exited with status 0 while importing"),
+    "subclass with a zero difference": (hostile("FakeSubNotCausal"), ("--only", "causal-perturbation"), 1, r"."),
+    "SIGKILL itself": (hostile("KillSelf"), (), 1, r"killed by signal SIGKILL during forward"),
+    "SIGTERM itself": (hostile("TermSelf"), (), 1, r"killed by signal SIGTERM during forward"),
+    "segfault": (hostile("Segfault"), (), 1, r"killed by signal SIGSEGV during forward"),
+    "ignores SIGALRM": (hostile("IgnoresAlarm"), TL1, 1, TIMER),
+    "blocks SIGALRM": (hostile("BlocksAlarm"), TL1, 1, TIMER),
+    "signal.alarm(0)": (hostile("CancelsAlarm"), TL1, 1, TIMER),
+    "bare except swallows the timeout": (hostile("SwallowsTimeout"), TL1, 1, TIMER),
+    "one long C++ op": (hostile("LongNativeCall"), TL1, 1, TIMER + r".*worker killed after \d+ s"),
+    "exception __str__ hangs": (hostile("MessageHangs"), TL1, 1, r"forward raised _HangingMessage: <its message did not format"),
+    "hang at import": (hostile("MHA", "hangs_at_import.py"), TL1, 1, r"importing the target did not finish within 3 s"),
+    "non-daemon thread": (hostile("NonDaemonThread"), (), 0, None),
+    "KeyboardInterrupt": (hostile("RaisesKeyboardInterrupt"), (), 1, r"forward raised KeyboardInterrupt"),
+    "GeneratorExit": (hostile("RaisesGeneratorExit"), (), 1, r"forward raised GeneratorExit"),
+    "lone surrogate": (hostile("LoneSurrogate"), (), 1, r"forward raised ValueError: bad byte \\udc80"),
+    "meta tensor output": (hostile("MetaOutput"), (), 1, r"on device meta, expected .* on cpu"),
+    ".train() raises": (hostile("TrainRaises"), ("--only", "input-not-mutated"), 1,
+                        r"module\.train\(\) raised RuntimeError: this module cannot train"),
+    ".to() returns None": (hostile("ToReturnsNone"), (), 1, r"module\.to\(device, dtype\) returned NoneType"),
+    "exception __str__ raises": (hostile("MessageRaises"), (), 1, r"forward raised _RaisingMessage: <its message cannot"),
+    "deletes its working directory": (hostile("DeletesCwd"), (), 0, None),
+    ".txt target file": (hostile("MHA", "correct_module.txt"), (), 0, None),
+    **{f"poisons: {p}": (hostile(p), ("--only", "output-contract,gradient-causality"), 0, None)
+       for p in ("GradOff", "MetaDefaultDevice", "Float16DefaultDtype", "Chdir", "WarningsAsErrors", "Threads",
+                 "BlocksAlarmAfter", "PushesFunctionMode")},
+}
+
+
+@pytest.mark.parametrize("spec,extra,status,cause", list(CASES.values()), ids=list(CASES))
+def test_hostile_module_is_judged(spec, extra, status, cause, tmp_path):
+    start = time.monotonic()
+    rc, out, err, report, md = run(spec, GOOD, *FAST, *extra, tmp_path=tmp_path)
+    assert_judged(rc, out, err, report, md, spec, status, cause)
+    assert time.monotonic() - start < 30
+
+
+def test_guard_restores_process_state_in_process():
+    """The pytest plugin's path (no worker): every poison is undone after each call into the module."""
+    from attnspec.runner import Options, check_target
+    from attnspec.targets import resolve
+
+    sys.path.insert(0, str(HOSTILE))
+    from modules import POISONS  # noqa: E402
+
+    def snapshot():
+        return (torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_default_device(), os.getcwd(),
+                sys.stdout, sys.stderr, list(warnings.filters), torch.get_num_threads(),
+                signal.pthread_sigmask(signal.SIG_BLOCK, ()), signal.getsignal(signal.SIGINT),
+                signal.getsignal(signal.SIGTERM), torch._C._len_torch_function_stack())
+
+    options = Options(profile="ci", max_examples=2, only=("output-contract", "gradient-causality"))
+    before = snapshot()
+    for poison in POISONS:
+        rep = check_target(resolve(hostile(poison.__name__)), options)
+        assert [r.status for r in rep.results] == ["pass", "pass"], (poison.__name__, rep.results)
+        assert snapshot() == before, poison.__name__
+    assert [r.status for r in check_target(resolve(GOOD), options).results] == ["pass", "pass"]
+
+
+def test_total_time_limit_stops_the_run(tmp_path):
+    spec = hostile("SwallowsTimeout")
+    rc, out, err, report, md = run(spec, *FAST, "--time-limit", "60", "--total-time-limit", "1", tmp_path=tmp_path)
+    assert rc == 3 and "Traceback" not in out + err, out + err
+    [hung] = results(report, spec)
+    assert hung["status"] == "not-applicable" and "--total-time-limit 1 s reached" in hung["reason"], hung
+    assert md is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines: usage errors before anything runs (exit 2, one line, no report).
+
+EXAMPLE = {"d_in": 2, "d_out": 2, "num_heads": 1, "context_length": 2, "num_tokens": 2, "batch": 1, "dropout": 0.0,
+           "qkv_bias": False, "dtype": "float32", "scale": 1.0, "seed": 0, "device": "cpu"}
+USAGE = {
+    "--device mps": (("--device", "mps"), r"--device 'mps'"),
+    "--device meta": (("--device", "meta"), r"--device 'meta'"),
+    "--device nonsense": (("--device", "gpu7"), r"--device 'gpu7'"),
+    "--time-limit inf": (("--time-limit", "inf"), r"--time-limit=inf"),
+    "--time-limit nan": (("--time-limit", "nan"), r"--time-limit=nan"),
+    "--total-time-limit 0": (("--total-time-limit", "0"), r"--total-time-limit=0"),
+    "--example scale string": (("--example", json.dumps({**EXAMPLE, "scale": "x"})), r"field scale=\"x\""),
+    "--example seed 2**70": (("--example", json.dumps({**EXAMPLE, "seed": 2 ** 70})), r"field seed="),
+    "--example dropout null": (("--example", json.dumps({**EXAMPLE, "dropout": None})), r"field dropout=null"),
+    "--example qkv_bias 1": (("--example", json.dumps({**EXAMPLE, "qkv_bias": 1})), r"field qkv_bias=1"),
+    "--example ''": (("--example", ""), r"--example is not a configuration JSON"),
+    "--example list": (("--example", "[1]"), r"--example is not a configuration JSON"),
+    "--report-json ''": (("--report-json", ""), r"--report-json '': empty path"),
+    "--report-json at a directory": (("--report-json", "DIR"), r"--report-json .* is a directory"),
+    "--report-md /proc/x": (("--report-md", "/proc/x"), r"--report-md '/proc/x' is not writable"),
+}
+
+
+@pytest.mark.parametrize("args,pattern", list(USAGE.values()), ids=list(USAGE))
+def test_bad_command_line_is_a_usage_error(args, pattern, tmp_path):
+    args = [str(tmp_path) if a == "DIR" else a for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["check", hostile("Exit0Forward"), GOOD, *FAST, *args])
+    lines = err.getvalue().strip().splitlines()
+    assert rc == 2 and out.getvalue() == "" and len(lines) == 1, (rc, out.getvalue(), err.getvalue())
+    assert lines[0].startswith("attnspec: error: ") and re.search(pattern, lines[0]), lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The supervisor's own process: run fresh.
+
+def fresh(*args, env=None, **kwargs):
+    argv = [sys.executable, "-m", "attnspec", "check", *args]
+    return subprocess.Popen(argv, cwd=ROOT, env={**ENV, **(env or {})}, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_closed_stdout_still_writes_reports_and_fails(tmp_path):
+    """`attnspec check ... | head`: the verdict is the exit status and the reports are written."""
+    spec, json_path = hostile("Exit0Forward"), tmp_path / "r.json"
+    proc = fresh(spec, GOOD, *FAST, "--report-json", str(json_path), stdout=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err.decode()
+    assert b"Traceback" not in err, err.decode()
+    report = json.loads(json_path.read_text())
+    assert results(report, spec)[0]["status"] == "fail" and results(report, GOOD)[0]["status"] == "pass"
+
+
+def test_non_utf8_path_under_ascii_output(tmp_path):
+    """A target file whose name is not UTF-8, printed under PYTHONIOENCODING=ascii: escaped, no traceback."""
+    name = os.fsencode(tmp_path) + b"/attn_\xff\xfe.py"
+    with open(name, "w") as f:
+        f.write("from attnspec.impl import MultiHeadAttention as MHA\n")
+    spec = b"mha=" + name + b":MHA"
+    json_path, md_path = tmp_path / "r.json", tmp_path / "r.md"
+    argv = [sys.executable.encode(), b"-m", b"attnspec", b"check", spec, GOOD.encode(), *map(str.encode, FAST),
+            b"--report-json", os.fsencode(json_path), b"--report-md", os.fsencode(md_path)]
+    proc = subprocess.run(argv, cwd=ROOT, env={**ENV, "PYTHONIOENCODING": "ascii"}, capture_output=True, timeout=120)
+    assert b"Traceback" not in proc.stdout + proc.stderr, proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    assert all(r["status"] == "pass" for t in json.loads(json_path.read_text())["targets"] for r in t["results"])
+    assert "attn_" in html.unescape(md_path.read_text(encoding="utf-8"))
+
+
+def test_sigterm_reports_what_was_judged(tmp_path):
+    """SIGTERM to the supervisor: the reports hold what was judged, the rest is "not checked", exit != 0."""
+    spec, json_path = hostile("SwallowsTimeout"), tmp_path / "r.json"
+    proc = fresh(GOOD, spec, *FAST, "--time-limit", "60", "--report-json", str(json_path), stdout=subprocess.PIPE)
+    err = b""
+    while b"[1/2]" not in err:  # GOOD's progress line: it has been judged
+        line = proc.stderr.readline()
+        assert line, err.decode()
+        err += line
+    proc.send_signal(signal.SIGTERM)
+    out, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 3, (out + err + rest).decode()
+    assert b"Traceback" not in out + err + rest
+    report = json.loads(json_path.read_text())
+    assert [r["status"] for r in results(report, GOOD)] == ["pass"]
+    [hung] = results(report, spec)
+    assert hung["status"] == "not-applicable" and "interrupted by SIGTERM" in hung["reason"], hung
