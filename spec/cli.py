@@ -13,7 +13,7 @@ import torch
 from attnspec import profiles, report
 from attnspec.errors import UsageError
 from attnspec.invariants import CATALOGUE, OBSERVES
-from attnspec.kinds import DTYPES, KINDS, Config
+from attnspec.kinds import DEFAULT_DTYPES, DTYPES, KINDS, Config
 from attnspec.runner import Options, check_target
 from attnspec.targets import BUNDLED, resolve
 
@@ -35,7 +35,7 @@ def _parser():
     chk.add_argument("--seed", type=int, help="Hypothesis seed (turns off derandomization)")
     chk.add_argument("--only", action="append", default=[], metavar="ID", help="check only these invariant ids")
     chk.add_argument("--skip", action="append", default=[], metavar="ID", help="skip these invariant ids")
-    chk.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtypes to draw (default float32, float64)")
+    chk.add_argument("--dtype", action="append", choices=sorted(DTYPES), help=f"dtypes to draw (default {', '.join(DEFAULT_DTYPES)})")
     chk.add_argument("--device", default="cpu", help="torch device for modules and inputs (e.g. cuda)")
     chk.add_argument("--size", choices=("small", "gpt2"), default="small",
                      help="small: dims <= 8 (default); gpt2: emb 768, 12 heads, context 1024")
@@ -100,7 +100,7 @@ def cmd_check(args):
     if args.max_examples is not None and args.max_examples < 1:
         raise UsageError(f"--max-examples={args.max_examples} must be at least 1")
     options = Options(profile=profile, max_examples=args.max_examples, seed=args.seed,
-                      dtypes=tuple(args.dtype or ("float32", "float64")), device=args.device,
+                      dtypes=tuple(args.dtype or DEFAULT_DTYPES), device=args.device,
                       sizes=GPT2_SIZES if args.size == "gpt2" else None, time_limit=args.time_limit,
                       only=_split_ids(args.only), skip=_split_ids(args.skip))
     options.selected()  # validates the ids

@@ -16,7 +16,8 @@ from hypothesis import Phase, event, find, given, note, seed as hypothesis_seed,
 from attnspec.case import Case
 from attnspec.errors import NotApplicable, Unsupported, UsageError, Violation
 from attnspec.invariants import BY_ID, CATALOGUE
-from attnspec.strategies import configs
+from attnspec.kinds import DEFAULT_DTYPES, Config
+from attnspec.strategies import configs, fit_example
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Options:
     profile: str = None  # a Hypothesis profile name; None: the loaded default
     max_examples: int = None  # None: the profile's
     seed: int = None  # None: the profile's (derandomized in ci)
-    dtypes: tuple = ("float32", "float64")
+    dtypes: tuple = DEFAULT_DTYPES
     device: str = "cpu"
     sizes: dict = None
     time_limit: float = None  # per constructor/forward call, seconds
@@ -77,6 +78,36 @@ def repro_command(inv, target, cfg):
     return f"attnspec check {shlex.quote(target.spec)} --only {inv.id} --example {shlex.quote(cfg.to_json())}"
 
 
+LOW_PRECISION = ("float16", "bfloat16")
+
+
+def unsupported_dtype(target, cfg, time_limit=None):
+    """Why ``target`` does not support cfg's float16/bfloat16, or None. Supporting a low-precision dtype
+    means: the smallest configuration builds and runs forward in it without raising. A module that
+    raises there, and not in float32, has its examples in that dtype counted unsupported (e.g.
+    masked_fill(-1e9) on float16 scores raises); one that runs is judged like any other: wrong values,
+    NaN, or an exception at other sizes are violations. Decided once per target and dtype."""
+    if cfg.dtype not in LOW_PRECISION:
+        return None
+    cache = target.__dict__.setdefault("_dtype_support", {})
+    if (cfg.dtype, cfg.device) not in cache:
+        def raised(dtype):
+            smallest = Config(d_in=1, d_out=1, num_heads=1, context_length=1, num_tokens=1, batch=1, dropout=0.0,
+                              qkv_bias=False, dtype=dtype, scale=1.0, seed=0, device=cfg.device)
+            case = Case(target, target.adapter.adjust(smallest), time_limit=time_limit)
+            try:
+                case.forward(case.input())
+            except Violation as e:
+                return str(e) if " raised " in str(e) else None
+            except (NotApplicable, Unsupported):
+                return None
+            return None
+
+        low = raised(cfg.dtype)
+        cache[cfg.dtype, cfg.device] = low and not raised("float32") and f"{cfg.dtype} is not supported: {low}"
+    return cache[cfg.dtype, cfg.device] or None
+
+
 def run_example(inv, target, cfg, tally, time_limit=None):
     """Check one configuration; raises Violation (recorded in tally) if the invariant is broken."""
     case = Case(target, cfg, time_limit=time_limit, stdout_sink=tally.printed)
@@ -84,6 +115,9 @@ def run_example(inv, target, cfg, tally, time_limit=None):
         invalid = target.kind.invalid_reason(cfg)
         if invalid:  # an adapter's adjust() went too far
             raise Unsupported(f"adjusted configuration is invalid: {invalid}")
+        unsupported = unsupported_dtype(target, cfg, time_limit)
+        if unsupported:
+            raise Unsupported(unsupported)
         inv.check(case)
         tally.checked += 1
     except NotApplicable as e:
@@ -143,14 +177,20 @@ def check_invariant(inv, target, options, example=None):
 
     if not inv.applies_to(target.kind):
         return result("not-applicable", reason=f"does not apply to kind {target.kind.name}")
+    adapted = ""
+    if example is not None:  # moved onto what the invariant needs (e.g. dropout > 0), and said so
+        example, changes = fit_example(example, target.kind, **inv.configs)
+        adapted = f"--example adapted for this invariant: {', '.join(changes)}" if changes else ""
     first = example or simplest_config(inv, target, options)
     try:
         run_example(inv, target, first, tally, options.time_limit)
     except Violation:
+        if adapted:
+            tally.failure = (tally.failure[0], f"{tally.failure[1]} [{adapted}]")
         return failed()
     if tally.structural or example is not None:
         status = "not-applicable" if tally.not_applicable else "pass"
-        return result(status, reason=tally.na_reason or tally.unsupported_reason)
+        return result(status, reason="; ".join(r for r in (tally.na_reason or tally.unsupported_reason, adapted) if r))
     try:
         hypothesis_test(inv, target, options, tally)()
     except Violation:
