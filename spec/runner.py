@@ -5,6 +5,7 @@ directly, ``check_target`` runs it and turns the outcome into a Result. Before s
 strategy's simplest configuration is tried once: a structural n/a or a plain bug is settled in
 milliseconds, and that example is already minimal."""
 
+import dataclasses
 import json
 import shlex
 import time
@@ -17,7 +18,7 @@ from attnspec.case import Case
 from attnspec.errors import NotApplicable, Unsupported, UsageError, Violation
 from attnspec.invariants import BY_ID, CATALOGUE
 from attnspec.kinds import DEFAULT_DTYPES, Config
-from attnspec.strategies import configs, fit_example
+from attnspec.strategies import configs, fit_example, is_small
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Options:
     device: str = "cpu"
     sizes: dict = None
     time_limit: float = None  # per constructor/forward call, seconds
+    regimes: tuple = None  # size regimes to draw (spec.strategies.REGIMES); None: the invariant's
     only: tuple = ()
     skip: tuple = ()
 
@@ -71,6 +73,8 @@ class Result:
 def strategy_for(inv, target, options):
     kwargs = dict(dtypes=options.dtypes, device=options.device, sizes=options.sizes)
     kwargs.update(inv.configs)
+    if options.regimes:
+        kwargs["regimes"] = options.regimes
     return configs(target.kind, **kwargs).map(target.adapter.adjust)
 
 
@@ -194,6 +198,14 @@ def check_invariant(inv, target, options, example=None):
     try:
         hypothesis_test(inv, target, options, tally)()
     except Violation:
+        if not options.sizes and not is_small(tally.failure[0]):  # shrinking does not cross size regimes:
+            small = Tally()  # look for the failure among small sizes too, and report it there if it shows
+            try:
+                hypothesis_test(inv, target, dataclasses.replace(options, regimes=("small",)), small)()
+            except Violation:
+                tally.failure = small.failure
+            except Exception:  # e.g. Flaky: keep the large counterexample
+                pass
         return failed()
     except Exception as e:  # Hypothesis's own verdicts, e.g. a failure that did not replay (Flaky)
         if tally.failure is None:

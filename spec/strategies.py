@@ -6,7 +6,7 @@ The others cross the boundaries real kernels tile and branch on (blocks of 16/32
 paths for head_dim >= 8, micro-batches), one dimension large at a time so that each example stays
 cheap (an invariant may loop over cuts, batch elements or 1024 dropout draws):
 
-* ``long``: context_length and num_tokens up to 130, around 16, 32, 64 and 128; 1-2 heads of <= 4 dims;
+* ``long``: num_tokens = context_length up to 130, around 16, 32, 64 and 128; 1-2 heads of <= 4 dims;
 * ``wide``: head_dim 8, 16, 32 or 64 (d_in up to 64), 1-2 heads, <= 17 tokens;
 * ``many``: 5-8 heads, batch 4-8, <= 8 tokens of <= 4 dims per head.
 
@@ -55,9 +55,9 @@ def _sizes(draw, kind, regime, min_tokens, min_batch):
         d_in = draw(st.integers(1, MAX_DIM), label="d_in")
     low = max(1, min_tokens)
     if regime == "long":
-        context_length = draw(st.sampled_from(LONG_LENGTHS), label="context_length")
-        lengths = [t for t in LONG_LENGTHS if low <= t <= context_length]
-        num_tokens = draw(st.one_of(st.just(context_length), st.sampled_from(lengths)), label="num_tokens")
+        # A full-length sequence: shorter ones are the small regime's (a failure that needs num_tokens <
+        # context_length then shrinks to 2 tokens, not to 16 of 17) and prefix-consistency's.
+        context_length = num_tokens = draw(st.sampled_from(LONG_LENGTHS), label="context_length")
     else:
         top = MAX_WIDE_CONTEXT if regime == "wide" else MAX_CONTEXT
         context_length = draw(st.integers(low, top), label="context_length")
@@ -118,6 +118,12 @@ def configs(
         seed=draw(st.integers(0, 2**16), label="seed"),
         device=device,
     )
+
+
+def is_small(cfg):
+    """Whether ``cfg`` is within the small regime's sizes."""
+    return (cfg.num_tokens <= MAX_CONTEXT and cfg.context_length <= MAX_CONTEXT and cfg.num_heads <= MAX_HEADS
+            and cfg.d_out // cfg.num_heads <= MAX_DIM and cfg.d_in <= MAX_DIM and cfg.batch <= MAX_BATCH)
 
 
 def fit_example(cfg, kind, *, dropouts=None, min_batch=1, min_tokens=1, dtypes=None, qkv_bias=None, **_):
