@@ -752,6 +752,19 @@ class BlockLocalMaxSoftmax(MHASteps):
         return e / e.sum(-1, keepdim=True)  # exact up to 32 tokens; overflows past them at large scores
 
 
+class KeyChunksDropTail(MHASteps):
+    def forward(self, x):
+        b, T = x.shape[0], x.shape[-2]
+        q, k, v = (self.split(t, b, T) for t in self.project(x))
+        s = self.mask_scores(self.scores(q, k), T) / self.head_dim**0.5
+        m = s.amax(-1, keepdim=True)
+        num, den = 0.0, 0.0
+        for start in range(0, T - T % 16 or T, 16):  # chunks of 16 keys; a partial last chunk is dropped
+            e = torch.exp(s[..., start:start + 16] - m)
+            num, den = num + self.drop(e) @ v[..., start:start + 16, :], den + e.sum(-1, keepdim=True)
+        return self.out(self.merge(num / den, b, T))
+
+
 # --- the corpus ----------------------------------------------------------------------------------
 
 
@@ -1011,4 +1024,6 @@ CORPUS = [
          "softmax in float16 for float32 input"),
     _bug(MHA, BlockLocalMaxSoftmax, "size", ["finite-output"],
          "softmax stabilized by the max of the first 32 keys only: overflows past 32 tokens at large scores"),
+    _bug(MHA, KeyChunksDropTail, "size", ["oracle-float64"],
+         "keys in chunks of 16 with the partial last chunk dropped: the last T % 16 keys are never attended"),
 ]
