@@ -22,7 +22,7 @@ import torch
 from attnspec import __version__, expectations, profiles, report
 from attnspec.errors import UsageError
 from attnspec.invariants import CATALOGUE, OBSERVES
-from attnspec.kinds import DTYPES, KINDS, Config
+from attnspec.kinds import DEFAULT_DTYPES, DTYPES, KINDS, Config
 from attnspec.runner import EXIT, Options, exit_status
 from attnspec.supervisor import Supervisor
 from attnspec.targets import BUNDLED, parse
@@ -55,10 +55,11 @@ def _parser():
     chk.add_argument("--skip", action="append", default=[], metavar="ID", help="skip these invariant ids")
     chk.add_argument("--variant", action="append", default=[], metavar="NAME",
                      help=f"check against a contract variant (repeatable): {', '.join(VARIANTS)}")
-    chk.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtypes to draw (default float32, float64)")
+    chk.add_argument("--dtype", action="append", choices=sorted(DTYPES), help=f"dtypes to draw (default {', '.join(DEFAULT_DTYPES)})")
     chk.add_argument("--device", default="cpu", help="torch device for modules and inputs (e.g. cuda)")
     chk.add_argument("--size", choices=("small", "gpt2"), default="small",
-                     help="small: dims <= 8 (default); gpt2: emb 768, 12 heads, context 1024")
+                     help="small: drawn sizes up to 130 tokens, head_dim 64, 8 heads, batch 8 (default); "
+                          "gpt2: emb 768, 12 heads, context 1024")
     chk.add_argument("--time-limit", type=float, default=None, help="seconds allowed per constructor/forward call")
     chk.add_argument("--total-time-limit", type=float, default=None, metavar="S",
                      help="stop after S seconds: what was judged is reported, the rest is not checked (exit 3 if nothing failed)")
@@ -135,6 +136,7 @@ EXAMPLE_FIELDS = {
     "qkv_bias": ((bool,), lambda v: True, "true or false"),
     "dtype": ((str,), lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "scale": ((int, float), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "offset": ((int, float), lambda v: math.isfinite(v), "a finite number"),
     "device": ((str,), lambda v: True, "a device"),
 }
 
@@ -184,7 +186,7 @@ def cmd_check(args):
     if args.max_examples is not None and args.max_examples < 1:
         raise UsageError(f"--max-examples={args.max_examples} must be at least 1")
     options = Options(profile=profile, max_examples=args.max_examples, seed=args.seed,
-                      dtypes=tuple(args.dtype or ("float32", "float64")), device=args.device,
+                      dtypes=tuple(args.dtype or DEFAULT_DTYPES), device=args.device,
                       sizes=GPT2_SIZES if args.size == "gpt2" else None, time_limit=args.time_limit,
                       only=_split_ids(args.only), skip=_split_ids(args.skip))
     options.selected()  # validates the ids

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Drawn by default, float32 first (the simplest). float16/bfloat16 run where the module supports them
+# (spec.runner.unsupported_dtype); tolerances follow the dtype (spec.tolerance).
+DEFAULT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
 class Config:
-    """One drawn configuration: module hyper-parameters, input shape, input scale, dtype, seed."""
+    """One drawn configuration: module hyper-parameters, input shape, input scale and offset, dtype, seed."""
 
     d_in: int
     d_out: int
@@ -25,9 +28,10 @@ class Config:
     dropout: float
     qkv_bias: bool
     dtype: str  # a key of DTYPES, so the config is plain JSON
-    scale: float  # the input is scale * N(0, 1)
+    scale: float  # the input is offset + scale * N(0, 1)
     seed: int
     device: str = "cpu"
+    offset: float = 0.0  # added after the other fields: repro JSON written before it still parses
 
     @property
     def torch_dtype(self):
@@ -47,10 +51,21 @@ class Config:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    def input_magnitude(self):
+        """(offset, scale) of the input, shrunk together where the dtype cannot represent the scores:
+        they grow like |x|^2 * d (and x^3 in GELU), so |offset| + scale stays <= finfo.max^(1/4) / 4
+        (float16: 4; float32 and bfloat16: ~1e9, i.e. never shrunk)."""
+        limit = torch.finfo(self.torch_dtype).max ** 0.25 / 4
+        size = abs(self.offset) + self.scale
+        shrink = limit / size if size > limit else 1.0
+        return self.offset * shrink, self.scale * shrink
+
     def random_input(self, shape, salt=0):
-        """scale * N(0, 1) of ``shape`` in the config's dtype, from a generator seeded by seed+salt."""
+        """offset + scale * N(0, 1) of ``shape`` in the config's dtype (see ``input_magnitude``), from a
+        generator seeded by seed+salt."""
         generator = torch.Generator().manual_seed(self.seed + salt)
-        x = torch.randn(shape, generator=generator, dtype=torch.float64) * self.scale
+        offset, scale = self.input_magnitude()
+        x = torch.randn(shape, generator=generator, dtype=torch.float64) * scale + offset
         return x.to(device=self.device, dtype=self.torch_dtype)
 
 

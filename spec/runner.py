@@ -12,6 +12,7 @@ budget of checked examples (or says how many it got). The verdict (``exit_status
 of the TargetReports: an n/a fails the gate unless the user accepted it (``Result.accepted``).
 """
 
+import dataclasses
 import json
 import shlex
 import time
@@ -24,7 +25,8 @@ from attnspec.case import Case
 from attnspec.errors import InternalError, NotApplicable, Unsupported, UsageError, Violation, internal_error
 from attnspec import profiles
 from attnspec.invariants import BY_ID, CATALOGUE
-from attnspec.strategies import configs
+from attnspec.kinds import DEFAULT_DTYPES, Config
+from attnspec.strategies import configs, fit_example, is_small
 from attnspec.targets import projection_layout
 
 
@@ -35,10 +37,11 @@ class Options:
     profile: str = None  # a Hypothesis profile name; None: the loaded default
     max_examples: int = None  # None: the profile's
     seed: int = None  # None: the profile's (derandomized in ci)
-    dtypes: tuple = ("float32", "float64")
+    dtypes: tuple = DEFAULT_DTYPES
     device: str = "cpu"
     sizes: dict = None
     time_limit: float = None  # per constructor/forward call, seconds
+    regimes: tuple = None  # size regimes to draw (spec.strategies.REGIMES); None: the invariant's
     only: tuple = ()
     skip: tuple = ()
 
@@ -104,6 +107,8 @@ class Result:
 def strategy_for(inv, target, options):
     kwargs = dict(dtypes=options.dtypes, device=options.device, sizes=options.sizes)
     kwargs.update(inv.configs)
+    if options.regimes:
+        kwargs["regimes"] = options.regimes
     return configs(target.kind, **kwargs).map(target.adapter.adjust)
 
 
@@ -122,6 +127,36 @@ class _GiveUp(BaseException):  # not an Exception: Hypothesis lets it through at
     """Stop searching: the invariant is n/a on this target (structural, or nothing checkable drawn)."""
 
 
+LOW_PRECISION = ("float16", "bfloat16")
+
+
+def unsupported_dtype(target, cfg, time_limit=None):
+    """Why ``target`` does not support cfg's float16/bfloat16, or None. Supporting a low-precision dtype
+    means: the smallest configuration builds and runs forward in it without raising. A module that
+    raises there, and not in float32, has its examples in that dtype counted unsupported (e.g.
+    masked_fill(-1e9) on float16 scores raises); one that runs is judged like any other: wrong values,
+    NaN, or an exception at other sizes are violations. Decided once per target and dtype."""
+    if cfg.dtype not in LOW_PRECISION:
+        return None
+    cache = target.__dict__.setdefault("_dtype_support", {})
+    if (cfg.dtype, cfg.device) not in cache:
+        def raised(dtype):
+            smallest = Config(d_in=1, d_out=1, num_heads=1, context_length=1, num_tokens=1, batch=1, dropout=0.0,
+                              qkv_bias=False, dtype=dtype, scale=1.0, seed=0, device=cfg.device)
+            case = Case(target, target.adapter.adjust(smallest), time_limit=time_limit)
+            try:
+                case.forward(case.input())
+            except Violation as e:
+                return str(e) if " raised " in str(e) else None
+            except (NotApplicable, Unsupported):
+                return None
+            return None
+
+        low = raised(cfg.dtype)
+        cache[cfg.dtype, cfg.device] = low and not raised("float32") and f"{cfg.dtype} is not supported: {low}"
+    return cache[cfg.dtype, cfg.device] or None
+
+
 def run_example(inv, target, cfg, tally, time_limit=None):
     """Check one configuration: True if checked, False if unsupported or n/a (recorded in tally);
     raises Violation (recorded in tally) if the invariant is broken. An exception of attnspec's own code
@@ -133,6 +168,9 @@ def run_example(inv, target, cfg, tally, time_limit=None):
         invalid = target.kind.invalid_reason(cfg)
         if invalid:  # an adapter's adjust() went too far
             raise Unsupported(f"adjusted configuration is invalid: {invalid}")
+        unsupported = unsupported_dtype(target, cfg, time_limit)
+        if unsupported:
+            raise Unsupported(unsupported)
         inv.check(case)
         tally.checked += 1
         return True
@@ -221,21 +259,35 @@ def check_invariant(inv, target, options, example=None):
 
     if not inv.applies_to(target.kind):
         return result("not-applicable", reason=f"does not apply to kind {target.kind.name}")
+    adapted = ""
+    if example is not None:  # moved onto what the invariant needs (e.g. dropout > 0), and said so
+        example, changes = fit_example(example, target.kind, **inv.configs)
+        adapted = f"--example adapted for this invariant: {', '.join(changes)}" if changes else ""
     first = example or simplest_config(inv, target, options)
     try:
         if not run_example(inv, target, first, tally, options.time_limit):
             tally.rejected += 1  # the search below draws supported configurations instead
     except Violation:
+        if adapted:
+            tally.failure = (tally.failure[0], f"{tally.failure[1]} [{adapted}]")
         return failed()
     if tally.internal:
         return internal()
     if tally.structural or (example is not None and not tally.checked):
         return not_applicable()
     if example is not None:
-        return result("pass")
+        return result("pass", reason=adapted)
     try:
         hypothesis_test(inv, target, options, tally)()
     except Violation:
+        if not options.sizes and not is_small(tally.failure[0]):  # shrinking does not cross size regimes:
+            small = Tally()  # look for the failure among small sizes too, and report it there if it shows
+            try:
+                hypothesis_test(inv, target, dataclasses.replace(options, regimes=("small",)), small)()
+            except Violation:
+                tally.failure = small.failure
+            except Exception:  # e.g. Flaky: keep the large counterexample
+                pass
         return failed()
     except (_GiveUp, Unsatisfiable):  # nothing checkable was drawn
         if tally.checked == 0:

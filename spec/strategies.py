@@ -1,21 +1,87 @@
 """Hypothesis strategies for configurations. They shrink toward the smallest readable case:
-one head, few tokens, batch 1, dropout 0, no bias, unit scale, float32, seed 0."""
+one head, few tokens, batch 1, dropout 0, no bias, unit scale, no offset, float32, seed 0.
+
+Sizes come in regimes, drawn first. ``small`` is the first, so shrinking ends there (d <= 8, T <= 8).
+The others cross the boundaries real kernels tile and branch on (blocks of 16/32/64/128 keys, fast
+paths for head_dim >= 8, micro-batches), one dimension large at a time so that each example stays
+cheap (an invariant may loop over cuts, batch elements or 1024 dropout draws):
+
+* ``long``: num_tokens and context_length up to 130, around 16, 32, 64 and 128; 1-2 heads of <= 4 dims;
+* ``wide``: head_dim 8, 16, 32 or 64 (d_in up to 64), 1-2 heads, <= 17 tokens;
+* ``many``: 5-8 heads, batch 5-8, <= 8 tokens of <= 4 dims per head.
+
+``REGIMES`` lists ``long`` three times in seven (tiling bugs need many tokens); Hypothesis draws the
+first entry more often than the others, so about half of the examples stay small."""
+
+from functools import lru_cache
 
 from hypothesis import strategies as st
 
-from attnspec.kinds import Config
+from attnspec.kinds import DEFAULT_DTYPES, Config
 
-MAX_DIM = 8  # small shapes first: the bugs in attention code show at d <= 8 as well as at 768
+MAX_DIM = 8  # the small regime: the bugs in attention code show at d <= 8 as well as at 768
 MAX_HEADS = 4
 MAX_CONTEXT = 8
 MAX_BATCH = 3
 
-# Input magnitudes where float32 comparisons are well conditioned, tiny included (LayerNorm's eps).
+REGIMES = ("small", "long", "many", "long", "wide", "long", "many")  # sampled_from shrinks to the first
+LONG_LENGTHS = (17, 33, 65, 129, 16, 32, 64, 128, 15, 31, 63, 127, 130)  # tile edges and their neighbours
+WIDE_HEAD_DIMS = (8, 16, 32, 64)
+MAX_WIDE_CONTEXT = 17
+MANY_HEADS, MANY_BATCH = (5, 8), (5, 8)
+
+# Input magnitudes where float32 comparisons are well conditioned (tiny included: LayerNorm's eps).
 MODERATE_SCALES = st.sampled_from([1.0, 0.1, 3.0, 1e-3])
+SCALES = MODERATE_SCALES
+# Moderate, then large: scores ~1e4..1e6, where a mask filled with -1e4 instead of -inf leaks. For
+# invariants that compare a module with itself or with exact zeros (causality, the weights).
+WIDE_SCALES = st.sampled_from([1.0, 0.1, 3.0, 1e-3, 1e2, 1e3])
 # Magnitudes where exp(score) overflows without max-subtraction (scores >> 88 in float32).
 LARGE_SCALES = st.sampled_from([1e3, 1e2, 1e4])
-DROPOUTS = st.one_of(st.just(0.0), st.floats(0.05, 0.9).map(lambda p: round(p, 3)), st.just(0.5))
-NONZERO_DROPOUTS = st.floats(0.05, 0.9).map(lambda p: round(p, 3)) | st.sampled_from([0.5, 0.1])
+# The input is offset + scale * N(0, 1): off-centre input shows one-pass variances E[x^2] - E[x]^2.
+OFFSETS = st.sampled_from([0.0, 0.0, 10.0, -3.0, 100.0])
+# Rates other than 0.5 show 1-p vs p mix-ups; a grid is as good as floats and cheaper to draw.
+RATES = (0.1, 0.25, 0.05, 0.9, 0.6, 0.333, 0.75, 0.2, 0.45, 0.8)
+DROPOUTS = st.one_of(st.just(0.0), st.sampled_from(RATES), st.just(0.5))
+ZERO_DROPOUT = st.just(0.0)
+NONZERO_DROPOUTS = st.sampled_from((0.5,) + RATES)
+BOOLEANS, SEEDS = st.booleans(), st.integers(0, 2**16)
+_ints = lru_cache(maxsize=None)(st.integers)  # strategies built once: drawing is ~1/3 of a small example's cost
+_pick = lru_cache(maxsize=None)(st.sampled_from)
+
+
+@lru_cache(maxsize=None)
+def _tokens(low, context_length):
+    """Both ends matter: a full-length sequence (the whole mask in use), or a shorter one, down to ``low``."""
+    if context_length <= low:
+        return st.just(context_length)
+    return st.one_of(st.just(context_length), st.integers(low, context_length - 1))
+
+
+def _sizes(draw, kind, regime, min_tokens, min_batch):
+    """(num_heads, head_dim, d_in, context_length, num_tokens, batch) of ``regime``."""
+    heads = {"small": (1, MAX_HEADS), "long": (1, 2), "wide": (1, 2), "many": MANY_HEADS}[regime]
+    num_heads = draw(_ints(*heads), label="num_heads") if kind.multi_head else 1
+    if regime == "wide":
+        head_dim = draw(_pick(WIDE_HEAD_DIMS), label="head_dim")
+        d_in = draw(_pick((head_dim, 8, 16, 64)), label="d_in")
+    else:
+        split = kind.name in ("mha", "transformer-block")  # d_out = num_heads * head_dim
+        head_dim = draw(_ints(1, MAX_DIM // 2 if split or regime != "small" else MAX_DIM), label="head_dim")
+        d_in = draw(_ints(1, MAX_DIM), label="d_in")
+    low = max(1, min_tokens)
+    if regime == "long":
+        context_length = draw(_pick(LONG_LENGTHS), label="context_length")
+        shorter = tuple(t for t in LONG_LENGTHS if low <= t < context_length)
+        num_tokens = draw(st.one_of(st.just(context_length), _pick(shorter)) if shorter else st.just(context_length),
+                          label="num_tokens")
+    else:
+        top = MAX_WIDE_CONTEXT if regime == "wide" else MAX_CONTEXT
+        context_length = draw(_ints(low, top), label="context_length")
+        num_tokens = draw(_tokens(min_tokens, context_length), label="num_tokens")
+    batches = MANY_BATCH if regime == "many" else (1, MAX_BATCH if regime == "small" else 2)
+    batch = draw(_ints(max(min_batch, batches[0]), max(min_batch, batches[1])), label="batch") if kind.batched else 1
+    return num_heads, head_dim, d_in, context_length, num_tokens, batch
 
 
 @st.composite
@@ -23,37 +89,34 @@ def configs(
     draw,
     kind,
     *,
-    dtypes=("float32", "float64"),
+    dtypes=DEFAULT_DTYPES,
     device="cpu",
-    scales=MODERATE_SCALES,
+    scales=SCALES,
+    offsets=OFFSETS,
     dropouts=DROPOUTS,
     min_batch=1,
     min_tokens=1,
     qkv_bias=None,
     sizes=None,
+    regimes=REGIMES,
 ):
     """A valid Config for ``kind``.
 
     ``sizes`` (a dict of fixed d_in/d_out/num_heads/context_length) pins the model size, e.g. GPT-2's,
-    while tokens, batch, dropout, dtype and seed are still drawn."""
+    while tokens, batch, dropout, dtype and seed are still drawn. ``regimes`` restricts the size
+    regimes (an invariant whose cost grows with every dimension at once may leave one out)."""
     if sizes:
         num_heads, d_out, d_in, context_length = (sizes[k] for k in ("num_heads", "d_out", "d_in", "context_length"))
         if not kind.multi_head:
             num_heads, d_out = 1, d_out // sizes["num_heads"]
+        num_tokens = draw(_tokens(min_tokens, context_length), label="num_tokens")
+        batch = draw(_ints(min_batch, MAX_BATCH), label="batch") if kind.batched else 1
     else:
-        num_heads = draw(st.integers(1, MAX_HEADS), label="num_heads") if kind.multi_head else 1
-        if kind.name in ("mha", "transformer-block"):
-            d_out = num_heads * draw(st.integers(1, MAX_DIM // 2), label="head_dim")
-        else:
-            d_out = draw(st.integers(1, MAX_DIM), label="d_out")
-        d_in = d_out if kind.name == "transformer-block" else draw(st.integers(1, MAX_DIM), label="d_in")
-        context_length = draw(st.integers(max(1, min_tokens), MAX_CONTEXT), label="context_length")
-    # Both ends matter: one token, and a full-length sequence (the whole mask in use).
-    num_tokens = draw(
-        st.one_of(st.just(context_length), st.integers(min(min_tokens, context_length), context_length)),
-        label="num_tokens",
-    )
-    batch = draw(st.integers(min_batch, MAX_BATCH), label="batch") if kind.batched else 1
+        regime = draw(_pick(tuple(regimes)), label="size regime")
+        num_heads, head_dim, d_in, context_length, num_tokens, batch = _sizes(draw, kind, regime, min_tokens, min_batch)
+        d_out = num_heads * head_dim if kind.name in ("mha", "transformer-block") else head_dim
+        if kind.name == "transformer-block":
+            d_in = d_out
     return Config(
         d_in=d_in,
         d_out=d_out,
@@ -62,9 +125,39 @@ def configs(
         num_tokens=num_tokens,
         batch=batch,
         dropout=draw(dropouts, label="dropout") if kind.has_dropout else 0.0,
-        qkv_bias=draw(st.booleans(), label="qkv_bias") if qkv_bias is None else qkv_bias,
-        dtype=draw(st.sampled_from(dtypes), label="dtype"),
+        qkv_bias=draw(BOOLEANS, label="qkv_bias") if qkv_bias is None else qkv_bias,
+        dtype=draw(_pick(tuple(dtypes)), label="dtype"),
         scale=draw(scales, label="scale"),
-        seed=draw(st.integers(0, 2**16), label="seed"),
+        offset=draw(offsets, label="offset"),
+        seed=draw(SEEDS, label="seed"),
         device=device,
     )
+
+
+def is_small(cfg):
+    """Whether ``cfg`` is within the small regime's sizes."""
+    return (cfg.num_tokens <= MAX_CONTEXT and cfg.context_length <= MAX_CONTEXT and cfg.num_heads <= MAX_HEADS
+            and cfg.d_out // cfg.num_heads <= MAX_DIM and cfg.d_in <= MAX_DIM and cfg.batch <= MAX_BATCH)
+
+
+def fit_example(cfg, kind, *, dropouts=None, min_batch=1, min_tokens=1, dtypes=None, qkv_bias=None, **_):
+    """A user-given configuration (``--example``) moved onto what an invariant's strategy can draw
+    (same keywords as ``configs``): (config, list of the changes made). Only an invariant's needs
+    are applied (dropout 0 or > 0, enough tokens or batch elements, its dtypes, qkv_bias)."""
+    changes = {}
+    if dropouts is ZERO_DROPOUT and cfg.dropout != 0.0:
+        changes["dropout"] = 0.0
+    if dropouts is NONZERO_DROPOUTS and cfg.dropout == 0.0:
+        changes["dropout"] = 0.5
+    if cfg.num_tokens < min_tokens:
+        changes["num_tokens"] = min_tokens
+        if cfg.context_length < min_tokens:
+            changes["context_length"] = min_tokens
+    if kind.batched and cfg.batch < min_batch:
+        changes["batch"] = min_batch
+    if dtypes is not None and cfg.dtype not in dtypes:
+        changes["dtype"] = dtypes[0]
+    if qkv_bias is not None and cfg.qkv_bias != qkv_bias:
+        changes["qkv_bias"] = qkv_bias
+    described = [f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in changes.items()]
+    return cfg.replace(**changes), described

@@ -279,6 +279,51 @@ class QKVSelfAttention(nn.Module):
 
 
 # (kind, class name) of every module above, for the tests.
+
+
+class TiledOnlineSoftmaxMHA(nn.Module):
+    """Kind mha, flash-attention style: queries and keys in tiles, a running row max, denominator and
+    context per query tile (online softmax), key tiles past the diagonal skipped, the diagonal tile
+    masked; dropout on the unnormalized tile probabilities; accumulation in float32 for half inputs.
+    Never calls softmax, so weight-level invariants are not applicable to it (nothing to observe)."""
+
+    TILE = 16
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.p = num_heads, d_out // num_heads, dropout
+        self.q_proj = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.o_proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2).to(acc_dtype)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q * self.head_dim**-0.5
+        out = torch.empty_like(q)
+        for qs in range(0, T, self.TILE):
+            qe = min(qs + self.TILE, T)
+            rows = torch.arange(qs, qe, device=x.device).unsqueeze(-1)
+            m = torch.full((B, self.num_heads, qe - qs, 1), -math.inf, dtype=acc_dtype, device=x.device)
+            denom = torch.zeros_like(m)
+            ctx = torch.zeros(B, self.num_heads, qe - qs, self.head_dim, dtype=acc_dtype, device=x.device)
+            for ks in range(0, qe, self.TILE):  # key tiles up to the diagonal
+                ke = min(ks + self.TILE, T)
+                s = q[:, :, qs:qe] @ k[:, :, ks:ke].transpose(-2, -1)
+                if ke > qs:  # the diagonal tile: mask keys after the query
+                    s = s.masked_fill(torch.arange(ks, ke, device=x.device) > rows, -math.inf)
+                m_new = torch.maximum(m, s.amax(-1, keepdim=True))  # finite: key 0 precedes every query
+                alpha, probs = torch.exp(m - m_new), torch.exp(s - m_new)
+                denom = denom * alpha + probs.sum(-1, keepdim=True)
+                ctx = ctx * alpha + F.dropout(probs, self.p, self.training) @ v[:, :, ks:ke]
+                m = m_new
+            out[:, :, qs:qe] = ctx / denom
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
+
+
 MODULES = [
     ("mha", "NanoGPTCausalSelfAttention"),
     ("mha", "HFStyleAttention"),
@@ -290,6 +335,7 @@ MODULES = [
     ("mha-wrapper", "ListCatWrapper"),
     ("transformer-block", "GPT2Block"),
     ("self-attention", "QKVSelfAttention"),
+    ("mha", "TiledOnlineSoftmaxMHA"),
 ]
 
 

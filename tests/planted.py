@@ -810,6 +810,137 @@ class DropoutMaskSharedAcrossBatchMHA(MHASteps):
         keep = torch.rand(1, *w.shape[1:], device=w.device) >= self.dropout.p  # one (H, T, T) mask for the batch
         return w * keep / (1 - self.dropout.p) if self.training else w
 
+# --- size-dependent bugs (issue 9: sizes, inputs and dtypes) -------------------------------------
+
+
+class _OnlineSoftmaxMHA(MHASteps):
+    """Flash-style attention, correct as written: keys in blocks of BLOCK, a running row max m,
+    denominator l and context acc; softmax is never called. The bugs below override one step."""
+
+    BLOCK = 16
+
+    def forward(self, x):
+        b, T = x.shape[0], x.shape[-2]
+        q, k, v = (self.split(t, b, T) for t in self.project(x))
+        q = q / self.head_dim**0.5
+        m = torch.full((*q.shape[:-1], 1), -torch.inf, dtype=q.dtype)
+        l, acc = torch.zeros_like(m), torch.zeros_like(q)
+        rows = torch.arange(T).unsqueeze(-1)
+        for start in range(0, T, self.BLOCK):
+            s = q @ k[..., start:start + self.BLOCK, :].transpose(-2, -1)
+            s = s.masked_fill(self.block_future(rows, start, s.shape[-1]), -torch.inf)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))  # finite: key 0 is in every row's past
+            p = torch.exp(s - m_new)
+            l, acc = self.rescale(l, acc, torch.exp(m - m_new))
+            l = l + p.sum(-1, keepdim=True)
+            acc = acc + self.drop(p) @ v[..., start:start + self.BLOCK, :]
+            m = m_new
+        return self.out(self.merge(acc / l, b, T))
+
+    def block_future(self, rows, start, width):
+        return torch.arange(start, start + width) > rows  # key j > query i
+
+    def rescale(self, l, acc, alpha):
+        return l * alpha, acc * alpha
+
+
+class OnlineSoftmaxNoRescale(_OnlineSoftmaxMHA):
+    def rescale(self, l, acc, alpha):
+        return l, acc * alpha  # the denominator keeps the old block's max: wrong once a later block has a larger score
+
+
+class OnlineSoftmaxBlock32MaskOffByOne(_OnlineSoftmaxMHA):
+    BLOCK = 32
+
+    def block_future(self, rows, start, width):
+        second = (rows >= self.BLOCK) & (rows < 2 * self.BLOCK)  # query rows 32..63: offset by one
+        return torch.arange(start, start + width) > rows + second.long()
+
+
+class MaskBufferCapped16(MHASteps):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
+        n = min(context_length, 16)  # "the mask never needs more than 16 rows"
+        self.register_buffer("mask", torch.triu(torch.ones(n, n), diagonal=1))
+
+    def mask_scores(self, s, T):
+        mask = self.mask.bool()
+        if T > mask.shape[0]:  # longer sequence: pad the cached mask (with False: the rest is not masked)
+            mask = F.pad(mask, (0, T - mask.shape[0], 0, T - mask.shape[0]))
+        return s.masked_fill(mask[:T, :T], -torch.inf)
+
+
+class SlidingWindow8(MHASteps):
+    def mask_scores(self, s, T):
+        i, j = torch.arange(T).unsqueeze(-1), torch.arange(T)
+        return s.masked_fill((j > i) | (j <= i - 8), -torch.inf)  # a local window of 8 nobody asked for
+
+
+class FastPathDropoutInEval(MHASteps):
+    def forward(self, x):
+        if self.head_dim < 8:
+            return super().forward(x)
+        b, T = x.shape[0], x.shape[-2]  # "fast path": the fused kernel, dropout_p not gated on self.training
+        q, k, v = (self.split(t, b, T) for t in self.project(x))
+        ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout.p, is_causal=True)
+        return self.out(self.merge(ctx, b, T))
+
+
+class MicroBatchWrongIndex(CausalAttention):
+    def forward(self, x):
+        out = x.new_empty(x.shape[0], x.shape[1], self.d_out)
+        for step, start in enumerate(range(0, x.shape[0], 4)):  # micro-batches of 4
+            n = min(4, x.shape[0] - start)
+            out[start:start + n] = super().forward(x[step:step + n])  # step, not start: wrong from batch 5 on
+        return out
+
+
+class OnePassVarianceNorm(LayerNorm):
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = (x * x).mean(dim=-1, keepdim=True) - mean**2  # E[x^2] - E[x]^2: cancels on off-centre input
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+class LayerNormOnePassVariance(_BlockWithNorm):
+    norm_cls = OnePassVarianceNorm
+
+
+class MaskFillMinus1e4(MHASteps):
+    def mask_scores(self, s, T):
+        return s.masked_fill(self.mask.bool()[:T, :T], -1e4)  # "large enough": not at scores ~1e4
+
+
+class Float16MaskNaN(MHASteps):
+    def mask_scores(self, s, T):
+        fill = torch.tensor(-1e9).to(s.dtype)  # -inf in float16
+        return s + self.mask[:T, :T].to(s.dtype) * fill  # 0 * -inf = NaN at every kept position
+
+
+class HalfPrecisionSoftmax(MHASteps):
+    def normalize(self, s, d_k):
+        return torch.softmax((s / d_k**0.5).half(), dim=-1).to(s.dtype)  # "saves memory"; float32 input loses bits
+
+
+class BlockLocalMaxSoftmax(MHASteps):
+    def normalize(self, s, d_k):
+        s = s / d_k**0.5
+        e = torch.exp(s - s[..., :32].amax(-1, keepdim=True))  # the max of the first 32 keys only
+        return e / e.sum(-1, keepdim=True)  # exact up to 32 tokens; overflows past them at large scores
+
+
+class KeyChunksDropTail(MHASteps):
+    def forward(self, x):
+        b, T = x.shape[0], x.shape[-2]
+        q, k, v = (self.split(t, b, T) for t in self.project(x))
+        s = self.mask_scores(self.scores(q, k), T) / self.head_dim**0.5
+        m = s.amax(-1, keepdim=True)
+        num, den = 0.0, 0.0
+        for start in range(0, T - T % 16 or T, 16):  # chunks of 16 keys; a partial last chunk is dropped
+            e = torch.exp(s[..., start:start + 16] - m)
+            num, den = num + self.drop(e) @ v[..., start:start + 16, :], den + e.sum(-1, keepdim=True)
+        return self.out(self.merge(num / den, b, T))
+
 
 # --- the corpus ----------------------------------------------------------------------------------
 
@@ -1220,4 +1351,30 @@ CORPUS += [
          "fused c_attn split as k, q, v: the layout says q, k, v"),
     _bug(MHA, FusedQKVScaleByDIn, "scaling", ["scaling-sqrt-head-dim"],
          "fused c_attn, scores divided by sqrt(d_in) instead of sqrt(head_dim)", also=["oracle-float64"]),
+
+    # size-dependent bugs (issue 9)
+    _bug(MHA, OnlineSoftmaxNoRescale, "size", ["oracle-float64"],
+         "online softmax over key blocks of 16: the denominator is not rescaled when a later block raises the max"),
+    _bug(MHA, OnlineSoftmaxBlock32MaskOffByOne, "size", ["causal-perturbation"],
+         "online softmax over key blocks of 32: query rows 32..63 see one future key"),
+    _bug(MHA, MaskBufferCapped16, "size", ["causal-perturbation"],
+         "mask buffer capped at 16 rows; longer sequences pad it with False, so tokens past 16 see the future"),
+    _bug(MHA, SlidingWindow8, "size", ["oracle-float64"], "an unrequested sliding window of 8 keys"),
+    _bug(MHA, FastPathDropoutInEval, "size", ["eval-deterministic"],
+         "a fused fast path for head_dim >= 8 that applies dropout in eval mode"),
+    _bug(CA, MicroBatchWrongIndex, "size", ["batch-independence"],
+         "micro-batches of 4 read x[step:], not x[start:]: wrong from batch element 5 on"),
+    # inputs and dtypes (issue 9)
+    _bug(TB, LayerNormOnePassVariance, "inputs", ["layernorm-pre-sublayer"],
+         "LayerNorm variance E[x^2] - E[x]^2: catastrophic cancellation on off-centre input"),
+    _bug(MHA, MaskFillMinus1e4, "inputs", ["causal-perturbation"],
+         "masked_fill(-1e4): the future leaks once scores reach ~1e4"),
+    _bug(MHA, Float16MaskNaN, "inputs", ["output-contract"],
+         "additive mask 0/1 times -1e9 cast to the dtype: -inf in float16, and 0 * -inf = NaN"),
+    _bug(MHA, HalfPrecisionSoftmax, "inputs", ["weights-rows-sum-to-one"],
+         "softmax in float16 for float32 input"),
+    _bug(MHA, BlockLocalMaxSoftmax, "size", ["finite-output"],
+         "softmax stabilized by the max of the first 32 keys only: overflows past 32 tokens at large scores"),
+    _bug(MHA, KeyChunksDropTail, "size", ["oracle-float64"],
+         "keys in chunks of 16 with the partial last chunk dropped: the last T % 16 keys are never attended"),
 ]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from attnspec.invariants import CATALOGUE
 from attnspec.runner import Options, check_target
 from attnspec.targets import resolve
 
@@ -15,12 +16,18 @@ FILE = HERE / "correct_elsewhere.py"
 MAX_EXAMPLES = 10  # per invariant; the simplest configuration is always tried first as well
 
 # name -> (invariant id, why) for violations that are real, although the module is correct in exact
-# arithmetic: they are checked by their own test below and skipped in the no-false-alarm test.
+# arithmetic: softmax over all positions, then tril and divide by the row sum: when a future score
+# exceeds every past score by ~100 (float32) the past weights underflow to 0 and the row is 0/0 = NaN.
+# Such scores come from large or off-centre inputs only, so any invariant may meet them there: a
+# failure of these modules is accepted only with a counterexample of that kind (and is checked to be
+# reported, below); at centred moderate inputs they must pass like any other.
 NUMERICAL_LIMITS = {
-    # softmax over all positions, then tril and divide by the row sum: when a future score exceeds
-    # every past score by ~100 (float32) the past weights underflow to 0 and the row is 0/0 = NaN.
     "RenormalizedCausalAttention": ("finite-output", "nan"),
 }
+
+
+def _at_numerical_limit(cfg):
+    return cfg["scale"] >= 100 or cfg.get("offset", 0.0) != 0.0
 
 
 def _modules():
@@ -35,10 +42,14 @@ def _modules():
 @pytest.mark.parametrize("kind,name", _modules(), ids=[name for _, name in _modules()])
 def test_correct_module_has_no_violation(kind, name):
     target = resolve(f"{kind}={FILE}:{name}")
-    skip = (NUMERICAL_LIMITS[name][0],) if name in NUMERICAL_LIMITS else ()
-    report = check_target(target, Options(max_examples=MAX_EXAMPLES, skip=skip))
-    assert report.results and all(r.status in ("pass", "fail", "not-applicable") for r in report.results)
-    failed = {r.invariant: f"{r.invariant}: {r.reason}\n    {r.repro}" for r in report.results if r.status == "fail"}
+    if name in NUMERICAL_LIMITS:  # one invariant at a time: an accepted output-contract failure blocks none
+        results = [r for inv in CATALOGUE if inv.applies_to(target.kind)
+                   for r in check_target(target, Options(max_examples=MAX_EXAMPLES, only=(inv.id,))).results]
+    else:
+        results = check_target(target, Options(max_examples=MAX_EXAMPLES)).results
+    assert results and all(r.status in ("pass", "fail", "not-applicable") for r in results)
+    failed = {r.invariant: f"{r.invariant}: {r.reason}\n    {r.repro}" for r in results if r.status == "fail"
+              and not (name in NUMERICAL_LIMITS and r.counterexample and _at_numerical_limit(r.counterexample))}
     text = f"attnspec flags the correct module {name}:\n  " + "\n  ".join(failed.values())
     assert not failed, text
 

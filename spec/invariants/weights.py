@@ -7,6 +7,7 @@ import torch
 from attnspec import oracle
 from attnspec.errors import Violation
 from attnspec.invariants.base import ALL_KINDS, CAUSAL_KINDS, invariant
+from attnspec.strategies import WIDE_SCALES
 from attnspec.tolerance import assert_close
 
 
@@ -15,7 +16,7 @@ def _first(mask):
 
 
 @invariant("weights-rows-sum-to-one", "in eval mode every row of the applied attention weights sums to 1",
-           ALL_KINDS, "weights")
+           ALL_KINDS, "weights", scales=WIDE_SCALES)
 def rows_sum_to_one(case):
     _, seen = case.observe(case.input())
     for weights in seen.applied_weights():
@@ -25,7 +26,7 @@ def rows_sum_to_one(case):
 
 
 @invariant("weights-future-zero", "w[i, j] == 0 exactly for every key j after query i",
-           CAUSAL_KINDS, "weights")
+           CAUSAL_KINDS, "weights", scales=WIDE_SCALES)
 def future_zero(case):
     _, seen = case.observe(case.input())
     for weights in seen.applied_weights():
@@ -38,7 +39,7 @@ def future_zero(case):
 
 @invariant("masked-softmax-renormalized",
            "the applied weights equal the seed's multiply-and-renormalize: tril(softmax(S)) / row sums",
-           CAUSAL_KINDS, "weights")
+           CAUSAL_KINDS, "weights", scales=WIDE_SCALES)
 def masked_softmax_renormalized(case):
     _, seen = case.observe(case.input())
     for head, applied in zip(seen.heads, seen.applied_weights()):
@@ -51,7 +52,7 @@ def masked_softmax_renormalized(case):
 
 
 @invariant("scaling-sqrt-head-dim", "softmax scores are Q_h K_h^T / sqrt(head_dim): weights (on past positions) equal the oracle's",
-           ALL_KINDS, "weights+params")
+           ALL_KINDS, "weights+params", scales=WIDE_SCALES)
 def scaling_sqrt_head_dim(case):
     parts = case.projections()
     x = case.input()

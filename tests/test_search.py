@@ -1,0 +1,187 @@
+"""Where the search looks (issue 9): real sizes, off-centre and large inputs, half dtypes; and the
+harness defects found on the way (--example overriding an invariant's needs, dropout-unbiased's
+message and memory, the binomial tail's cost). None of these may surface as a verdict on a module."""
+
+import decimal
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+
+from attnspec.invariants import BY_ID
+from attnspec.invariants.dropout import binomial_two_sided_p
+from attnspec.kinds import KINDS, Config
+from attnspec.runner import Options, check_invariant, check_target, simplest_config, strategy_for
+from attnspec.targets import resolve
+
+HERE = Path(__file__).resolve().parent
+MHA = "mha=attnspec.impl:MultiHeadAttention"
+
+
+def _drawn(inv_id, spec=MHA, **options):
+    """The configurations a derandomized ci-sized search of ``inv_id`` draws."""
+    seen = []
+    target = resolve(spec)
+
+    @settings(max_examples=25, derandomize=True, database=None, deadline=None)
+    @given(strategy_for(BY_ID[inv_id], target, Options(**options)))
+    def collect(cfg):
+        seen.append(cfg)
+
+    collect()
+    return seen
+
+
+def test_the_simplest_configuration_is_minimal():
+    cfg = simplest_config(BY_ID["oracle-float64"], resolve(MHA), Options())
+    assert (cfg.num_heads, cfg.d_out, cfg.d_in, cfg.num_tokens, cfg.batch) == (1, 1, 1, 1, 1)
+    assert (cfg.dtype, cfg.scale, cfg.offset, cfg.dropout, cfg.qkv_bias) == ("float32", 1.0, 0.0, 0.0, False)
+
+
+def test_a_ci_search_reaches_real_sizes_inputs_and_dtypes():
+    """Under the derandomized ci budget (25 examples) a meaningful share of one invariant's examples
+    crosses the boundaries real kernels branch on, with off-centre inputs and every dtype."""
+    seen = _drawn("oracle-float64")
+    count = {
+        "T>16": sum(c.num_tokens > 16 for c in seen),
+        "T>32": sum(c.num_tokens > 32 for c in seen),
+        "head_dim>=8": sum(c.head_dim >= 8 for c in seen),
+        "batch>=5 or heads>=5": sum(c.batch >= 5 or c.num_heads >= 5 for c in seen),
+        "small": sum(c.num_tokens <= 8 and c.head_dim <= 8 for c in seen),
+        "offset": sum(c.offset != 0 for c in seen),
+    }
+    assert count["T>16"] >= 5 and count["T>32"] >= 3, count
+    assert count["head_dim>=8"] >= 1 and count["batch>=5 or heads>=5"] >= 1 and count["small"] >= 3, count
+    assert count["offset"] >= 5, count
+    assert {c.dtype for c in seen} == {"float32", "float64", "float16", "bfloat16"}
+    assert max(c.num_tokens for c in seen) <= 130 and max(c.head_dim for c in seen) <= 64
+
+
+def test_causality_and_weights_are_searched_at_large_scales():
+    for inv_id in ("causal-perturbation", "weights-future-zero"):
+        assert any(c.scale >= 100 for c in _drawn(inv_id)), inv_id
+
+
+def test_old_repro_json_without_offset_still_parses():
+    old = ('{"d_in":1,"d_out":2,"num_heads":2,"context_length":2,"num_tokens":2,"batch":1,"dropout":0.0,'
+           '"qkv_bias":false,"dtype":"float32","scale":1.0,"seed":0,"device":"cpu"}')
+    assert Config.from_json(old).offset == 0.0
+
+
+def test_input_is_offset_plus_scale_noise_and_stays_representable_in_float16():
+    cfg = Config(d_in=64, d_out=8, num_heads=1, context_length=130, num_tokens=130, batch=8, dropout=0.0,
+                 qkv_bias=False, dtype="float64", scale=0.5, seed=3, offset=100.0)
+    x = cfg.random_input((8, 130, 64))
+    assert abs(x.mean().item() - 100.0) < 0.05 and abs(x.std().item() - 0.5) < 0.01
+    half = cfg.replace(dtype="float16", scale=1e3).random_input((8, 130, 64))
+    assert torch.isfinite(half).all() and half.abs().max().item() < 4 * 8  # |offset| + scale capped at 4
+
+
+# --- float16 / bfloat16 support ----------------------------------------------------------------
+
+
+def test_a_module_that_raises_in_float16_is_reported_unsupported_not_failed():
+    """masked_fill(-1e9) on float16 scores raises in torch: float16 is not supported, the rest is checked."""
+    target = resolve(f"mha={HERE / 'correct_elsewhere.py'}:LargeNegativeMaskMHA")
+    (only_half,) = check_target(target, Options(dtypes=("float16",), only=("output-contract",))).results
+    assert only_half.status == "not-applicable" and "float16 is not supported" in only_half.reason, only_half
+    (mixed,) = check_target(target, Options(only=("oracle-float64",))).results
+    assert mixed.status == "pass" and mixed.unsupported > 0 and "float16" in mixed.reason, mixed
+
+
+def test_a_module_returning_nan_in_float16_fails():
+    target = resolve(f"mha={HERE / 'planted.py'}:Float16MaskNaN")
+    (result,) = check_target(target, Options(dtypes=("float16",), only=("output-contract",))).results
+    assert result.status == "fail" and "nan" in result.reason, result
+
+
+# --- --example adapted to what an invariant needs (issue 9, part 5) ------------------------------
+
+
+def _example(**changes):
+    base = dict(d_in=2, d_out=2, num_heads=1, context_length=4, num_tokens=4, batch=1, dropout=0.0,
+                qkv_bias=False, dtype="float32", scale=1.0, seed=0)
+    return Config(**{**base, **changes})
+
+
+@pytest.mark.parametrize("inv_id,example,change", [
+    ("train-p0-equals-eval", _example(dropout=0.5), "dropout 0.5 -> 0.0"),
+    ("dropout-on-weights", _example(dropout=0.0), "dropout 0.0 -> 0.5"),
+    ("dropout-unbiased", _example(dropout=0.0, dtype="float32"), "dtype 'float32' -> 'float64'"),
+    ("causal-perturbation", _example(num_tokens=1, context_length=1), "num_tokens 1 -> 2"),
+    ("batch-independence", _example(batch=1), "batch 1 -> 2"),
+])
+def test_example_is_adapted_to_the_invariant_and_the_report_says_so(inv_id, example, change):
+    result = check_invariant(BY_ID[inv_id], resolve(MHA), Options(), example=example)
+    assert result.status == "pass", result
+    assert "--example adapted" in result.reason and change in result.reason, result.reason
+
+
+def test_example_that_fits_is_not_adapted():
+    result = check_invariant(BY_ID["dropout-on-weights"], resolve(MHA), Options(), example=_example(dropout=0.3))
+    assert result.status == "pass" and "adapted" not in result.reason, result
+
+
+# --- dropout statistics (issue 9, part 5) --------------------------------------------------------
+
+
+def _tail(k, n, p):
+    """2 min(P(X <= k), P(X >= k)), capped at 1, by summing every term in 40-digit decimals."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 40
+        q = decimal.Decimal(p)
+        pmf = [math.comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(n + 1)]
+        return min(1.0, float(2 * min(sum(pmf[: k + 1]), sum(pmf[k:]))))
+
+
+@pytest.mark.parametrize("n,p", [(1, 0.5), (7, 0.1), (40, 0.3), (200, 0.9), (300, 0.05)])
+def test_binomial_p_value_equals_the_exact_tail_sum(n, p):
+    for k in range(n + 1):
+        assert binomial_two_sided_p(k, n, p) == pytest.approx(_tail(k, n, p), rel=1e-6, abs=1e-300), (k, n, p)
+
+
+def test_binomial_p_value_is_cheap_at_gpt2_size():
+    n = 8 * 12 * 1024 * 1025 // 2  # positive causal weights of a batch of 8 at GPT-2 size
+    start = time.perf_counter()
+    assert binomial_two_sided_p(int(n * 0.1), n, 0.1) == pytest.approx(1.0)
+    assert binomial_two_sided_p(int(n * 0.1) - 10**5, n, 0.1) < 1e-100
+    assert binomial_two_sided_p(0, n, 0.1) == 0.0  # dropout that drops nothing
+    assert time.perf_counter() - start < 2.0
+
+
+def test_binomial_p_value_of_a_degenerate_rate():
+    assert binomial_two_sided_p(0, 10, 0.0) == 1.0 and binomial_two_sided_p(1, 10, 0.0) == 0.0
+
+
+class _ZeroInEvalBiasedInTrain(nn.Module):
+    """Eval output exactly 0; train output 1: biased, and the eval value is 0 (no ratio to print)."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.grad_in_train = []
+
+    def forward(self, x):
+        out = self.W_query(x) * 0.0
+        if self.training:
+            self.grad_in_train.append(torch.is_grad_enabled())
+            out = out + 1.0
+        return out
+
+
+def test_dropout_unbiased_names_a_zero_eval_output_without_dividing_by_it():
+    from attnspec.targets import ConstructorAdapter, Target
+
+    target = Target(KINDS["mha"], "ZeroInEval", ConstructorAdapter(_ZeroInEvalBiasedInTrain, KINDS["mha"]))
+    built = []
+    original = target.adapter.build
+    target.adapter.build = lambda cfg: built.append(original(cfg)) or built[-1]
+    result = check_invariant(BY_ID["dropout-unbiased"], target, Options(), example=_example(dropout=0.5))
+    assert result.status == "fail" and re.search(r"eval output -?0 ", result.reason), result
+    assert "ratio" not in result.reason and "internal" not in result.reason, result
+    assert built and all(enabled is False for m in built for enabled in m.grad_in_train)  # drawn under no_grad
