@@ -268,6 +268,14 @@ class AttentionProbe(TorchFunctionMode):
             return (out, None if not asked else applied.mean(-3) if average and applied is not None else applied)
         training, p = bound.get("training", True), float(bound["dropout_p"])
         weights = func(**{**every, "training": False})[1] if training and p > 0 else applied
-        self._ours(self._fused_head, torch.log(weights), weights, applied, applied if training and p > 0 else None,
+        self._ours(self._fused_head, _log_weights(weights), weights, applied, applied if training and p > 0 else None,
                    "multi_head_attention_forward", p if training else 0.0)
         return out, (applied.mean(-3) if average else applied) if asked else None
+
+
+def _log_weights(weights):
+    """Scores that give ``weights`` back under softmax: log(weights), with a zero weight (masked, or
+    underflowed at large scores) at the dtype's most negative finite value instead of -inf, so it stays
+    a past position whose weight is 0, not a masked one."""
+    return torch.log(weights).clamp_min(torch.finfo(weights.dtype).min)
+
