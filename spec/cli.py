@@ -202,8 +202,10 @@ def cmd_check(args):
     variants = check_names(_split_ids(args.variant))
     specs = args.targets or BUNDLED
     kinds = [parse(spec)[0] for spec in specs]  # malformed targets and unknown kinds: before any worker starts
-    options.check_selection([k for k in kinds if k is not None])
-    example = _parse_example(args.example, [k for k in kinds if k is not None], args.device) if args.example is not None else None
+    known = [k for k in kinds if k is not None]  # a target without KIND= declares its kind at import: judged then
+    if len(known) == len(kinds):
+        options.check_selection(known)
+    example = _parse_example(args.example, known, args.device) if args.example is not None else None
     threads = 1 if args.size == "small" and options.device == "cpu" else None  # tiny tensors: threads only contend
     if not args.targets:
         _emit(f"attnspec: no targets given: checking the {len(BUNDLED)} bundled modules of attnspec.impl "

@@ -39,6 +39,14 @@ LOWER = {torch.float64: torch.float32, torch.float32: torch.float16, torch.float
 FUDGE = 10.0
 
 
+def held_dtype(dtype):
+    """The precision a correct module computing in ``dtype`` may hold its inputs and constants in: for
+    float64, float32 (the float64 rule above); else ``dtype`` itself. An invariant measures the
+    reference's own error on inputs rounded to it, so that error reflects the values' real sizes
+    (values of 3 averaged to an output of 0.1 keep the rounding error of 3)."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
 def allowed_error(dtype, magnitude, measured=0.0):
     """Absolute error allowed between two computations of values of size ``magnitude``."""
     return max(RTOL[dtype] * float(magnitude), FUDGE * float(measured)) + torch.finfo(dtype).tiny

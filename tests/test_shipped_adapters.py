@@ -184,7 +184,7 @@ HF_BUGS = {  # the invariant that rejects each fastest (others reject most of th
     "unscaled-sdpa": ("UnscaledGPT2AttentionSDPA", ["oracle-float64"]),
     "inverse-layer-idx-scale": ("InverseLayerIdxGPT2Attention", ["oracle-float64"]),
     "c_attn-split-k-q-v": ("SwappedSplitGPT2Attention", ["oracle-float64"]),
-    "c_attn-split-k-q-v-block": ("SwappedSplitGPT2Block", ["oracle-float64"]),
+    "c_attn-split-k-q-v-block": ("SwappedSplitGPT2Block", ["scaling-sqrt-head-dim"]),
     "post-ln-block": ("PostLNGPT2Block", ["layernorm-pre-sublayer"]),
     "erf-gelu-block": ("ErfGELUGPT2Block", ["feedforward-gelu-tanh"]),
 }
@@ -198,7 +198,8 @@ def test_torch_bug_rejected(spec, ids):
 @needs_transformers
 @pytest.mark.parametrize("name,ids", list(HF_BUGS.values()), ids=list(HF_BUGS))
 def test_transformers_bug_rejected(name, ids):
-    assert_rejected(check(f"tests/hf_bugs.py:{name}", *ids), *ids)
+    # 15 examples: a scaling or q/k-order bug needs head_dim > 1, which a 5-example search may not draw
+    assert_rejected(check(f"tests/hf_bugs.py:{name}", *ids, max_examples=15), *ids)
 
 
 # --- 3. contract variants --------------------------------------------------------------------------------

@@ -41,7 +41,10 @@ def gpt2_config(cfg, attn_implementation, resid_pdrop, activation_function="gelu
     config = GPT2Config(vocab_size=8, bos_token_id=0, eos_token_id=0, n_positions=cfg.context_length,
                         n_embd=cfg.d_out, n_layer=1, n_head=cfg.num_heads, activation_function=activation_function,
                         attn_pdrop=cfg.dropout, resid_pdrop=resid_pdrop, embd_pdrop=resid_pdrop, layer_norm_epsilon=1e-5,
-                        scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
+                        scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+                        # GPT-2's 0.02 makes every score ~0: uniform weights that hide scaling and mask bugs.
+                        # Unit-scale weights (std 1/sqrt(emb)) give the scores the spread trained models have.
+                        initializer_range=cfg.d_out ** -0.5)
     config._attn_implementation = attn_implementation
     return config
 

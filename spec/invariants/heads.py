@@ -5,7 +5,7 @@ import torch
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import invariant
-from attnspec.tolerance import assert_close
+from attnspec.tolerance import assert_close, held_dtype
 
 
 @invariant("head-split-equivalence",
@@ -16,14 +16,14 @@ def head_split_equivalence(case):
     if "out" not in parts:
         raise NotApplicable("no output projection found (out_proj)")
 
-    def per_head(dtype):
-        p, xd = oracle.cast(parts, dtype), x.to(dtype)
+    def per_head(dtype, held=torch.float64):
+        p, xd = oracle.cast(oracle.cast(parts, held), dtype), x.to(held).to(dtype)
         heads = [oracle.attention(xd, h, causal=True)[0] for h in oracle.head_slices(p, case.cfg.num_heads)]
         return oracle.linear(torch.cat(heads, dim=-1), p["out"])
 
     expected = per_head(torch.float64)
-    assert_close(case.forward(x), expected, dtype=x.dtype, measured=(per_head(x.dtype) - expected).abs().max(),
-                 magnitude=max(expected.abs().max().item(), x.abs().max().item(), 1e-30),
+    assert_close(case.forward(x), expected, dtype=x.dtype, measured=(per_head(x.dtype, held_dtype(x.dtype)) - expected).abs().max(),
+                 magnitude=max(expected.abs().max().item(), 1e-30),
                  what=f"mha output vs out_proj of {case.cfg.num_heads} concatenated single-head attentions")
 
 

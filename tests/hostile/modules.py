@@ -46,7 +46,7 @@ class AtexitExit0(MultiHeadAttention):
         atexit.register(os._exit, 0)
 
     def forward(self, x):
-        return super().forward(x)[:, :, :1]
+        return super().forward(x)[:, :-1]  # one token short
 
 
 class _ZeroDifference(torch.Tensor):
