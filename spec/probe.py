@@ -249,7 +249,9 @@ class AttentionProbe(TorchFunctionMode):
         if mask is not None:
             mask = mask.detach()
             scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(compute)
-        return scores.to(q.dtype), torch.softmax(scores, dim=-1).to(q.dtype)
+        # scores stay in the compute precision: rounded to a half dtype at large values they no longer
+        # determine the weights the kernel computed from the unrounded ones
+        return scores, torch.softmax(scores, dim=-1).to(q.dtype)
 
     def _fused_head(self, scores, weights, applied, dropped, source, p):
         nd = weights.dim()

@@ -597,3 +597,25 @@ MODULES += [
     ("mha", "XTransformersStyleAttention"),
     ("mha", "InProjAttention"),
 ]
+
+
+class SDPASeedProjectionsMHA(nn.Module):
+    """The seed's projections around F.scaled_dot_product_attention(is_causal=True), written by an outside
+    reviewer; in bfloat16 at offset 10 (scores ~100) its weights once failed masked-softmax-renormalized
+    because the probe rounded SDPA's scores to bfloat16 before comparing."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.h, self.hd, self.d_out, self.p = num_heads, d_out // num_heads, d_out, dropout
+        self.W_query, self.W_key, self.W_value = (nn.Linear(d_in, d_out, bias=qkv_bias) for _ in range(3))
+        self.out_proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.h, self.hd).transpose(1, 2) for w in (self.W_query, self.W_key, self.W_value))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
+        return self.out_proj(o.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+MODULES += [("mha", "SDPASeedProjectionsMHA")]
+

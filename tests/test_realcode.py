@@ -206,6 +206,17 @@ def test_fused_modules_are_checked_at_the_weight_level(spec):
     assert all(r.examples > 0 for r in results.values())
 
 
+def test_fused_weights_in_bfloat16_at_large_scores_are_not_a_false_alarm():
+    """The probe keeps SDPA's scores in the compute precision: rounded to bfloat16 at scores ~100 they
+    no longer determine the kernel's weights (a correct module failed masked-softmax-renormalized)."""
+    example = Config.from_json('{"d_in":1,"d_out":2,"num_heads":2,"context_length":17,"num_tokens":17,"batch":1,'
+                               '"dropout":0.0,"qkv_bias":false,"dtype":"bfloat16","scale":1.0,"seed":445,'
+                               '"device":"cpu","offset":10.0}')
+    target = resolve(f"mha={CORRECT}:SDPASeedProjectionsMHA")
+    (result,) = check_target(target, Options(only=("masked-softmax-renormalized",)), example=example).results
+    assert result.status == "pass", result
+
+
 @pytest.mark.parametrize("name,inv_id,text", [
     ("FlashNoTrainDropout", "dropout-on-weights", "dropout_p=0 in train mode"),
     ("FlashDropoutInEval", "dropout-on-weights", "in eval mode"),
