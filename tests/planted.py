@@ -520,6 +520,14 @@ class NoFeedForwardResidual(TransformerBlock):
         return self.drop_shortcut(self.ff(self.norm2(x)))
 
 
+class ResidualDropped(TransformerBlock):
+    """Found by an outside reviewer: the residual dropout applied to the sum, so x itself is dropped."""
+
+    def forward(self, x):
+        x = self.drop_shortcut(x + self.att(self.norm1(x)))
+        return self.drop_shortcut(x + self.ff(self.norm2(x)))
+
+
 class UnbiasedVarNorm(LayerNorm):
     def forward(self, x):
         var = x.var(dim=-1, keepdim=True, unbiased=True)
@@ -1139,6 +1147,8 @@ CORPUS = [
          also=["layernorm-pre-sublayer"]),
     _bug(TB, NoFeedForwardResidual, "structure", ["block-residual-identity", "oracle-float64"],
          "no shortcut around the feed-forward sub-layer"),
+    _bug(TB, ResidualDropped, "dropout", ["block-residual-identity"],
+         "drop(x + att(LN(x))): train-mode dropout hits the residual stream (unbiased, eval exact)"),
     _bug(TB, LayerNormUnbiased, "structure", ["layernorm-pre-sublayer", "finite-output", "oracle-float64"],
          "LayerNorm with the unbiased variance (NaN at emb_dim=1)",
          also=["gradient-causality", "weights-rows-sum-to-one", "weights-future-zero", "masked-softmax-renormalized",

@@ -4,12 +4,14 @@ Sub-layer inputs and outputs are observed with forward hooks on the adapter's (a
 feed_forward) submodules (``att`` and ``ff`` by default)."""
 
 import contextlib
+import math
 
 import torch
 
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation, internal_error
 from attnspec.invariants.base import invariant
+from attnspec.strategies import NONZERO_DROPOUTS
 from attnspec.tolerance import assert_close
 
 
@@ -117,10 +119,23 @@ def feedforward_gelu_tanh(case):
                  what=f"feed-forward output vs W2 gelu_{gelu}(W1 h + b1) + b2")
 
 
-@invariant("block-residual-identity", "with both sub-layers outputting zeros, the block is the identity (residuals)",
-           ("transformer-block",), "structure")
+@invariant("block-residual-identity",
+           "with both sub-layers outputting zeros, the block is the identity (residuals), in eval and in train mode "
+           "(dropout never touches the residual stream)",
+           ("transformer-block",), "structure", dropouts=NONZERO_DROPOUTS)
 def block_residual_identity(case):
+    """Exact in both modes (a correct block adds dropped zeros to x). In train mode a block that drops
+    the residual stream itself (drop(x + att(LN(x)))) zeroes each element of x with probability p; the
+    input is repeated along the batch (at most 64 replicas) until it has n elements with (1-p)^n <= 1e-6,
+    the chance that such a block keeps them all and goes unseen."""
     x = case.input()
     with _hooked(case, replace_outputs=True):
         out = case.forward(x)
     assert_close(out, x, dtype=x.dtype, what="block output with zeroed sub-layers vs its input")
+    p = case.cfg.dropout
+    replicas = min(64, max(1, math.ceil(math.log(1e-6) / math.log(1 - p) / x.numel())))
+    x = x.repeat(replicas, 1, 1)
+    with _hooked(case, replace_outputs=True):
+        out = case.forward(x, train=True)
+    assert_close(out, x, dtype=x.dtype, what=f"train-mode (p={p}) block output with zeroed sub-layers vs its input "
+                                              f"(dropout applied to the residual stream?)")
