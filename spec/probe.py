@@ -165,8 +165,6 @@ class AttentionProbe(TorchFunctionMode):
         return (preferred or others[-1:] or [None])[0], dim if others else None
 
     def _record(self, func, args, kwargs, out):
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        derived = [t for t in inputs if id(t) in self._derived and self._derived[id(t)] is t]
         if func in SOFTMAX and isinstance(out, torch.Tensor):
             dim = _softmax_dim(args, kwargs, out.dim())
             query, key = self._attention_axes(out, dim) or (None, None)
@@ -175,7 +173,11 @@ class AttentionProbe(TorchFunctionMode):
                 self.observation.heads.append(self._open)
                 self._derived = {id(out): out}
                 return
-        if self._open is None or not derived:
+        if self._open is None:  # (most ops: nothing to follow, and flattening their arguments is the cost)
+            return
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        derived = [t for t in inputs if id(t) in self._derived and self._derived[id(t)] is t]
+        if not derived:
             return
         if func in MATMUL or func in EINSUM:  # weights (or something computed from them) @ values
             operand = derived[0]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, Phase, event, find, given, note, reject, seed as hypothesis_seed, settings
 from hypothesis.errors import Unsatisfiable
+from hypothesis.control import should_note
 
 from attnspec.case import Case
 from attnspec.errors import InternalError, NotApplicable, Unsupported, UsageError, Violation, internal_error
@@ -199,7 +200,8 @@ def hypothesis_test(inv, target, options=None, tally=None):
 
     @given(cfg=strategy_for(inv, target, options))
     def test(cfg):
-        note(f"reproduce: {repro_command(inv, target, cfg)}")
+        if should_note():  # (only for the failure Hypothesis reports: the command costs ~0.2 ms to format)
+            note(f"reproduce: {repro_command(inv, target, cfg)}")
         event(f"num_heads={cfg.num_heads} num_tokens={'full' if cfg.num_tokens == cfg.context_length else 'short'}")
         if not run_example(inv, target, cfg, tally, options.time_limit):
             tally.rejected += 1
@@ -226,10 +228,18 @@ def budget(options):
     return (settings.get_profile(profiles.resolve(options.profile)) if options.profile else settings.default).max_examples
 
 
+_SIMPLEST = {}
+
+
 def simplest_config(inv, target, options):
-    """The strategy's simplest configuration (Hypothesis tries the all-zero choice sequence first)."""
-    return find(strategy_for(inv, target, options), lambda cfg: True,
-                settings=settings(database=None, max_examples=1, phases=[Phase.generate]))
+    """The strategy's simplest configuration (Hypothesis tries the all-zero choice sequence first); the
+    same for every invariant that draws alike, so found once per target and strategy."""
+    strategy = strategy_for(inv, target, options)
+    key = (id(target.adapter), repr(strategy))
+    if key not in _SIMPLEST:
+        _SIMPLEST[key] = (target.adapter, find(strategy, lambda cfg: True,
+                                               settings=settings(database=None, max_examples=1, phases=[Phase.generate])))
+    return _SIMPLEST[key][1]
 
 
 def check_invariant(inv, target, options, example=None):

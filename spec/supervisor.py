@@ -6,10 +6,15 @@ worker, not the ~3 s of a fresh interpreter), so every target gets a fresh proce
 module does to its process (global state, threads, signal handlers, atexit hooks, os._exit, a
 segfault) reaches the supervisor or another target. Two workers check at a time (``JOBS``).
 
+The unit of work is one invariant of one target. A worker holds one imported target and is handed
+its invariants one at a time; when a slot is free and no other target waits, a second worker is
+started for a target with invariants left (once its output-contract passed), so one target uses
+both cores and the last target of a run does not leave a core idle.
+
 Protocol: JSON over two one-way pipes, never pickled objects. Supervisor -> worker:
-``{"op": "resolve", ...}`` then, once every target resolved, ``{"op": "check", ...}``. Worker ->
-supervisor: ``resolved``/``usage`` (the one-line usage error), one ``result`` per invariant
-(``dataclasses.asdict(Result)``), and ``done``. Around every call into the module (spec/case.py's
+``{"op": "resolve", ...}`` then, once every target resolved, ``{"op": "check", ...}`` per invariant.
+Worker -> supervisor: ``resolved``/``usage`` (the one-line usage error), then per check one
+``result`` (``dataclasses.asdict(Result)``) and ``done``. Around every call into the module (spec/case.py's
 monitor) the worker writes what it calls, the configuration and the time onto a small shared-memory
 board (no system call: thousands of calls a second cost nothing), which the supervisor reads for
 its deadlines and, after a death, for the reason and the counterexample.
@@ -18,12 +23,13 @@ The supervisor kills a worker whose call outlives the per-call limit by ``grace`
 blocks, ignores or swallows SIGALRM, or one long C++ op), whose import outlives ``IMPORT_LIMITS``
 per-call limits, or that stays ``SILENCE_S`` in attnspec's own code without a call. A worker that dies, exits (any status) or is killed fails the invariant it was in,
 with the reason and, if it was in a call, the configuration; the target's remaining invariants go to
-a fresh worker, at most ``RETRIES`` times (then, or after output-contract, they are "not checked").
+a fresh worker, at most ``RETRIES`` deaths a target (then, or after output-contract, they are "not checked").
 A worker that dies or hangs while importing fails its target (the other targets are still judged);
 an import that raises is a usage error (exit 2), as before.
 """
 
 import dataclasses
+import faulthandler
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -62,6 +68,7 @@ def _worker_main(commands, events, board, supervisor_pid):
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # nothing a module writes reaches the terminal or the supervisor's stdout
         os.dup2(devnull, fd)
+    faulthandler.disable()  # (pytest's, inherited: it holds its own copy of stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's: a KeyboardInterrupt here is the module's
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (a forked worker inherits the supervisor's handler)
     threading.Thread(target=_watch_supervisor, args=(supervisor_pid,), daemon=True).start()
@@ -101,13 +108,13 @@ def _run(job, commands, send, board):
     except UsageError as e:
         return send(ev="usage", message=str(e))
     send(ev="resolved", adapter=type(target.adapter).__name__, kind=target.kind.name, variants=list(target.variants))
-    job = json.loads(commands.recv_bytes())
-    options = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["options"].items()})
-    example = Config.from_json(job["example"]) if job["example"] else None
     case.set_monitor(_Board(board).post)
-    check_target(target, options, progress=lambda r: send(ev="result", result=dataclasses.asdict(r)), example=example)
-    case.set_monitor(None)
-    send(ev="done")
+    while True:  # one invariant per command, until the supervisor kills this worker
+        job = json.loads(commands.recv_bytes())
+        options = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["options"].items()})
+        example = Config.from_json(job["example"]) if job["example"] else None
+        check_target(target, options, progress=lambda r: send(ev="result", result=dataclasses.asdict(r)), example=example)
+        send(ev="done")
 
 
 class _Board:
@@ -191,6 +198,7 @@ class _Worker:
         commands_r.close()
         events_w.close()
         self.job, self.state = job, "resolving"
+        self.inflight = None  # the invariant it is checking
         self.started = self.heard = time.monotonic()
         self.posted = None  # the board as last read
 
@@ -222,20 +230,33 @@ class _Worker:
 
 @dataclasses.dataclass
 class _Job:
-    """One target as the supervisor sees it: the invariants to check, the results received so far."""
+    """One target as the supervisor sees it: its invariants in order, the results received so far, the
+    invariants not yet handed to a worker, and its workers (one, or two near the end of a run)."""
 
     index: int
     spec: str
     target: Target
     expected: list
-    results: list = dataclasses.field(default_factory=list)
-    attempts: int = 0
-    worker: _Worker = None
+    results: dict = dataclasses.field(default_factory=dict)  # invariant id -> Result
+    queue: list = None  # invariants not yet handed out (None until the target resolved)
+    workers: list = dataclasses.field(default_factory=list)
+    attempts: int = 0  # workers started
+    deaths: int = 0
+    resolved: bool = False  # a worker has imported it once
     done: bool = False
 
     @property
-    def current(self):
-        return self.expected[len(self.results)] if len(self.results) < len(self.expected) else None
+    def ordered(self):
+        return [self.results[i] for i in self.expected if i in self.results]
+
+    @property
+    def complete(self):
+        return all(i in self.results for i in self.expected)
+
+    @property
+    def contract_judged(self):
+        """Whether the target's other invariants may run beside each other (output-contract first)."""
+        return "output-contract" not in self.expected or "output-contract" in self.results
 
 
 class Supervisor:
@@ -268,6 +289,10 @@ class Supervisor:
     def stop(self, reason):
         self.stopped = self.stopped or reason
 
+    @property
+    def workers(self):
+        return [w for job in self.jobs for w in job.workers]
+
     # -- the run
 
     def run(self):
@@ -279,61 +304,71 @@ class Supervisor:
                 self._check_all()
         finally:
             for job in self.jobs:
-                if job.worker is not None:
-                    job.worker.kill()
-                    job.worker = None
+                for worker in job.workers:
+                    worker.kill()
+                job.workers = []
                 if not job.done:
                     self._not_checked(job, f"not checked: {self.stopped or 'the run ended early'}")
         return self.reports()
 
     def reports(self):
-        return [TargetReport(job.target, list(job.results)) for job in self.jobs]
+        return [TargetReport(job.target, job.ordered) for job in self.jobs]
 
     def _start(self, job):
         job.attempts += 1
-        job.worker = _Worker(job, self.options.device)
-        job.worker.send(op="resolve", target=job.spec, variants=list(self.variants), cwd=self.cwd, env=dict(os.environ), path=list(sys.path),
-                        threads=self.threads)
+        worker = _Worker(job, self.options.device)
+        job.workers.append(worker)
+        worker.send(op="resolve", target=job.spec, variants=list(self.variants), cwd=self.cwd, env=dict(os.environ),
+                    path=list(sys.path), threads=self.threads)
 
     def _resolve_all(self):
         """Every target imported before anything is checked: a usage error stops the run (exit 2)."""
-        pending = [job for job in self.jobs]
+        pending = list(self.jobs)
         while self.stopped is None:
-            resolving = [j for j in self.jobs if j.worker and j.worker.state == "resolving"]
+            resolving = [w for w in self.workers if w.state == "resolving"]
             while pending and len(resolving) < JOBS:
                 self._start(pending[0])
-                resolving.append(pending.pop(0))
+                resolving.append(pending.pop(0).workers[-1])
             if not pending and not resolving:
                 return
             self._step()
 
     def _check_all(self):
-        waiting = [job for job in self.jobs if not job.done]
+        """Hand out invariants while fewer than JOBS workers are busy, until every target is done."""
         while self.stopped is None:
-            busy = [j for j in self.jobs if j.worker and j.worker.state != "idle"]
-            while waiting and len(busy) < JOBS:
-                job = waiting.pop(0)
-                if job.worker is None:  # a retry: a fresh worker goes straight on to check
-                    self._start(job)
-                else:
-                    self._go(job)
-                busy.append(job)
-            if not waiting and not busy:
+            busy = sum(w.state != "idle" for w in self.workers)
+            while busy < JOBS and self._next_work():
+                busy += 1
+            if all(job.done for job in self.jobs):
                 return
             self._step()
-            waiting += [j for j in self.jobs if not j.done and j.worker is None and j not in waiting]
 
-    def _go(self, job):
-        only = tuple(job.expected[len(job.results):])
-        options = dataclasses.replace(self.options, only=only, skip=())
-        job.worker.state = "checking"
-        job.worker.heard = time.monotonic()
-        job.worker.send(op="check", options=dataclasses.asdict(options),
-                        example=self.example.to_json() if self.example else None)
+    def _next_work(self):
+        """Start one piece of work, in this order: the next invariant of a target whose worker is idle; a
+        fresh worker for a target that has none (after a death); a second worker for a target with
+        invariants left. False if there is nothing to start."""
+        open_jobs = [job for job in self.jobs if not job.done and job.queue]
+        for job in open_jobs:
+            idle = next((w for w in job.workers if w.state == "idle"), None)
+            if idle is not None:
+                return self._assign(idle, job.queue.pop(0)) or True
+        for job in open_jobs:
+            if not job.workers:
+                return self._start(job) or True
+        for job in open_jobs:
+            if len(job.workers) < JOBS and len(job.queue) >= 2 and job.contract_judged:
+                return self._start(job) or True
+        return False
+
+    def _assign(self, worker, inv):
+        options = dataclasses.replace(self.options, only=(inv,), skip=())
+        worker.state, worker.inflight, worker.heard = "checking", inv, time.monotonic()
+        worker.send(op="check", options=dataclasses.asdict(options),
+                    example=self.example.to_json() if self.example else None)
 
     def _step(self):
         """Wait for messages, deaths or deadlines (at most POLL_S) and handle them."""
-        workers = [j.worker for j in self.jobs if j.worker]
+        workers = self.workers
         now = time.monotonic()
         deadlines = [d for d in (self._deadline(w) for w in workers) if d is not None]
         if self.deadline is not None:
@@ -347,7 +382,7 @@ class Supervisor:
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
             self.stop(f"--total-time-limit {self.total_time_limit:g} s reached")
-        for worker in [j.worker for j in self.jobs if j.worker]:
+        for worker in self.workers:
             deadline = self._deadline(worker)
             if deadline is not None and now >= deadline:
                 self._lost(worker, self._timeout_reason(worker, now), killed=True)
@@ -377,7 +412,7 @@ class Supervisor:
                 message = json.loads(worker.events.recv_bytes())
                 worker.heard = time.monotonic()
                 self._handle(worker, message)
-                if job.worker is not worker:  # finished, or lost
+                if worker not in job.workers:  # finished, or lost
                     return
         except (EOFError, OSError, ValueError, TypeError, KeyError) as e:
             reason = None if isinstance(e, (EOFError, OSError)) else f"sent a malformed message ({type(e).__name__})"
@@ -390,51 +425,64 @@ class Supervisor:
         job, ev = worker.job, message["ev"]
         if ev == "result":
             result = _rebuild(message["result"])
-            if result.invariant != job.current:
+            if result.invariant != worker.inflight or result.invariant in job.results:
                 raise ValueError(result.invariant)
-            job.results.append(result)
+            job.results[result.invariant] = result
+            if result.invariant == "output-contract" and result.status == "fail":
+                self._not_checked(job, "not checked: output-contract fails; fix it first")
         elif ev == "resolved":
             kind = KINDS[str(message["kind"])]
-            if job.target.kind is UNRESOLVED and not job.results:
-                job.expected = self._invariants(kind)
-            job.target = Target(kind, job.target.name, type(str(message["adapter"]), (), {})(),
-                                variants=tuple(str(v) for v in message["variants"]))
-            if job.results:  # a retry: straight on
-                self._go(job)
-            else:
-                worker.state = "idle"
+            if not job.resolved:
+                if job.target.kind is UNRESOLVED:
+                    job.expected = self._invariants(kind)
+                job.queue = [i for i in job.expected if i not in job.results]
+                job.target = Target(kind, job.target.name, type(str(message["adapter"]), (), {})(),
+                                    variants=tuple(str(v) for v in message["variants"]))
+                job.resolved = True
+            worker.state = "idle"
+            self._finish_if_complete(job)
         elif ev == "usage":
             if job.attempts == 1:
                 raise UsageError(clean_text(str(message["message"])))
-            # a retry that no longer imports: the module's doing
+            # a later worker that no longer imports: the module's doing
+            self._retire(worker)
             self._not_checked(job, f"not checked: importing the target again failed: {clean_text(str(message['message']))}")
-            self._finish(job)
+            self._finish_if_complete(job)
         elif ev == "done":
-            self._not_checked(job, "not checked: the worker ended early")  # (nothing, normally)
-            self._finish(job)
+            if worker.inflight not in job.results:  # (nothing, normally)
+                job.results[worker.inflight] = Result(worker.inflight, "not-applicable",
+                                                      reason="not checked: the worker ended early")
+            worker.state, worker.inflight = "idle", None
+            self._finish_if_complete(job)
         elif ev == "crash":
             self._lost(worker, None, crash=clean_text(str(message["error"])))
         else:
             raise ValueError(ev)
 
-    def _finish(self, job):
-        if job.worker is not None:
-            job.worker.kill()
-            job.worker = None
-        if job.current is None and not job.done:
+    def _retire(self, worker):
+        worker.kill()
+        if worker in worker.job.workers:
+            worker.job.workers.remove(worker)
+
+    def _finish_if_complete(self, job):
+        """A target with every invariant judged: its workers go, its report is out."""
+        if job.complete and not job.done and all(w.state == "idle" for w in job.workers):
+            for worker in list(job.workers):
+                self._retire(worker)
             job.done = True
             if self.on_report:
-                self.on_report(job.index, TargetReport(job.target, list(job.results)))
+                self.on_report(job.index, TargetReport(job.target, job.ordered))
 
     def _lost(self, worker, reason, killed=False, crash=None):
-        """The worker ended without finishing its target: fail the invariant it was in, with why."""
-        job, call, state = worker.job, worker.call, worker.state
+        """The worker ended without finishing its work: fail the invariant it was in (or, while
+        importing, the target's first unjudged one), with why."""
+        job, call, state, inv = worker.job, worker.call, worker.state, worker.inflight
         if not killed:
             worker.process.join(1.0)
-        worker.kill()
-        job.worker = None
+        self._retire(worker)
         if self.stopped is not None:  # the run is being interrupted: that is no verdict on the module
             return
+        job.deaths += 1
         if crash is not None:
             status, reason = "internal-error", f"internal error in attnspec {crash}"
         else:
@@ -443,24 +491,28 @@ class Supervisor:
             if where is None:
                 where = f"during {call[0]}" if call else "outside any call into the module"
             status, reason = "fail", f"{reason} {where}" if not killed else reason
-        inv = job.current
-        if inv is None:
-            return self._finish(job)
-        cfg = json.loads(call[1]) if call and status == "fail" else None
-        repro = (f"attnspec check {shlex.quote(job.spec)} --only {inv} --example {shlex.quote(call[1])}"
-                 if cfg else "")
-        job.results.append(Result(inv, status, reason=reason, counterexample=cfg, repro=repro))
-        if job.current is None:
-            return self._finish(job)
-        if state in ("resolving", "idle") or inv == "output-contract" or job.attempts > RETRIES:
+        if inv is None:  # importing, or idle: the target's next invariant carries the failure
+            inv = next((i for i in (job.queue or job.expected) if i not in job.results), None)
+            if job.queue and inv in job.queue:
+                job.queue.remove(inv)
+        if inv is not None:
+            cfg = json.loads(call[1]) if call and status == "fail" else None
+            repro = (f"attnspec check {shlex.quote(job.spec)} --only {inv} --example {shlex.quote(call[1])}"
+                     if cfg else "")
+            job.results[inv] = Result(inv, status, reason=reason, counterexample=cfg, repro=repro)
+        if state in ("resolving", "idle") or inv == "output-contract" or job.deaths > RETRIES:
             self._not_checked(job, f"not checked: the target's worker {'died' if status == 'fail' else 'failed'} "
                                    f"in {inv}")
-            return self._finish(job)
-        # otherwise: a fresh worker takes the remaining invariants (_check_all starts it)
+        self._finish_if_complete(job)
+        # otherwise: a fresh worker takes the remaining invariants (_next_work starts it)
 
     def _not_checked(self, job, reason):
-        while job.current is not None:
-            job.results.append(Result(job.current, "not-applicable", reason=reason))
+        """Every invariant of ``job`` not judged and not being checked is "not checked" (``reason``)."""
+        inflight = {w.inflight for w in job.workers}
+        for inv in job.expected:
+            if inv not in job.results and inv not in inflight:
+                job.results[inv] = Result(inv, "not-applicable", reason=reason)
+        job.queue = []
 
 
 def _rebuild(fields):

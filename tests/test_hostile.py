@@ -252,3 +252,35 @@ def test_sigterm_reports_what_was_judged(tmp_path):
     assert [r["status"] for r in results(report, GOOD)] == ["pass"]
     [hung] = results(report, spec)
     assert hung["status"] == "not-applicable" and "interrupted by SIGTERM" in hung["reason"], hung
+
+
+def test_one_target_is_shared_by_two_workers_and_reported_in_catalogue_order():
+    """With one target and two cores, a second worker takes half of its invariants once output-contract
+    passed; the report keeps the catalogue's order whichever worker finished first."""
+    from attnspec.runner import Options
+    from attnspec.supervisor import Supervisor
+
+    only = ("output-contract", "finite-output", "eval-deterministic", "qkv-bias", "oracle-float64", "causal-perturbation")
+    options = Options(only=only, max_examples=3)
+    supervisor = Supervisor(["mha=attnspec.impl:MultiHeadAttention"], options)
+    (report,) = supervisor.run()
+    assert [r.invariant for r in report.results] == [inv.id for inv in options.selected()]
+    assert report.status == 0, [(r.invariant, r.status, r.reason) for r in report.results]
+    assert supervisor.jobs[0].attempts == 2  # the first worker, and one beside it
+
+
+def test_a_broken_contract_stops_the_target_before_a_second_worker_starts(tmp_path):
+    from attnspec.runner import Options
+    from attnspec.supervisor import Supervisor
+
+    (tmp_path / "wrong_shape.py").write_text(
+        "from attnspec.impl import MultiHeadAttention\n\n"
+        "class WrongShape(MultiHeadAttention):\n"
+        "    def forward(self, x):\n"
+        "        return super().forward(x)[..., :1]\n")
+    only = ("output-contract", "finite-output", "eval-deterministic", "qkv-bias")
+    supervisor = Supervisor([f"mha={tmp_path / 'wrong_shape.py'}:WrongShape"], Options(only=only, max_examples=3))
+    (report,) = supervisor.run()
+    assert [r.status for r in report.results] == ["fail"] + ["not-applicable"] * 3
+    assert all("output-contract fails" in r.reason for r in report.results[1:])
+    assert supervisor.jobs[0].attempts == 1

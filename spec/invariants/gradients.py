@@ -10,6 +10,8 @@ A parameter is *frozen mask* (exempt from the checks here) when it does not requ
 import math
 
 import torch
+import torch.fx.experimental.symbolic_shapes  # noqa: F401  (torch.autograd.grad imports it, and sympy, on first
+# use: 0.5 s in every worker process, or a first backward that outlives a short --time-limit; here, once)
 from hypothesis import strategies as st
 
 from attnspec import oracle
