@@ -116,6 +116,19 @@ def reference_weights(kind, cfg, parts, x, dtype=torch.float64, d_k=None):
     return attention(x, parts, causal=kind.causal, num_heads=num_heads, d_k=d_k)[1]
 
 
+def score_magnitude(kind, cfg, parts, x):
+    """max |q_h,i . k_h,j| / sqrt(head_dim) over heads, queries and keys, in float64: the size of the
+    scores the softmax sees. Rounding them in a low precision moves the weights by up to about
+    eps * this (softmax is 1/2-Lipschitz in the max-norm), whatever the implementation."""
+    parts, x = cast(parts, torch.float64), x.detach().to(torch.float64)
+    if kind.name == "transformer-block":
+        x, parts = layer_norm(x, parts["norm1"]), parts["att"]
+    heads = parts if kind.name == "mha-wrapper" else head_slices(parts, cfg.num_heads if kind.name == "mha" or
+                                                                 kind.name == "transformer-block" else 1)
+    return max(float((linear(x, h["query"]) @ linear(x, h["key"]).transpose(-2, -1)).abs().max())
+               / math.sqrt(h["key"][0].shape[0]) for h in heads)
+
+
 def renormalized_causal(weights):
     """The seed's first masking: zero the future of softmax weights, then divide each row by its sum."""
     kept = weights.masked_fill(causal_mask(weights.shape[-1], weights.device), 0.0)

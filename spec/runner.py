@@ -13,6 +13,7 @@ of the TargetReports: an n/a fails the gate unless the user accepted it (``Resul
 """
 
 import dataclasses
+import hashlib
 import json
 import shlex
 import time
@@ -211,11 +212,16 @@ def hypothesis_test(inv, target, options=None, tally=None):
             reject()  # not counted toward max_examples: draw another configuration
 
     # Hypothesis keys its example database by the test's source; ours is shared, so add the pair.
-    test._hypothesis_internal_add_digest = f"{inv.id}|{target.spec}".encode(errors="surrogateescape")
+    pair = f"{inv.id}|{target.spec}".encode(errors="surrogateescape")
+    test._hypothesis_internal_add_digest = pair
     overrides = {} if options.max_examples is None else {"max_examples": options.max_examples}
-    if options.seed is not None:
-        test, overrides["derandomize"] = hypothesis_seed(options.seed)(test), False
     base = settings.get_profile(profiles.resolve(options.profile)) if options.profile else settings.default
+    if options.seed is None and base.derandomize:  # derandomized from the pair alone, not from this file's
+        seed = int.from_bytes(hashlib.sha256(pair).digest()[:8], "little")  # source: a verdict survives a refactor
+    else:
+        seed = options.seed
+    if seed is not None:
+        test, overrides["derandomize"] = hypothesis_seed(seed)(test), False
     # rejected examples are expected (adapters decline configurations): not a health problem
     overrides["suppress_health_check"] = [*base.suppress_health_check, HealthCheck.filter_too_much]
     return settings(base, **overrides)(test)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import ALL_KINDS, invariant
-from attnspec.tolerance import RTOL, allowed_error, assert_close
+from attnspec.tolerance import RTOL, allowed_error, assert_close, gradient_magnitudes
 
 COTANGENT_SALT = 7919  # the cotangent's seed is cfg.seed + this: independent of the input's
 FD_STEP = 1e-5  # central-difference step, relative to the tensor's rms (float64: ~eps^(1/3))
@@ -181,6 +181,7 @@ def gradient_oracle(case):
         owner = dict(case.module.named_parameters())[name]
         got.append((f"{label} ({name}{'' if owner.requires_grad else ', requires_grad=False'})", g))
     expected, magnitudes = _oracle_vjp(case, parts, x, c, torch.float64)
+    magnitudes = gradient_magnitudes(magnitudes)
     if x.dtype == torch.float64:
         low, _ = _oracle_vjp(case, parts, x, c, torch.float64, jitter=RTOL[torch.float64])
     else:
