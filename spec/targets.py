@@ -433,4 +433,5 @@ BUNDLED = [
     "mha-wrapper=attnspec.impl:MultiHeadAttentionWrapper",
     "mha=attnspec.impl:MultiHeadAttention",
     "transformer-block=attnspec.impl:TransformerBlock",
+    "gqa=attnspec.impl:GroupedQueryAttention",
 ]
