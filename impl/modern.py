@@ -12,6 +12,11 @@ a sliding window, as in Llama, Mistral and Qwen, written from the math.
 * Sliding window (``window`` = w, not None): query i attends key j iff i - w < j <= i (Mistral).
 
 The output projection has no bias (Llama); ``qkv_bias`` gives the query/key/value projections one (Qwen2).
+
+KV cache (llms-from-scratch's KV-cache modules): ``forward(x, use_cache=True)`` appends x's (rotated) keys
+and values to the cache and attends over every cached token, x's tokens at the positions that follow
+them; ``reset_cache()`` empties it. Decoding a sequence in pieces this way gives the full forward's
+outputs. ``forward(x)`` neither reads nor changes the cache.
 """
 
 import torch
@@ -73,23 +78,42 @@ class GroupedQueryAttention(nn.Module):
             self.register_buffer("sin", angles.sin(), persistent=False)
         else:
             self.cos = self.sin = None
+        self.reset_cache()
 
-    def forward(self, x):
+    def reset_cache(self):
+        self.cache_k = self.cache_v = None
+
+    def cached_tokens(self):
+        return 0 if self.cache_k is None else self.cache_k.shape[2]
+
+    def rope(self, t, start):
+        """``t`` (b, heads, num_tokens, head_dim) rotated for positions start, start + 1, ..."""
+        if self.cos is None:
+            return t
+        end = start + t.shape[2]
+        return rotate(t, self.cos[start:end].to(t.dtype), self.sin[start:end].to(t.dtype), self.rope_interleaved)
+
+    def forward(self, x, use_cache=False):
         check_input(x, 3, self.d_in, self.context_length)
         b, num_tokens, d_in = x.shape
+        start = self.cached_tokens() if use_cache else 0  # the position of x's first token
+        if start + num_tokens > self.context_length:
+            raise ValueError(f"{start} cached + {num_tokens} new tokens exceed context_length={self.context_length}")
         queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         keys = self.W_key(x).view(b, num_tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
         values = self.W_value(x).view(b, num_tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.cos is not None:  # (b, heads, num_tokens, head_dim), rotated by position
-            cos, sin = self.cos[:num_tokens].to(x.dtype), self.sin[:num_tokens].to(x.dtype)
-            queries = rotate(queries, cos, sin, self.rope_interleaved)
-            keys = rotate(keys, cos, sin, self.rope_interleaved)
+        queries, keys = self.rope(queries, start), self.rope(keys, start)  # (b, heads, num_tokens, head_dim)
+        if use_cache:
+            if self.cache_k is not None:
+                keys = torch.cat([self.cache_k, keys], dim=2)
+                values = torch.cat([self.cache_v, values], dim=2)
+            self.cache_k, self.cache_v = keys, values
         group = self.num_heads // self.num_kv_heads
         keys = keys.repeat_interleave(group, dim=1)  # query head h uses K/V head h // group
         values = values.repeat_interleave(group, dim=1)
 
-        attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
-        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
+        attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, start + num_tokens)
+        mask_bool = self.mask.bool()[start:start + num_tokens, :start + num_tokens]
         attn_scores = attn_scores.masked_fill(mask_bool, -torch.inf)
 
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)

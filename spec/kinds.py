@@ -245,7 +245,8 @@ KINDS = {
              batched=True, causal=True, has_dropout=True, multi_head=True, constructor=_block, structure="block",
              head_split=True),
         Kind("gqa", "Llama/Mistral/Qwen-style causal attention: grouped-query K/V heads, rotary embeddings, "
-             "sliding window; out_proj with or without bias (GroupedQueryAttention)",
+             "sliding window; out_proj with or without bias; optional KV cache: forward(x, use_cache=True), reset_cache() "
+             "(GroupedQueryAttention)",
              "(d_in, d_out, context_length, dropout, num_heads, num_kv_heads=None, qkv_bias=False, rope_base=None, "
              "rope_fraction=1.0, rope_interleaved=False, window=None)",
              batched=True, causal=True, has_dropout=True, multi_head=True, constructor=_modern, head_split=True,

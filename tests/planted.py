@@ -1530,3 +1530,46 @@ CORPUS += [
     _bug(GQA, WindowIgnored, "window", ["sliding-window-weights"], "the window is ignored: causal only",
          also=["sliding-window", "oracle-float64"]),
 ]
+
+
+# --- the KV cache (issue 13) ----------------------------------------------------------------------
+
+
+class CacheAppendedTwice(GroupedQueryAttention):
+    def forward(self, x, use_cache=False):
+        out = super().forward(x, use_cache)
+        if use_cache:  # the new keys and values appended a second time
+            T = x.shape[1]
+            self.cache_k = torch.cat([self.cache_k, self.cache_k[:, :, -T:]], dim=2)
+            self.cache_v = torch.cat([self.cache_v, self.cache_v[:, :, -T:]], dim=2)
+        return out
+
+
+class CachePositionNotAdvanced(GroupedQueryAttention):
+    def rope(self, t, start):
+        return super().rope(t, 0)  # every new piece rotated as if it started at position 0
+
+
+class CacheResetKeepsPosition(GroupedQueryAttention):
+    """Counts positions itself (llms-from-scratch's ptr_current_pos) and forgets to zero it in reset_cache()."""
+
+    def reset_cache(self):
+        self.cache_k = self.cache_v = None
+
+    def cached_tokens(self):
+        return getattr(self, "position", 0)
+
+    def forward(self, x, use_cache=False):
+        out = super().forward(x, use_cache)
+        if use_cache:
+            self.position = self.cached_tokens() + x.shape[1]
+        return out
+
+
+CORPUS += [
+    _bug(GQA, CacheAppendedTwice, "kv cache", ["kv-cache-decoding"], "the cache gets each new key and value twice"),
+    _bug(GQA, CachePositionNotAdvanced, "kv cache", ["kv-cache-decoding"],
+         "RoPE of a decoded piece at position 0, not after the cached tokens"),
+    _bug(GQA, CacheResetKeepsPosition, "kv cache", ["kv-cache-decoding"],
+         "reset_cache() empties the cache but keeps the position counter"),
+]

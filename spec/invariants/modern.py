@@ -168,3 +168,53 @@ def sliding_window_weights(case):
             raise Violation(f"key {index[-1]} is outside the window of query {index[-2]} (i - w < j <= i, w={w}) but "
                             f"has weight {weights[index].item():.4g} at index {index}")
 
+
+
+CACHE_KINDS = ("gqa",)
+
+
+def _chunks(num_tokens):
+    """Chunk sizes that cover num_tokens: a prefill of half the tokens, then pieces of 3, 1, 2, ..."""
+    sizes, left = [max(1, num_tokens // 2)], num_tokens - max(1, num_tokens // 2)
+    for size in (3, 1, 2) * num_tokens:
+        if left <= 0:
+            break
+        sizes.append(min(size, left))
+        left -= sizes[-1]
+    return sizes
+
+
+@invariant("kv-cache-decoding",
+           "decoding through the module's KV cache, forward(x[:, s:e], use_cache=True) piece by piece (token by "
+           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step",
+           CACHE_KINDS, "forward", min_tokens=2)
+def kv_cache_decoding(case):
+    """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
+    x's keys and values to the cache and attends over every cached token, x's tokens taking the positions
+    after the cached ones (rotary embeddings and the window included); ``reset_cache()`` empties it. A
+    cache appended twice, a position that does not advance (RoPE or the mask at 0 for every new token),
+    or a reset that forgets the position shows as a difference. Not applicable to a module without
+    ``reset_cache``."""
+    module = case.module
+    if not callable(getattr(module, "reset_cache", None)):
+        raise NotApplicable("the module has no KV cache (forward(x, use_cache=True) and reset_cache(), as "
+                            "llms-from-scratch's KV-cache modules)")
+    x = case.input()
+    full = case.forward(x)
+    T, magnitude = x.shape[-2], _magnitude(full, x)
+    for label, sizes in (("token by token", [1] * T), ("in chunks after reset_cache()", _chunks(T))):
+        case.guard("reset_cache()", module.reset_cache)
+        start = 0
+        for size in sizes:
+            piece = x[:, start:start + size].contiguous()
+            out = case.guard(f"forward(x[:, {start}:{start + size}], use_cache=True) (decoding {label})", module, piece,
+                             use_cache=True)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(full[:, start:start + size].shape):
+                raise Violation(f"forward(x[:, {start}:{start + size}], use_cache=True) returned "
+                                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, "
+                                f"expected a tensor of shape {tuple(full[:, start:start + size].shape)}")
+            assert_close(out, full[:, start:start + size], dtype=x.dtype, magnitude=magnitude,
+                         what=f"decoding {label}: outputs at positions {start}..{start + size - 1} after {start} "
+                              f"cached tokens vs forward(x)")
+            start += size
+    case.guard("reset_cache()", module.reset_cache)
