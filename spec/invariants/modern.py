@@ -100,9 +100,10 @@ def rotary_embedding(case):
            ROTARY_KINDS, "weights", require=("rotary",), min_tokens=2, dtypes=("float32", "float64"))
 def rotary_relative_position(case):
     """Black-box on the scores (the softmax input): with rotary embeddings (R_a q).(R_b k) = q.(R_{b-a} k), so
-    the same tokens at positions shifted by k score the same. Compared where both scores are finite (the
-    masks are the other invariants'), for k = 1 and k = num_tokens // 2. A rotation of the queries only,
-    or of queries and keys by different positions, fails; so does any absolute position signal."""
+    the same tokens at positions shifted by k score the same. Compared on the attended positions
+    i - w < j <= i where both scores are finite (masked scores, -inf or finfo.min, are the other invariants'),
+    for k = 1 and k = num_tokens // 2. A rotation of the queries only, or of queries and keys by different
+    positions, fails; so does any absolute position signal."""
     x = case.input()
     T = x.shape[-2]
     _, seen = case.observe(x)
@@ -115,7 +116,8 @@ def rotary_relative_position(case):
             raise Violation(f"scores of shape {tuple(shifted.shape)} for the last {T - k} tokens, expected "
                             f"{tuple(full[..., k:, k:].shape)}")
         reference = full[..., k:, k:]
-        both = torch.isfinite(shifted) & torch.isfinite(reference)
+        attended = ~oracle.causal_mask(T - k, reference.device, case.cfg.window)
+        both = attended & torch.isfinite(shifted) & torch.isfinite(reference)
         magnitude = max(reference[both].abs().max().item() if both.any() else 0.0, 1e-30)
         assert_close(torch.where(both, shifted, 0.0), torch.where(both, reference, 0.0), dtype=x.dtype,
                      magnitude=magnitude, what=f"scores of x[:, {k}:] vs scores of x at positions >= {k} "
