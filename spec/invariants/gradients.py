@@ -19,6 +19,7 @@ from attnspec.tolerance import ROPE_ANGLES, RTOL, allowed_error, assert_close
 
 COTANGENT_SALT = 7919  # the cotangent's seed is cfg.seed + this: independent of the input's
 FD_STEP = 1e-5  # central-difference step, relative to the tensor's rms (float64: ~eps^(1/3))
+LOCAL_STEP = 1e-2  # gradient-reaches-parameters: a step this small (times rms) must move the output too
 
 
 def cotangent(case, shape):
@@ -252,29 +253,40 @@ def gradient_reaches_parameters(case):
     """Influence is decided by perturbing, not assumed: t += rms(t) N(0, 1) must move the output by more
     than the dtype's tolerance. A parameter that legitimately gets no gradient also has no influence
     (the key projection's bias: softmax is shift-invariant per row; the query and key with one token),
-    so it is exempt by construction. One forward+backward, then one forward per parameter without gradient."""
+    so it is exempt by construction. A zero gradient is also right where the output is flat around the
+    parameter although a large step moves it: a saturated softmax (scores thousands apart, e.g. rotary
+    angles on off-centre input) has weights exactly 0 and 1 and gradient exactly 0; so a zero gradient
+    fails only if a step of LOCAL_STEP rms(t) moves the output too. One forward+backward, then one or two
+    forwards per parameter without gradient."""
     x = case.input()
     params = _parameters(case.module)
     out, _, grads = _vjp(case, x, [p for _, p in params])
     magnitude = max(out.abs().max().item(), x.abs().max().item())
-    for i, ((name, p), g) in enumerate(zip(params, grads)):
-        if p.requires_grad and bool((g != 0).any()):
-            continue  # it gets a gradient: nothing to decide
+
+    def moved_by(i, p, step):
+        """max |forward(x) - out| after p += step * rms(p) N(0, 1)."""
         original = p.detach().clone()
         try:
             with torch.no_grad():
-                p.copy_(original + _direction(p, case.cfg.seed + i))
-            moved = (case.forward(x, train=_train(case)) - out).abs().max().item()
+                p.copy_(original + step * _direction(p, case.cfg.seed + i))
+            return (case.forward(x, train=_train(case)) - out).abs().max().item()
         except Violation:  # the perturbed module fails (say, a non-finite output): it surely has influence
-            moved = math.inf
+            return math.inf
         finally:
             with torch.no_grad():
                 p.copy_(original)
+
+    for i, ((name, p), g) in enumerate(zip(params, grads)):
+        if p.requires_grad and bool((g != 0).any()):
+            continue  # it gets a gradient: nothing to decide
+        moved = moved_by(i, p, 1.0)
         if moved <= allowed_error(x.dtype, magnitude):  # NaN compares False: influence
             continue
         if not p.requires_grad:
             raise Violation(f"parameter {name!r} changes the output (by up to {moved:.3g} when perturbed) but has "
                             f"requires_grad=False: training never updates it")
+        if moved_by(i, p, LOCAL_STEP) <= allowed_error(x.dtype, magnitude):
+            continue  # flat around p: a zero gradient is right (a saturated softmax)
         if not bool((g != 0).any()):
             raise Violation(f"parameter {name!r} changes the output (by up to {moved:.3g} when perturbed) but its "
                             f"gradient is zero everywhere: no gradient reaches it (.detach(), torch.no_grad, .data?)")
