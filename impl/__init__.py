@@ -1,4 +1,4 @@
-"""The seed's attention modules (and the GPT-2 block it leaves unfinished). Imports nothing from spec."""
+"""The seed's attention modules (and the GPT-2 block it leaves unfinished, and a modern grouped-query one). Imports nothing from spec."""
 
 from attnspec.impl.attention import (
     CausalAttention,
@@ -8,6 +8,7 @@ from attnspec.impl.attention import (
     SelfAttention_v2,
 )
 from attnspec.impl.gpt import GELU, FeedForward, LayerNorm, TransformerBlock
+from attnspec.impl.modern import GroupedQueryAttention
 
 __all__ = [
     "SelfAttention_v1",
@@ -19,4 +20,5 @@ __all__ = [
     "GELU",
     "FeedForward",
     "TransformerBlock",
+    "GroupedQueryAttention",
 ]

@@ -377,4 +377,7 @@ class Case:
         parts = self.guard("the adapter's projections()", self.target.adapter.projections, module)
         if parts is None:
             raise NotApplicable("the projections are not found (no W_query/W_key/W_value; an adapter can name them)")
+        problem = self.kind.projection_problem(self.cfg, parts)
+        if problem:
+            raise NotApplicable(problem)
         return parts

@@ -25,17 +25,19 @@ def linear(x, weight_bias):
     return y if bias is None else y + bias
 
 
-def causal_mask(num_tokens, device=None):
-    """True above the diagonal: key position j > query position i is the future."""
-    return torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).triu(1)
+def causal_mask(num_tokens, device=None, window=None):
+    """True where query i may not attend key j: the future j > i, and with a sliding window w also
+    j <= i - w (Mistral's convention: query i attends the w keys i - w < j <= i, itself included)."""
+    ones = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device)
+    return ones.triu(1) if window is None else ones.triu(1) | ones.tril(-window)
 
 
-def attention_weights(queries, keys, causal, d_k=None):
-    """softmax(Q K^T / sqrt(d_k)), future scores set to -inf first when causal. (..., T, T).
+def attention_weights(queries, keys, causal, d_k=None, window=None):
+    """softmax(Q K^T / sqrt(d_k)), masked scores (causal_mask) set to -inf first when causal. (..., T, T).
     d_k defaults to the key width (the head dim)."""
     scores = queries @ keys.transpose(-2, -1) / math.sqrt(d_k or keys.shape[-1])
     if causal:
-        scores = scores.masked_fill(causal_mask(scores.shape[-1], scores.device), -math.inf)
+        scores = scores.masked_fill(causal_mask(scores.shape[-1], scores.device, window), -math.inf)
     return torch.softmax(scores, dim=-1)
 
 
@@ -51,22 +53,68 @@ def merge_heads(t):
     return t.transpose(-3, -2).reshape(*lead, T, H * hd)
 
 
-def attention(x, parts, *, causal, num_heads=1, d_k=None):
-    """(output, weights (..., H, T, T)) of multi-head attention with parts' projections."""
-    q, k, v = (split_heads(linear(x, parts[n]), num_heads) for n in ("query", "key", "value"))
-    weights = attention_weights(q, k, causal, d_k)
-    context = merge_heads(weights @ v)
+def repeat_kv(t, num_heads):
+    """(..., G, T, hd) -> (..., H, T, hd): query head h uses K/V head h // (H / G) (each K/V head repeated
+    for its group of H / G consecutive query heads, as repeat_interleave; Llama's repeat_kv)."""
+    return t.repeat_interleave(num_heads // t.shape[-3], dim=-3)
+
+
+def rotary(t, rope, offset=0, angles=torch.float64):
+    """Rotary position embedding of (..., T, hd), rope = (base, r, interleaved): token t is at position
+    p = offset + t; the first r dims form r/2 pairs, pair i rotated by the angle p * base^(-2i/r):
+    (a, b) -> (a cos - b sin, a sin + b cos); dims r.. pass through (GPT-NeoX's partial rotary). Pairs
+    are (2i, 2i+1) when interleaved (GPT-J, Meta's original Llama), else (i, i + r/2) (rotate_half:
+    GPT-NeoX, Hugging Face Llama). The angles are computed in ``angles`` precision (real modules: float32,
+    see spec.tolerance.ROPE_ANGLES), cos and sin rounded to t's dtype."""
+    base, r, interleaved = rope
+    T = t.shape[-2]
+    inverse = base ** (-torch.arange(0, r, 2, dtype=torch.float64, device=t.device) / r)  # (r/2,)
+    positions = torch.arange(T, dtype=torch.float64, device=t.device) + offset
+    table = positions.to(angles)[:, None] * inverse.to(angles)  # (T, r/2)
+    cos, sin = table.cos().to(t.dtype), table.sin().to(t.dtype)
+    rotated, rest = t[..., :r], t[..., r:]
+    if interleaved:
+        a, b = rotated[..., 0::2], rotated[..., 1::2]
+        rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    else:
+        a, b = rotated[..., : r // 2], rotated[..., r // 2:]
+        rotated = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    return torch.cat((rotated, rest), dim=-1)
+
+
+def attention(x, parts, *, causal, num_heads=1, d_k=None, num_kv_heads=None, rope=None, window=None,
+              angles=torch.float64):
+    """(output, weights (..., H, T, T)) of multi-head attention with parts' projections: num_kv_heads K/V
+    heads (default num_heads) shared per group (repeat_kv), rope (see ``rotary``) applied to each head's
+    queries and keys, a sliding window (causal_mask)."""
+    q = split_heads(linear(x, parts["query"]), num_heads)
+    k, v = (split_heads(linear(x, parts[n]), num_kv_heads or num_heads) for n in ("key", "value"))
+    if rope is not None:
+        q, k = rotary(q, rope, angles=angles), rotary(k, rope, angles=angles)
+    weights = attention_weights(q, repeat_kv(k, num_heads), causal, d_k, window)
+    context = merge_heads(weights @ repeat_kv(v, num_heads))
     return (linear(context, parts["out"]) if "out" in parts else context), weights
 
 
-def head_slices(parts, num_heads):
-    """Single-head parts for each head: rows [h*hd, (h+1)*hd) of the query/key/value projections."""
+def features(kind, cfg):
+    """The keyword arguments of ``attention`` for one attention of ``kind``: heads, K/V heads, rope, window."""
+    num_heads, kv_heads = kind.oracle_heads(cfg)
+    return dict(causal=kind.causal, num_heads=num_heads, num_kv_heads=kv_heads, rope=cfg.rope, window=cfg.window)
+
+
+def head_slices(parts, num_heads, num_kv_heads=None, kv_head=None):
+    """Single-head parts for each head h: rows [h*hd, (h+1)*hd) of the query projection, and rows
+    [g*hd, (g+1)*hd) of the key/value projections, g = kv_head(h) among num_kv_heads (default num_heads)
+    K/V heads; by default g = h // (num_heads / num_kv_heads), the grouping of ``repeat_kv``."""
+    num_kv_heads = num_kv_heads or num_heads
+    kv_head = kv_head or (lambda h: h // (num_heads // num_kv_heads))
     heads = []
     for h in range(num_heads):
         head = {}
-        for name in ("query", "key", "value"):
+        for name, index, count in (("query", h, num_heads), ("key", kv_head(h), num_kv_heads),
+                                   ("value", kv_head(h), num_kv_heads)):
             weight, bias = parts[name]
-            rows = slice(h * weight.shape[0] // num_heads, (h + 1) * weight.shape[0] // num_heads)
+            rows = slice(index * weight.shape[0] // count, (index + 1) * weight.shape[0] // count)
             head[name] = (weight[rows], None if bias is None else bias[rows])
         heads.append(head)
     return heads
@@ -100,59 +148,65 @@ def transformer_block(x, parts, num_heads, gelu="tanh"):
     return x + linear(hidden, parts["ff"][1])
 
 
-def reference(kind, cfg, parts, x, dtype=torch.float64, gelu="tanh"):
-    """The eval-mode output a module of ``kind`` with projections ``parts`` must produce on x."""
-    return evaluate(kind, cfg, cast(parts, dtype), x.detach().to(dtype), gelu)
+def reference(kind, cfg, parts, x, dtype=torch.float64, gelu="tanh", angles=torch.float64):
+    """The eval-mode output a module of ``kind`` with projections ``parts`` must produce on x (rotary
+    angles computed in ``angles`` precision)."""
+    return evaluate(kind, cfg, cast(parts, dtype), x.detach().to(dtype), gelu, angles)
 
 
-def reference_weights(kind, cfg, parts, x, dtype=torch.float64, d_k=None):
+def reference_weights(kind, cfg, parts, x, dtype=torch.float64, d_k=None, angles=torch.float64):
     """The eval-mode attention weights, heads stacked: (..., H, T, T)."""
     parts, x = cast(parts, dtype), x.detach().to(dtype)
-    if kind.name == "transformer-block":
+    if kind.structure == "block":
         x, parts = layer_norm(x, parts["norm1"]), parts["att"]
-    if kind.name == "mha-wrapper":
+    if kind.structure == "wrapper":
         return torch.cat([attention(x, head, causal=True, d_k=d_k)[1] for head in parts], dim=-3)
-    num_heads = cfg.num_heads if kind.name in ("mha", "transformer-block") else 1
-    return attention(x, parts, causal=kind.causal, num_heads=num_heads, d_k=d_k)[1]
+    return attention(x, parts, d_k=d_k, angles=angles, **features(kind, cfg))[1]
 
 
 def score_magnitude(kind, cfg, parts, x):
-    """max |q_h,i . k_h,j| / sqrt(head_dim) over heads, queries and keys, in float64: the size of the
-    scores the softmax sees. Rounding them in a low precision moves the weights by up to about
-    eps * this (softmax is 1/2-Lipschitz in the max-norm), whatever the implementation."""
+    """max |q_h,i| |k_h,j| / sqrt(head_dim) over heads, queries and keys, in float64: a bound on the
+    scores the softmax sees (Cauchy-Schwarz; a rotary embedding keeps the norms). Rounding q, k or the
+    scores in a low precision moves the weights by up to about eps * this (softmax is 1/2-Lipschitz in
+    the max-norm), whatever the implementation."""
     parts, x = cast(parts, torch.float64), x.detach().to(torch.float64)
-    if kind.name == "transformer-block":
+    if kind.structure == "block":
         x, parts = layer_norm(x, parts["norm1"]), parts["att"]
-    heads = parts if kind.name == "mha-wrapper" else head_slices(parts, cfg.num_heads if kind.name == "mha" or
-                                                                 kind.name == "transformer-block" else 1)
-    return max(float((linear(x, h["query"]) @ linear(x, h["key"]).transpose(-2, -1)).abs().max())
+    if kind.structure == "wrapper":
+        heads = parts
+    else:
+        f = features(kind, cfg)
+        heads = head_slices(parts, f["num_heads"], f["num_kv_heads"])
+    return max(float(linear(x, h["query"]).norm(dim=-1).max() * linear(x, h["key"]).norm(dim=-1).max())
                / math.sqrt(h["key"][0].shape[0]) for h in heads)
 
 
-def renormalized_causal(weights):
-    """The seed's first masking: zero the future of softmax weights, then divide each row by its sum."""
-    kept = weights.masked_fill(causal_mask(weights.shape[-1], weights.device), 0.0)
+def renormalized_causal(weights, window=None):
+    """The seed's first masking: zero the future (and what is outside the window) of softmax weights,
+    then divide each row by its sum."""
+    kept = weights.masked_fill(causal_mask(weights.shape[-1], weights.device, window), 0.0)
     return kept / kept.sum(-1, keepdim=True)
 
 
-def evaluate(kind, cfg, parts, x, gelu="tanh"):
+def evaluate(kind, cfg, parts, x, gelu="tanh", angles=torch.float64):
     """``reference`` without the cast: differentiable in x and in the tensors of ``parts``.
 
     A 1-D tensor of ``parts`` (a bias, a LayerNorm scale or shift) may also be given per token, of
     shape x.shape[:-1] + (n,): its gradient is then the per-token contribution to the bias's gradient."""
-    if kind.name == "transformer-block":
+    if kind.structure == "block":
         return transformer_block(x, parts, cfg.num_heads, gelu)
-    if kind.name == "mha-wrapper":
+    if kind.structure == "wrapper":
         return torch.cat([attention(x, head, causal=True)[0] for head in parts], dim=-1)
-    return attention(x, parts, causal=kind.causal, num_heads=cfg.num_heads if kind.name == "mha" else 1)[0]
+    return attention(x, parts, angles=angles, **features(kind, cfg))[0]
 
 
 def output_from_weights(kind, cfg, parts, x, weights):
     """The output computed with the given attention weights (..., H, T, T) in place of the softmax's:
     out_proj(merge_h(weights_h @ V_h)) for mha, concat_h(weights_h @ V_h) for the wrapper, weights @ V
     for one head. In train mode, with the dropped weights the module applied, this is its output."""
-    if kind.name == "mha-wrapper":
+    if kind.structure == "wrapper":
         return torch.cat([weights[..., h, :, :] @ linear(x, head["value"]) for h, head in enumerate(parts)], dim=-1)
     heads = weights.shape[-3]
-    context = merge_heads(weights @ split_heads(linear(x, parts["value"]), heads))
+    values = split_heads(linear(x, parts["value"]), heads * kind.oracle_heads(cfg)[1] // kind.oracle_heads(cfg)[0])
+    context = merge_heads(weights @ repeat_kv(values, heads))
     return linear(context, parts["out"]) if "out" in parts else context

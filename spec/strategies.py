@@ -45,6 +45,8 @@ RATES = (0.1, 0.25, 0.05, 0.9, 0.6, 0.333, 0.75, 0.2, 0.45, 0.8)
 DROPOUTS = st.one_of(st.just(0.0), st.sampled_from(RATES), st.just(0.5))
 ZERO_DROPOUT = st.just(0.0)
 NONZERO_DROPOUTS = st.sampled_from((0.5,) + RATES)
+ROPE_BASES = (10000.0, 10.0, 500000.0, 100.0)  # Llama 2, small (angles that turn fast), Llama 3, ...
+ROPE_FRACTIONS = (1.0, 0.5, 0.25)  # of head_dim rotated (GPT-NeoX: 0.25)
 BOOLEANS, SEEDS = st.booleans(), st.integers(0, 2**16)
 _ints = lru_cache(maxsize=None)(st.integers)  # strategies built once: drawing is ~1/3 of a small example's cost
 _pick = lru_cache(maxsize=None)(st.sampled_from)
@@ -65,9 +67,12 @@ def _sizes(draw, kind, regime, min_tokens, min_batch):
     if regime == "wide":
         head_dim = draw(_pick(WIDE_HEAD_DIMS), label="head_dim")
         d_in = draw(_pick((head_dim, 8, 16, 64)), label="d_in")
+    elif kind.rotary:  # even: the rotated dims come in pairs
+        head_dim = 2 * draw(_ints(1, MAX_DIM // 4), label="head_dim / 2")
+        d_in = draw(_ints(1, MAX_DIM), label="d_in")
     else:
-        split = kind.name in ("mha", "transformer-block")  # d_out = num_heads * head_dim
-        head_dim = draw(_ints(1, MAX_DIM // 2 if split or regime != "small" else MAX_DIM), label="head_dim")
+        top = MAX_DIM // 2 if kind.head_split or regime != "small" else MAX_DIM  # head_split: d_out = num_heads * head_dim
+        head_dim = draw(_ints(1, top), label="head_dim")
         d_in = draw(_ints(1, MAX_DIM), label="d_in")
     low = max(1, min_tokens)
     if regime == "long":
@@ -99,12 +104,14 @@ def configs(
     qkv_bias=None,
     sizes=None,
     regimes=REGIMES,
+    require=(),
 ):
     """A valid Config for ``kind``.
 
     ``sizes`` (a dict of fixed d_in/d_out/num_heads/context_length) pins the model size, e.g. GPT-2's,
     while tokens, batch, dropout, dtype and seed are still drawn. ``regimes`` restricts the size
-    regimes (an invariant whose cost grows with every dimension at once may leave one out)."""
+    regimes (an invariant whose cost grows with every dimension at once may leave one out). ``require``
+    names optional features (spec.kinds.OPTIONAL: "rotary", "sliding_window") drawn always on."""
     if sizes:
         num_heads, d_out, d_in, context_length = (sizes[k] for k in ("num_heads", "d_out", "d_in", "context_length"))
         if not kind.multi_head:
@@ -114,8 +121,8 @@ def configs(
     else:
         regime = draw(_pick(tuple(regimes)), label="size regime")
         num_heads, head_dim, d_in, context_length, num_tokens, batch = _sizes(draw, kind, regime, min_tokens, min_batch)
-        d_out = num_heads * head_dim if kind.name in ("mha", "transformer-block") else head_dim
-        if kind.name == "transformer-block":
+        d_out = num_heads * head_dim if kind.head_split else head_dim
+        if kind.structure == "block":
             d_in = d_out
     return Config(
         d_in=d_in,
@@ -131,7 +138,38 @@ def configs(
         offset=draw(offsets, label="offset"),
         seed=draw(SEEDS, label="seed"),
         device=device,
+        **_modern_features(draw, kind, num_heads, d_out // num_heads, num_tokens, require),
     )
+
+
+def _divisors(n):
+    """Divisors of n, n first (plain multi-head attention: the simplest) down to 1 (multi-query)."""
+    return tuple(d for d in range(n, 0, -1) if n % d == 0)
+
+
+def _windows(num_tokens):
+    """Windows shorter than the sequence (small ones, half, one short, and tile edges), then one as long.
+    Not 1: each query would attend itself only, its query and key then have no influence, and their
+    gradients (0 in exact arithmetic) are rounding that a correct fused kernel makes."""
+    edges = (2, 3, num_tokens // 2, num_tokens - 1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128)
+    return tuple(sorted({w for w in edges if 2 <= w < num_tokens})) + (max(2, num_tokens),)
+
+
+def _modern_features(draw, kind, num_heads, head_dim, num_tokens, require=()):
+    """The Config fields of the kind's optional features (spec.kinds.OPTIONAL), drawn off first: K/V heads
+    among the divisors of num_heads, rotary embeddings (base, fraction of head_dim rotated, layout), a
+    sliding window (shorter than the sequence, around tile edges, or as long); those in ``require`` always on."""
+    features = {}
+    if kind.grouped_kv:
+        features["num_kv_heads"] = draw(_pick(_divisors(num_heads)), label="num_kv_heads")
+    if kind.rotary and head_dim % 2 == 0 and ("rotary" in require or draw(BOOLEANS, label="rotary")):
+        fractions = tuple(f for f in ROPE_FRACTIONS if (f * head_dim) % 2 == 0 and f * head_dim >= 2)
+        features.update(rope_base=draw(_pick(ROPE_BASES), label="rope_base"),
+                        rope_fraction=draw(_pick(fractions), label="rope_fraction"),
+                        rope_interleaved=draw(BOOLEANS, label="rope_interleaved"))
+    if kind.sliding_window and ("sliding_window" in require or draw(BOOLEANS, label="sliding window")):
+        features["window"] = draw(_pick(_windows(num_tokens)), label="window")
+    return features
 
 
 def is_small(cfg):
@@ -140,7 +178,7 @@ def is_small(cfg):
             and cfg.d_out // cfg.num_heads <= MAX_DIM and cfg.d_in <= MAX_DIM and cfg.batch <= MAX_BATCH)
 
 
-def fit_example(cfg, kind, *, dropouts=None, min_batch=1, min_tokens=1, dtypes=None, qkv_bias=None, **_):
+def fit_example(cfg, kind, *, dropouts=None, min_batch=1, min_tokens=1, dtypes=None, qkv_bias=None, require=(), **_):
     """A user-given configuration (``--example``) moved onto what an invariant's strategy can draw
     (same keywords as ``configs``): (config, list of the changes made). Only an invariant's needs
     are applied (dropout 0 or > 0, enough tokens or batch elements, its dtypes, qkv_bias)."""
@@ -159,5 +197,9 @@ def fit_example(cfg, kind, *, dropouts=None, min_batch=1, min_tokens=1, dtypes=N
         changes["dtype"] = dtypes[0]
     if qkv_bias is not None and cfg.qkv_bias != qkv_bias:
         changes["qkv_bias"] = qkv_bias
+    if "sliding_window" in require and cfg.window is None:
+        changes["window"] = max(2, changes.get("num_tokens", cfg.num_tokens) - 1)
+    if "rotary" in require and cfg.rope_base is None and cfg.head_dim % 2 == 0:
+        changes["rope_base"] = ROPE_BASES[0]
     described = [f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in changes.items()]
     return cfg.replace(**changes), described

@@ -222,6 +222,19 @@ def projection_layout(adapter, module):
         return "not found"
 
 
+# Keyword arguments of the kinds' constructors that a module may lack: (whether cfg has the option off,
+# the Config change that switches it off). A constructor without one is called without it, and only
+# configurations with that option off are drawn (what the constructor builds).
+OPTIONAL_KEYWORDS = {
+    "qkv_bias": (lambda c: not c.qkv_bias, {"qkv_bias": False}),
+    "num_kv_heads": (lambda c: c.kv_heads == c.num_heads, {"num_kv_heads": None}),
+    "rope_base": (lambda c: c.rope_base is None, {"rope_base": None, "rope_fraction": 1.0, "rope_interleaved": False}),
+    "rope_fraction": (lambda c: c.rope_fraction == 1.0, {"rope_fraction": 1.0}),
+    "rope_interleaved": (lambda c: not c.rope_interleaved, {"rope_interleaved": False}),
+    "window": (lambda c: c.window is None, {"window": None}),
+}
+
+
 class ConstructorAdapter(Adapter):
     """A class or factory called with the kind's constructor arguments, in the seed's order."""
 
@@ -230,21 +243,27 @@ class ConstructorAdapter(Adapter):
         self._kind = kind
         try:
             params = inspect.signature(factory).parameters
-            self.accepts_qkv_bias = "qkv_bias" in params or any(
-                p.kind is p.VAR_KEYWORD for p in params.values())
+            if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                params = OPTIONAL_KEYWORDS
         except (TypeError, ValueError):  # builtins without a signature: just try
-            self.accepts_qkv_bias = True
+            params = OPTIONAL_KEYWORDS
+        self.missing = [kw for kw in OPTIONAL_KEYWORDS if kw not in params]  # optional keywords it does not take
 
     def adjust(self, cfg):
-        """No qkv_bias parameter: draw qkv_bias=False only (what the constructor builds), so every
-        example is one the module supports."""
-        return cfg if self.accepts_qkv_bias or not cfg.qkv_bias else cfg.replace(qkv_bias=False)
+        """No parameter for an option (qkv_bias, num_kv_heads, rope_*, window): draw it off only (what the
+        constructor builds), so every example is one the module supports."""
+        for kw in self.missing:
+            is_off, change = OPTIONAL_KEYWORDS[kw]
+            if not is_off(cfg):
+                cfg = cfg.replace(**change)
+        return cfg
 
     def _arguments(self, cfg):
         args, kwargs = self._kind.constructor_args(cfg)
-        if "qkv_bias" in kwargs and not self.accepts_qkv_bias:
-            if kwargs.pop("qkv_bias"):
-                raise Unsupported("the constructor has no qkv_bias parameter")
+        for kw in self.missing:
+            kwargs.pop(kw, None)
+            if not OPTIONAL_KEYWORDS[kw][0](cfg):
+                raise Unsupported(f"the constructor has no {kw} parameter")
         return args, kwargs
 
     def build(self, cfg):
@@ -433,4 +452,5 @@ BUNDLED = [
     "mha-wrapper=attnspec.impl:MultiHeadAttentionWrapper",
     "mha=attnspec.impl:MultiHeadAttention",
     "transformer-block=attnspec.impl:TransformerBlock",
+    "gqa=attnspec.impl:GroupedQueryAttention",
 ]

@@ -619,3 +619,124 @@ class SDPASeedProjectionsMHA(nn.Module):
 
 MODULES += [("mha", "SDPASeedProjectionsMHA")]
 
+
+
+# --- issue 13: modern attention (kind gqa) --------------------------------------------------------
+
+
+class HFLlamaStyleSDPA(nn.Module):
+    """Hugging Face Llama style, kind gqa: q_proj/k_proj/v_proj/o_proj (no o_proj bias), cos/sin tables of
+    cat(freqs, freqs) with ``rotate_half`` (the half-split layout; for interleaved pairs the dims are
+    de-interleaved first and interleaved back after, as some ports do), partial rotary by slicing the
+    first r dims, and F.scaled_dot_product_attention with ``enable_gqa=True`` and a bool mask (True =
+    attended) holding the causal band of the window."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, num_kv_heads=None, qkv_bias=False,
+                 rope_base=None, rope_fraction=1.0, rope_interleaved=False, window=None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads or num_heads
+        self.head_dim = d_out // num_heads
+        self.q_proj = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(d_out, d_out, bias=False)
+        self.p, self.rope_base, self.interleaved = dropout, rope_base, rope_interleaved
+        self.rotary_dim = int(self.head_dim * rope_fraction)
+        i = torch.arange(context_length)
+        band = i[None, :] <= i[:, None]
+        if window:
+            band &= i[None, :] > i[:, None] - window
+        self.register_buffer("band", band, persistent=False)
+
+    @staticmethod
+    def rotate_half(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    def apply_rope(self, t, T):
+        r = self.rotary_dim
+        inv_freq = 1.0 / (self.rope_base ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
+        freqs = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(t.dtype), emb.sin().to(t.dtype)
+        rot, rest = t[..., :r], t[..., r:]
+        if self.interleaved:  # pairs (2i, 2i+1) -> (i, i + r/2) and back
+            rot = torch.cat((rot[..., 0::2], rot[..., 1::2]), dim=-1)
+        rot = rot * cos + self.rotate_half(rot) * sin
+        if self.interleaved:
+            rot = torch.stack((rot[..., : r // 2], rot[..., r // 2:]), dim=-1).flatten(-2)
+        return torch.cat((rot, rest), dim=-1)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.rope_base is not None:
+            q, k = self.apply_rope(q, T), self.apply_rope(k, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.band[:T, :T], enable_gqa=True,
+                                           dropout_p=self.p if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MetaLlamaStyle(nn.Module):
+    """Meta's original Llama style, kind gqa: wq/wk/wv/wo in a (B, T, heads, head_dim) layout, RoPE as
+    complex multiplication (torch.polar, view_as_complex: the interleaved layout; half-split pairs are
+    gathered into complex numbers as (x_i, x_{i+r/2})), ``repeat_kv`` by expand + reshape, an additive
+    float mask of -inf, scores scaled after the matmul. (Meta's softmax in float32, cast back, is left out:
+    in float64 runs it meets a known false alarm of gradient-oracle on the key bias, which cancels to 0.)"""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, num_kv_heads=None, qkv_bias=False,
+                 rope_base=None, rope_fraction=1.0, rope_interleaved=False, window=None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = num_heads, num_kv_heads or num_heads
+        self.head_dim = d_out // num_heads
+        self.wq = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.wk = nn.Linear(d_in, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_in, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(d_out, d_out, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.rope_interleaved, self.window = rope_interleaved, window
+        self.r = int(rope_fraction * self.head_dim) if rope_base is not None else 0
+        if self.r:
+            freqs = 1.0 / (rope_base ** (torch.arange(0, self.r, 2)[: self.r // 2].double() / self.r))
+            self.freqs_cis = torch.polar(torch.ones(context_length, self.r // 2, dtype=torch.float64),
+                                         torch.outer(torch.arange(context_length).double(), freqs))
+
+    def rope(self, x):
+        T, r = x.shape[1], self.r
+        rot = x[..., :r].double()
+        pairs = rot.reshape(*rot.shape[:-1], -1, 2) if self.rope_interleaved else \
+            torch.stack((rot[..., : r // 2], rot[..., r // 2:]), dim=-1)
+        out = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * self.freqs_cis[:T, None, :])
+        out = out.flatten(-2) if self.rope_interleaved else torch.cat((out[..., 0], out[..., 1]), dim=-1)
+        return torch.cat((out.to(x.dtype), x[..., r:]), dim=-1)
+
+    @staticmethod
+    def repeat_kv(x, n_rep):
+        bs, slen, n_kv_heads, head_dim = x.shape
+        return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.r:
+            xq, xk = self.rope(xq), self.rope(xk)
+        keys = self.repeat_kv(xk, self.n_heads // self.n_kv_heads).transpose(1, 2)
+        values = self.repeat_kv(xv, self.n_heads // self.n_kv_heads).transpose(1, 2)
+        xq = xq.transpose(1, 2)
+        mask = torch.full((T, T), float("-inf"), device=x.device).triu(1)
+        if self.window:
+            mask = mask + torch.full((T, T), float("-inf"), device=x.device).tril(-self.window)
+        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim) + mask.to(xq.dtype)
+        scores = F.softmax(scores, dim=-1)
+        output = torch.matmul(self.drop(scores), values)
+        return self.wo(output.transpose(1, 2).contiguous().view(B, T, -1))
+
+
+MODULES += [
+    ("gqa", "HFLlamaStyleSDPA"),
+    ("gqa", "MetaLlamaStyle"),
+]

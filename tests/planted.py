@@ -31,6 +31,7 @@ from attnspec.impl.attention import (
     SelfAttention_v2,
 )
 from attnspec.impl.gpt import GELU, LayerNorm, TransformerBlock
+from attnspec.impl.modern import GroupedQueryAttention, rotate
 
 
 # --- the correct modules, in steps -------------------------------------------------------------
@@ -1387,4 +1388,188 @@ CORPUS += [
          "softmax stabilized by the max of the first 32 keys only: overflows past 32 tokens at large scores"),
     _bug(MHA, KeyChunksDropTail, "size", ["oracle-float64"],
          "keys in chunks of 16 with the partial last chunk dropped: the last T % 16 keys are never attended"),
+]
+
+
+# --- modern attention (issue 13): grouped-query K/V heads, rotary embeddings, sliding window ------
+
+
+class GQASteps(_Steps, GroupedQueryAttention):
+    """The impl's GroupedQueryAttention in steps: project, split (num_heads query heads, num_kv_heads K/V
+    heads), rope(q), rope(k), repeat K/V per group, then the _Steps attention (its mask buffer has the window)."""
+
+    def forward(self, x):
+        b, T = x.shape[0], x.shape[-2]
+        q, k, v = self.project(x)
+        q, k, v = self.split(q, b, T, self.num_heads), self.split(k, b, T, self.num_kv_heads), self.split(v, b, T, self.num_kv_heads)
+        if self.cos is not None:
+            q, k = self.rope(q, T), self.rope_keys(k, T)
+        k, v = self.repeat(k), self.repeat(v)
+        w = self.normalize(self.mask_scores(self.scores(q, k), T), k.shape[-1])
+        return self.out(self.merge(self.drop(w) @ v, b, T))
+
+    def split(self, t, b, T, heads):
+        return t.view(b, T, heads, self.head_dim).transpose(1, 2)
+
+    def rope(self, t, T):
+        return rotate(t, self.cos[:T].to(t.dtype), self.sin[:T].to(t.dtype), self.rope_interleaved)
+
+    def rope_keys(self, t, T):
+        return self.rope(t, T)
+
+    def repeat(self, t):
+        return t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+
+    def merge(self, ctx, b, T):
+        return ctx.transpose(1, 2).contiguous().view(b, T, self.d_out)
+
+    def out(self, ctx):
+        return self.out_proj(ctx)
+
+
+class KVHeadsTiled(GQASteps):
+    def repeat(self, t):
+        return t.repeat(1, self.num_heads // self.num_kv_heads, 1, 1)  # head h gets K/V head h % G, not h // group
+
+
+class RopeQueriesOnly(GQASteps):
+    def rope_keys(self, t, T):
+        return t  # the keys are not rotated: scores depend on the query's absolute position
+
+
+class RopeKeysShifted(GQASteps):
+    def rope_keys(self, t, T):
+        if self.cos.shape[0] < 2:
+            return self.rope(t, T)
+        one = (self.cos[1:2].to(t.dtype), self.sin[1:2].to(t.dtype))  # R_{p+1} = R_1 R_p
+        return rotate(self.rope(t, T), *one, self.rope_interleaved)  # keys one position ahead (an offset off by one)
+
+
+class RopeLayoutIgnored(GQASteps):
+    def rope(self, t, T):
+        return rotate(t, self.cos[:T].to(t.dtype), self.sin[:T].to(t.dtype), False)  # always half-split
+
+
+class RopeBaseIgnored(GQASteps):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.cos is not None:  # the table built with base 10000 whatever rope_base says
+            r = 2 * self.cos.shape[-1]
+            angles = torch.arange(self.context_length, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
+            self.cos, self.sin = angles.cos(), angles.sin()
+
+
+class RopeRotatesWholeHead(GQASteps):
+    def rope(self, t, T):
+        r = 2 * self.cos.shape[-1]  # partial rotary: the pairs (i, i + r/2) taken over the whole head instead
+        half = self.head_dim // 2
+        cos = torch.cat([self.cos[:T], torch.ones(T, half - r // 2, dtype=self.cos.dtype)], -1).to(t.dtype)
+        sin = torch.cat([self.sin[:T], torch.zeros(T, half - r // 2, dtype=self.sin.dtype)], -1).to(t.dtype)
+        return rotate(t, cos, sin, self.rope_interleaved)
+
+
+class RopeNegatedAngle(GQASteps):
+    def rope(self, t, T):
+        return rotate(t, self.cos[:T].to(t.dtype), -self.sin[:T].to(t.dtype), self.rope_interleaved)  # rotate_half sign flipped
+
+
+class WindowOffByOne(GQASteps):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        window, C = kwargs.get("window"), self.context_length
+        if window is not None:  # i - w <= j: w + 1 keys
+            self.mask = torch.triu(torch.ones(C, C), diagonal=1) + torch.tril(torch.ones(C, C), diagonal=-window - 1)
+
+
+class WindowIgnored(GQASteps):
+    def mask_scores(self, s, T):
+        return s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -torch.inf)  # causal only
+
+
+class SDPAGQANoEnable(GroupedQueryAttention):
+    """F.scaled_dot_product_attention with K/V heads expanded by .expand().reshape() on the wrong axis."""
+
+    def forward(self, x):
+        b, T, _ = x.shape
+        q = self.W_query(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.W_key(x).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.W_value(x).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.cos is not None:
+            cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+            q, k = rotate(q, cos, sin, self.rope_interleaved), rotate(k, cos, sin, self.rope_interleaved)
+        group = self.num_heads // self.num_kv_heads
+        k, v = (t[:, None].expand(b, group, self.num_kv_heads, T, self.head_dim).reshape(b, self.num_heads, T, self.head_dim)
+                for t in (k, v))  # [None] before the K/V axis: tiled, head h gets K/V head h % G
+        mask = ~self.mask.bool()[:T, :T]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, T, self.d_out))
+
+
+GQA = "gqa"
+CORPUS += [
+    _bug(GQA, KVHeadsTiled, "grouped query", ["grouped-query-kv-shared"],
+         "K/V heads repeated with repeat (tiled: head h uses K/V head h % G) instead of repeat_interleave",
+         also=["oracle-float64", "scaling-sqrt-head-dim"]),
+    _bug(GQA, SDPAGQANoEnable, "grouped query", ["grouped-query-kv-shared"],
+         "SDPA with K/V expanded on a new axis before the K/V heads: tiled, not grouped",
+         also=["oracle-float64", "scaling-sqrt-head-dim"]),
+    _bug(GQA, RopeQueriesOnly, "rotary", ["rotary-relative-position"],
+         "RoPE on the queries only: scores depend on absolute positions", also=["rotary-embedding", "oracle-float64"]),
+    _bug(GQA, RopeKeysShifted, "rotary", ["rotary-embedding"],
+         "keys rotated one position ahead of the queries (a position offset off by one)",
+         also=["oracle-float64"]),
+    _bug(GQA, RopeLayoutIgnored, "rotary", ["rotary-embedding"],
+         "rope_interleaved ignored: half-split pairs (rotate_half) where interleaved pairs were asked for"),
+    _bug(GQA, RopeBaseIgnored, "rotary", ["rotary-embedding"], "the angle table built with base 10000, not rope_base"),
+    _bug(GQA, RopeRotatesWholeHead, "rotary", ["rotary-embedding"],
+         "partial rotary with the pairs (i, i + head_dim/2) of the whole head: the wrong halves rotated"),
+    _bug(GQA, RopeNegatedAngle, "rotary", ["rotary-embedding"], "rotate_half with its sign flipped: angles negated",
+         also=["oracle-float64"]),
+    _bug(GQA, WindowOffByOne, "window", ["sliding-window", "sliding-window-weights"],
+         "sliding window i - w <= j: one key too many", also=["oracle-float64"]),
+    _bug(GQA, WindowIgnored, "window", ["sliding-window-weights"], "the window is ignored: causal only",
+         also=["sliding-window", "oracle-float64"]),
+]
+
+
+# --- the KV cache (issue 13) ----------------------------------------------------------------------
+
+
+class CacheAppendedTwice(GroupedQueryAttention):
+    def forward(self, x, use_cache=False):
+        out = super().forward(x, use_cache)
+        if use_cache:  # the new keys and values appended a second time
+            T = x.shape[1]
+            self.cache_k = torch.cat([self.cache_k, self.cache_k[:, :, -T:]], dim=2)
+            self.cache_v = torch.cat([self.cache_v, self.cache_v[:, :, -T:]], dim=2)
+        return out
+
+
+class CachePositionNotAdvanced(GroupedQueryAttention):
+    def rope(self, t, start):
+        return super().rope(t, 0)  # every new piece rotated as if it started at position 0
+
+
+class CacheResetKeepsPosition(GroupedQueryAttention):
+    """Counts positions itself (llms-from-scratch's ptr_current_pos) and forgets to zero it in reset_cache()."""
+
+    def reset_cache(self):
+        self.cache_k = self.cache_v = None
+
+    def cached_tokens(self):
+        return getattr(self, "position", 0)
+
+    def forward(self, x, use_cache=False):
+        out = super().forward(x, use_cache)
+        if use_cache:
+            self.position = self.cached_tokens() + x.shape[1]
+        return out
+
+
+CORPUS += [
+    _bug(GQA, CacheAppendedTwice, "kv cache", ["kv-cache-decoding"], "the cache gets each new key and value twice"),
+    _bug(GQA, CachePositionNotAdvanced, "kv cache", ["kv-cache-decoding"],
+         "RoPE of a decoded piece at position 0, not after the cached tokens"),
+    _bug(GQA, CacheResetKeepsPosition, "kv cache", ["kv-cache-decoding"],
+         "reset_cache() empties the cache but keeps the position counter"),
 ]

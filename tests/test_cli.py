@@ -314,7 +314,7 @@ def test_repro_line_from_the_json_report_reproduces_the_failure(tmp_path):
 def test_no_targets_checks_the_bundled_modules(tmp_path):
     proc, report = check("--profile", "ci", "--max-examples", "1", "--only", "output-contract", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert {t["kind"] for t in report["targets"]} == {"self-attention", "causal-attention", "mha-wrapper", "mha",
+    assert {t["kind"] for t in report["targets"]} == {"self-attention", "causal-attention", "mha-wrapper", "mha", "gqa",
                                                       "transformer-block"}
     for t in report["targets"]:
         assert [r["status"] for r in t["results"]] == ["pass"], t

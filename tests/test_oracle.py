@@ -150,3 +150,53 @@ def test_per_token_biases_sum_to_the_bias_gradient():
     (tokens,) = torch.autograd.grad(oracle.evaluate(KINDS["mha"], cfg, {**parts, "value": (parts["value"][0], per_token)}, x),
                                     per_token, c)
     assert_close(tokens.sum((0, 1)), plain, dtype=torch.float64, what="summed per-token bias gradient vs bias gradient")
+
+
+# --- modern attention: the oracle's RoPE, K/V grouping and window against Hugging Face's own code -----
+
+
+@pytest.mark.parametrize("base,head_dim,fraction,interleaved",
+                         [(10000.0, 8, 1.0, False), (100.0, 8, 0.5, False), (10.0, 4, 1.0, True), (500000.0, 16, 0.25, True)])
+def test_rotary_is_hugging_faces(base, head_dim, fraction, interleaved):
+    """Half-split: Llama's apply_rotary_pos_emb (rotate_half) with LlamaRotaryEmbedding's cos/sin, on the
+    first fraction * head_dim dims (GPT-NeoX's partial rotary). Interleaved: GPT-J's rotate_every_two."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gptj import modeling_gptj
+    from transformers.models.llama import modeling_llama
+
+    r, T = round(fraction * head_dim), 7
+    q, k = torch.randn(2, 3, T, head_dim, dtype=torch.float64), torch.randn(2, 3, T, head_dim, dtype=torch.float64)
+    if interleaved:
+        sincos = modeling_gptj.create_sinusoidal_positions(T, r).to(torch.float64)
+        inverse = base ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)  # GPT-J's table has base 10000 built in
+        angles = torch.arange(T, dtype=torch.float64)[:, None] * inverse
+        if base == 10000.0:
+            assert torch.allclose(sincos[:, : r // 2], angles.sin(), atol=1e-6)
+        sin, cos = angles.sin()[None], angles.cos()[None]
+        rotate = lambda t: torch.cat((modeling_gptj.apply_rotary_pos_emb(  # noqa: E731  (b, T, heads, r) layout
+            t[..., :r].transpose(1, 2), sin, cos).transpose(1, 2), t[..., r:]), dim=-1)
+        expected = rotate(q), rotate(k)
+    else:
+        config = transformers.LlamaConfig(hidden_size=3 * r, num_attention_heads=3, head_dim=r, rope_theta=base)
+        cos, sin = modeling_llama.LlamaRotaryEmbedding(config)(q.float(), torch.arange(T)[None])
+        rotated = modeling_llama.apply_rotary_pos_emb(q[..., :r], k[..., :r], cos.double(), sin.double())
+        expected = tuple(torch.cat((e, t[..., r:]), dim=-1) for e, t in zip(rotated, (q, k)))
+    for got, want in zip((oracle.rotary(q, (base, r, interleaved)), oracle.rotary(k, (base, r, interleaved))), expected):
+        assert_close(got, want, dtype=torch.float32, what="oracle RoPE vs Hugging Face's")
+
+
+def test_repeat_kv_is_llamas():
+    from_hf = pytest.importorskip("transformers.models.llama.modeling_llama")
+    kv = torch.randn(2, 3, 5, 4)
+    assert torch.equal(oracle.repeat_kv(kv, 6), from_hf.repeat_kv(kv, 2))
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 7])
+def test_window_mask_is_mistrals(window):
+    """Query i attends key j iff i - w < j <= i: Hugging Face's sliding_window_causal_mask_function."""
+    masking = pytest.importorskip("transformers.masking_utils")
+    allowed = masking.sliding_window_causal_mask_function(window)
+    T = 6
+    t = torch.tensor
+    expected = torch.tensor([[not bool(allowed(t(0), t(0), t(i), t(j))) for j in range(T)] for i in range(T)])
+    assert torch.equal(oracle.causal_mask(T, window=window), expected)

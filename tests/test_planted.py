@@ -158,7 +158,7 @@ def test_report_shape_dependent_bug_needs_a_short_sequence():
 
 
 @pytest.mark.parametrize("name,kind", [("SelfSteps", "self-attention"), ("CausalSteps", "causal-attention"),
-                                       ("MHASteps", "mha")])
+                                       ("MHASteps", "mha"), ("GQASteps", "gqa")])
 def test_step_templates_are_correct(name, kind):
     """The templates the bugs override are the impl modules' forward, step by step: each bug is ONE change."""
     results = check_target(_target(kind, name), Options(only=("oracle-float64", "scaling-sqrt-head-dim"))).results

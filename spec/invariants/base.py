@@ -3,8 +3,8 @@ all read it. Adding an invariant means adding one decorated check function to a 
 
 from dataclasses import dataclass, field
 
-ALL_KINDS = ("self-attention", "causal-attention", "mha-wrapper", "mha", "transformer-block")
-CAUSAL_KINDS = ("causal-attention", "mha-wrapper", "mha", "transformer-block")
+ALL_KINDS = ("self-attention", "causal-attention", "mha-wrapper", "mha", "transformer-block", "gqa")
+CAUSAL_KINDS = ("causal-attention", "mha-wrapper", "mha", "transformer-block", "gqa")
 DROPOUT_KINDS = CAUSAL_KINDS
 OBSERVES = {
     "forward": "black-box: calls forward only",

@@ -92,7 +92,7 @@ def gradient_causality(case):
 
 
 @invariant("batch-independence", "each batch element's output equals forward of that element alone",
-           ("causal-attention", "mha-wrapper", "mha", "transformer-block"), "forward", min_batch=2, scales=WIDE_SCALES)
+           CAUSAL_KINDS, "forward", min_batch=2, scales=WIDE_SCALES)
 def batch_independence(case):
     x = case.input()
     out = case.forward(x)

@@ -10,7 +10,7 @@ import torch
 
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
-from attnspec.invariants.base import invariant
+from attnspec.invariants.base import CAUSAL_KINDS, invariant
 from attnspec.strategies import NONZERO_DROPOUTS
 from attnspec.tolerance import allowed_error, assert_close
 
@@ -39,7 +39,7 @@ def binomial_two_sided_p(k, n, p):
 
 @invariant("dropout-on-weights",
            "train mode: each applied weight is 0 or w/(1-p) (w its eval weight), and a fraction ~p of w>0 is zeroed",
-           ("causal-attention", "mha-wrapper", "mha", "transformer-block"), "weights", dropouts=NONZERO_DROPOUTS)
+           CAUSAL_KINDS, "weights", dropouts=NONZERO_DROPOUTS)
 def dropout_on_weights(case):
     x, p = case.input(), case.cfg.dropout
     _, eval_seen = case.observe(x)
@@ -62,7 +62,7 @@ def dropout_on_weights(case):
 
 @invariant("dropout-unbiased",
            f"train mode is unbiased: the mean of {DRAWS} dropout draws of forward(x) matches eval forward(x)",
-           ("causal-attention", "mha-wrapper", "mha"), "forward", dropouts=NONZERO_DROPOUTS, dtypes=("float64",),
+           ("causal-attention", "mha-wrapper", "mha", "gqa"), "forward", dropouts=NONZERO_DROPOUTS, dtypes=("float64",),
            regimes=("small",))  # 1024 draws: at long, wide or many sizes each example costs ~0.1-1 s
 def dropout_unbiased(case):
     x = case.input()
@@ -108,7 +108,7 @@ def fused_dropout_requested(eval_seen, train_seen, p):
 @invariant("dropout-output-from-applied-weights",
            "train mode: forward(x) equals the oracle computed with the weights the module applied (dropped) in place "
            "of the softmax's, on its own projections: no dropout beyond the weights (mha: or on its output)",
-           ("causal-attention", "mha-wrapper", "mha"), "weights+params", dropouts=NONZERO_DROPOUTS)
+           ("causal-attention", "mha-wrapper", "mha", "gqa"), "weights+params", dropouts=NONZERO_DROPOUTS)
 def dropout_output_from_applied_weights(case):
     """Exact, not statistical (false-alarm rate 0 beyond the tolerance rule): with A_h the applied weights
     observed by the probe, out = out_proj(concat_h A_h V_h) (mha), concat_h A_h V_h (the wrapper), A V
@@ -116,7 +116,7 @@ def dropout_output_from_applied_weights(case):
     an inverted dropout of the whole output after out_proj (nanoGPT's resid_dropout) is accepted: every
     element is then 0 or expected / (1 - p)."""
     parts, x, p = case.projections(), case.input(), case.cfg.dropout
-    if case.kind.name == "mha" and "out" not in parts:
+    if case.kind.head_split and "out" not in parts:
         raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
     out, seen = case.observe(x, train=True)
     T, heads = x.shape[-2], case.kind.attention_heads(case.cfg)
@@ -135,7 +135,7 @@ def dropout_output_from_applied_weights(case):
         assert_close(out, expected, dtype=x.dtype, measured=measured,
                      what=f"train-mode output vs the output computed from the applied (dropped) weights, p={p}")
     except Violation as mismatch:
-        if case.kind.name != "mha":
+        if not case.kind.head_split:
             raise
         scaled = expected / (1 - p)  # the output after an inverted dropout of the output itself
         got = out.detach().double().cpu()
@@ -158,7 +158,7 @@ def _replicas_for_masks(p, rows_per_element, heads):
 
 @invariant("dropout-masks-independent",
            "train mode: the heads do not all share one dropout mask, nor do the batch elements",
-           ("causal-attention", "mha-wrapper", "mha", "transformer-block"), "weights", dropouts=NONZERO_DROPOUTS)
+           CAUSAL_KINDS, "weights", dropouts=NONZERO_DROPOUTS)
 def dropout_masks_independent(case):
     """Over the n positions (batch x query x key, causal) where every one of K masks applies to a positive
     weight, K independent Bernoulli masks are all identical with probability (p^K + (1-p)^K)^n. Checked for

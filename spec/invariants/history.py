@@ -120,7 +120,7 @@ def _droppable(case, x, evaluated):
     part of it (the residual stream carries x through untouched). NotApplicable (this example) when it
     is 0: e.g. a block with emb_dim 1, where LayerNorm outputs its shift and zero-initialized biases
     (Hugging Face) make both sub-layers output 0 in every mode."""
-    part = evaluated - x if case.kind.name == "transformer-block" else evaluated
+    part = evaluated - x if case.kind.structure == "block" else evaluated
     scale = part.abs().max().item()
     if not scale > 0:
         raise NotApplicable("the output does not depend on the attention weights in this example", structural=False)

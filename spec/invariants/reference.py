@@ -5,14 +5,14 @@ import torch
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import ALL_KINDS, invariant
-from attnspec.tolerance import assert_close, held_dtype, ill_conditioned
+from attnspec.tolerance import ROPE_ANGLES, assert_close, held_dtype, ill_conditioned
 
 
 def _projection_leaves(kind, parts):
     """(label, (weight, bias)) for every query/key/value projection in ``parts``."""
-    if kind.name == "mha-wrapper":
+    if kind.structure == "wrapper":
         return [(f"head {h} {n}", head[n]) for h, head in enumerate(parts) for n in ("query", "key", "value")]
-    att = parts["att"] if kind.name == "transformer-block" else parts
+    att = parts["att"] if kind.structure == "block" else parts
     return [(n, att[n]) for n in ("query", "key", "value")]
 
 
@@ -27,7 +27,7 @@ def _tensors(parts):
            ALL_KINDS, "params")
 def oracle_float64(case):
     parts, x = case.projections(), case.input()
-    if case.kind.name == "mha" and "out" not in parts:
+    if case.kind.head_split and case.kind.structure == "attention" and "out" not in parts:
         raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
     unusable = ill_conditioned(x.dtype, oracle.score_magnitude(case.kind, case.cfg, parts, x))
     if unusable:
@@ -35,7 +35,8 @@ def oracle_float64(case):
     gelu = case.contract.gelu
     expected = oracle.reference(case.kind, case.cfg, parts, x, gelu=gelu)
     held = held_dtype(x.dtype)  # the reference's own error, on inputs held as a correct module may hold them
-    low = oracle.reference(case.kind, case.cfg, oracle.cast(parts, held), x.to(held), dtype=x.dtype, gelu=gelu)
+    low = oracle.reference(case.kind, case.cfg, oracle.cast(parts, held), x.to(held), dtype=x.dtype, gelu=gelu,
+                           angles=ROPE_ANGLES)
     measured = (low - expected).abs().max()
     assert_close(case.forward(x), expected, dtype=x.dtype, measured=measured,
                  magnitude=max(expected.abs().max().item(), 1e-30), what="output vs float64 oracle")
@@ -50,9 +51,9 @@ def qkv_bias(case):
         if (bias is not None) != case.cfg.qkv_bias:
             raise Violation(f"qkv_bias={case.cfg.qkv_bias} but the {label} projection "
                             f"{'has a bias' if bias is not None else 'has no bias'}")
-    out = (parts["att"] if case.kind.name == "transformer-block" else parts).get("out") if isinstance(parts, dict) else None
+    out = (parts["att"] if case.kind.structure == "block" else parts).get("out") if isinstance(parts, dict) else None
     wanted = case.contract.out_proj_has_bias(case.cfg)
-    if out is not None and (out[1] is not None) != wanted:
+    if out is not None and case.kind.out_proj_bias and (out[1] is not None) != wanted:
         rule = ("variant out-proj-no-bias: one bias flag, a bias iff qkv_bias" if case.contract.out_proj_bias == "qkv_bias"
                 else "the seed's out_proj is nn.Linear(d_out, d_out), with bias; one bias flag for every "
                      "projection is --variant out-proj-no-bias")

@@ -8,7 +8,7 @@ from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import ALL_KINDS, CAUSAL_KINDS, invariant
 from attnspec.strategies import WIDE_SCALES
-from attnspec.tolerance import assert_close, ill_conditioned, softmax_rounding
+from attnspec.tolerance import ROPE_ANGLES, assert_close, ill_conditioned, softmax_rounding
 
 
 def _first(mask):
@@ -45,10 +45,35 @@ def masked_softmax_renormalized(case):
     for head, applied in zip(seen.heads, seen.applied_weights()):
         scores = head.scores.to(torch.float64)
         scores = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))  # future values are irrelevant
-        expected = oracle.renormalized_causal(torch.softmax(scores, -1))
-        measured = (oracle.renormalized_causal(torch.softmax(scores.to(applied.dtype), -1)) - expected).abs().max()
+        window = case.cfg.window
+        expected = oracle.renormalized_causal(torch.softmax(scores, -1), window)
+        measured = (oracle.renormalized_causal(torch.softmax(scores.to(applied.dtype), -1), window) - expected).abs().max()
         assert_close(applied, expected, dtype=applied.dtype, magnitude=1.0, measured=measured,
                      what="applied weights vs tril(softmax(scores)) renormalized")
+
+
+def stacked(case, x, seen, attribute="weights"):
+    """The observed softmax outputs (or ``attribute``: "scores"), heads stacked as (..., H, T, T) whether
+    computed in one softmax call or one call per head."""
+    T = x.shape[-2]
+    lead = (x.shape[0],) if case.kind.batched else ()
+    return torch.cat([getattr(h, attribute).reshape(*lead, -1, T, T) for h in seen.heads], dim=-3)
+
+
+def observed_and_reference_weights(case, parts, x):
+    """(observed, expected, measured): the observed weights on past positions (renormalized: the seed's
+    first method masks after the softmax), the oracle's in float64, and the oracle's own error in x's dtype."""
+    _, seen = case.observe(x)
+    observed = stacked(case, x, seen)
+    if case.kind.causal:
+        observed = oracle.renormalized_causal(observed, case.cfg.window)
+    expected = oracle.reference_weights(case.kind, case.cfg, parts, x).reshape(*observed.shape[:-3], -1, *observed.shape[-2:])
+    if observed.shape != expected.shape:
+        raise Violation(f"observed attention weights of shape {tuple(observed.shape)} (heads stacked), expected "
+                        f"{tuple(expected.shape)} (num_heads={case.cfg.num_heads}, num_tokens={x.shape[-2]})")
+    low = oracle.reference_weights(case.kind, case.cfg, parts, x, dtype=x.dtype, angles=ROPE_ANGLES)
+    measured = (low.reshape(expected.shape) - expected).abs().max()
+    return observed, expected, measured
 
 
 @invariant("scaling-sqrt-head-dim", "softmax scores are Q_h K_h^T / sqrt(head_dim): weights (on past positions) equal the oracle's",
@@ -60,18 +85,7 @@ def scaling_sqrt_head_dim(case):
     unusable = ill_conditioned(x.dtype, score_magnitude)
     if unusable:
         raise NotApplicable(unusable, structural=False)
-    _, seen = case.observe(x)
-    T = x.shape[-2]
-    lead = (x.shape[0],) if case.kind.batched else ()
-    # Heads stacked as (..., H, T, T) whether computed in one softmax call or one call per head.
-    observed = torch.cat([h.weights.reshape(*lead, -1, T, T) for h in seen.heads], dim=-3)
-    if case.kind.causal:  # past positions only: the seed's first method masks after the softmax
-        observed = oracle.renormalized_causal(observed)
-    expected = oracle.reference_weights(case.kind, case.cfg, parts, x).reshape(*lead, -1, T, T)
-    if observed.shape != expected.shape:
-        raise Violation(f"observed attention weights of shape {tuple(observed.shape)} (heads stacked), expected "
-                        f"{tuple(expected.shape)} (num_heads={case.cfg.num_heads}, num_tokens={T})")
-    measured = (oracle.reference_weights(case.kind, case.cfg, parts, x, dtype=x.dtype).reshape(expected.shape) - expected).abs().max()
+    observed, expected, measured = observed_and_reference_weights(case, parts, x)
     try:
         assert_close(observed, expected, dtype=x.dtype, magnitude=1.0, measured=measured,
                      bound=softmax_rounding(x.dtype, score_magnitude),

@@ -1,0 +1,222 @@
+"""Modern attention (Llama, Mistral, Qwen): grouped-query K/V heads, rotary position embeddings, sliding
+windows. The features are a configuration's (spec.kinds.Config); the invariants here hold for the kinds
+that have them, and every other invariant of the catalogue applies to those kinds too."""
+
+import torch
+
+from attnspec import oracle
+from attnspec.errors import NotApplicable, Violation
+from attnspec.invariants.base import invariant
+from attnspec.invariants.causality import _confirmed, _cuts, _magnitude, _replicas
+from attnspec.invariants.weights import _first, observed_and_reference_weights, stacked
+from attnspec.strategies import WIDE_SCALES
+from attnspec.tolerance import ROPE_ANGLES, allowed_error, assert_close, held_dtype
+
+GROUPED_KINDS = ROTARY_KINDS = WINDOW_KINDS = ("gqa",)
+
+
+@invariant("grouped-query-kv-shared",
+           "query head h attends with K/V head h // (num_heads/num_kv_heads): out = out_proj(concat_h attention(x; "
+           "query rows of head h, key/value rows of K/V head h // group)), with the rotary embedding and window",
+           GROUPED_KINDS, "params")
+def grouped_query_kv_shared(case):
+    """Multi-head attention whose K/V projections are duplicated per group, written as num_heads single-head
+    attentions. If the output instead matches query head h using K/V head h mod num_kv_heads, the report
+    says so: K/V heads tiled (``repeat``, ``expand`` on the wrong axis) where they must be repeated in
+    place (``repeat_interleave``, Llama's ``repeat_kv``)."""
+    parts, x, cfg = case.projections(), case.input(), case.cfg
+    if "out" not in parts:
+        raise NotApplicable("no output projection found (out_proj, o_proj)")
+
+    def per_head(dtype, held=torch.float64, kv_head=None, angles=torch.float64):
+        p, xd = oracle.cast(oracle.cast(parts, held), dtype), x.to(held).to(dtype)
+        heads = [oracle.attention(xd, head, causal=True, rope=cfg.rope, window=cfg.window, angles=angles)[0]
+                 for head in oracle.head_slices(p, cfg.num_heads, cfg.kv_heads, kv_head)]
+        return oracle.linear(torch.cat(heads, dim=-1), p["out"])
+
+    expected, out = per_head(torch.float64), case.forward(x)
+    measured = (per_head(x.dtype, held_dtype(x.dtype), angles=ROPE_ANGLES) - expected).abs().max()
+    magnitude = max(expected.abs().max().item(), 1e-30)
+    try:
+        assert_close(out, expected, dtype=x.dtype, measured=measured, magnitude=magnitude,
+                     what=f"output vs out_proj of {cfg.num_heads} single-head attentions, head h with K/V head "
+                          f"h // {cfg.num_heads // cfg.kv_heads}")
+    except Violation as mismatch:
+        groups = cfg.kv_heads
+        if 1 < groups < cfg.num_heads:
+            tiled = per_head(torch.float64, kv_head=lambda h: h % groups)
+            if (out.double().cpu() - tiled).abs().max() <= allowed_error(x.dtype, magnitude, measured):
+                raise Violation(f"{mismatch}; the output matches query head h using K/V head h mod {groups}: the "
+                                f"K/V heads are tiled (repeat/expand), expected each repeated for its group of "
+                                f"{cfg.num_heads // groups} consecutive query heads (repeat_interleave)") from None
+        raise
+
+
+# Rotary mistakes the report names when the weights match them: (what the module does, the config it matches).
+ROPE_MISTAKES = (
+    ("the other pair layout", lambda c: c.replace(rope_interleaved=not c.rope_interleaved)),
+    ("rope_base 10000 (the configured base ignored)", lambda c: c.replace(rope_base=10000.0)),
+    ("every dim rotated (rope_fraction ignored)", lambda c: c.replace(rope_fraction=1.0)),
+    ("no rotary embedding", lambda c: c.replace(rope_base=None, rope_fraction=1.0, rope_interleaved=False)),
+)
+
+
+def _layout(cfg):
+    return "interleaved pairs (2i, 2i+1)" if cfg.rope_interleaved else f"half-split pairs (i, i + {cfg.rotary_dim // 2})"
+
+
+@invariant("rotary-embedding",
+           "with rotary embeddings, weights (on past positions) equal softmax((R_i q_i).(R_j k_j) / sqrt(head_dim)): "
+           "R_p rotates pair k of the first rope_fraction*head_dim dims by p * rope_base^(-2k/r), in the configured layout",
+           ROTARY_KINDS, "weights+params", require=("rotary",))
+def rotary_embedding(case):
+    """The oracle's RoPE (spec.oracle.rotary) on the module's own projections. A mismatch that another
+    rotary configuration explains (ROPE_MISTAKES: the interleaved/half-split layout swapped, the base
+    ignored, the fraction ignored, no rotation) is named."""
+    cfg = case.cfg
+    if cfg.rope is None:
+        raise NotApplicable("needs rotary embeddings (rope_base) with an even head_dim", structural=False)
+    parts, x = case.projections(), case.input()
+    observed, expected, measured = observed_and_reference_weights(case, parts, x)
+    try:
+        assert_close(observed, expected, dtype=x.dtype, magnitude=1.0, measured=measured,
+                     what=f"attention weights vs the oracle's with RoPE (base {cfg.rope_base:g}, {cfg.rotary_dim} of "
+                          f"{cfg.head_dim} dims rotated, {_layout(cfg)})")
+    except Violation as mismatch:
+        for label, change in ROPE_MISTAKES:
+            other = change(cfg)
+            if other == cfg or case.kind.invalid_reason(other):
+                continue
+            weights = oracle.reference_weights(case.kind, other, parts, x).reshape(expected.shape)
+            if (observed.double() - weights).abs().max() <= 1e3 * max(measured.item(), 1e-7):
+                raise Violation(f"{mismatch}; the weights match {label}"
+                                f"{': ' + _layout(other) if label == 'the other pair layout' else ''}") from None
+        raise
+
+
+@invariant("rotary-relative-position",
+           "scores depend on positions only through i - j: dropping the first k tokens leaves the scores among the "
+           "others unchanged, S(x[k:])[i, j] = S(x)[k + i, k + j]",
+           ROTARY_KINDS, "weights", require=("rotary",), min_tokens=2, dtypes=("float32", "float64"))
+def rotary_relative_position(case):
+    """Black-box on the scores (the softmax input): with rotary embeddings (R_a q).(R_b k) = q.(R_{b-a} k), so
+    the same tokens at positions shifted by k score the same. Compared on the attended positions
+    i - w < j <= i where both scores are finite (masked scores, -inf or finfo.min, are the other invariants'),
+    for k = 1 and k = num_tokens // 2. A rotation of the queries only, or of queries and keys by different
+    positions, fails; so does any absolute position signal."""
+    x = case.input()
+    T = x.shape[-2]
+    _, seen = case.observe(x)
+    full = stacked(case, x, seen, "scores").double()
+    for k in sorted({1, T // 2} - {0}):
+        suffix = x[:, k:].contiguous()
+        _, seen_suffix = case.observe(suffix)
+        shifted = stacked(case, suffix, seen_suffix, "scores").double()
+        if shifted.shape != full[..., k:, k:].shape:
+            raise Violation(f"scores of shape {tuple(shifted.shape)} for the last {T - k} tokens, expected "
+                            f"{tuple(full[..., k:, k:].shape)}")
+        reference = full[..., k:, k:]
+        attended = ~oracle.causal_mask(T - k, reference.device, case.cfg.window)
+        both = attended & torch.isfinite(shifted) & torch.isfinite(reference)
+        magnitude = max(reference[both].abs().max().item() if both.any() else 0.0, 1e-30)
+        assert_close(torch.where(both, shifted, 0.0), torch.where(both, reference, 0.0), dtype=x.dtype,
+                     magnitude=magnitude, what=f"scores of x[:, {k}:] vs scores of x at positions >= {k} "
+                                               f"(the same tokens, shifted by {k})")
+
+
+def _window_cuts(num_tokens, window):
+    """Cuts c in [0, num_tokens - window - 1]: changing tokens <= c must leave outputs at i >= c + window."""
+    return _cuts(num_tokens - window + 1)
+
+
+@invariant("sliding-window",
+           "with a window w, output at position i does not depend on tokens j <= i - w: changing tokens <= c leaves "
+           "outputs at positions >= c + w unchanged",
+           WINDOW_KINDS, "forward", require=("sliding_window",), min_tokens=2, scales=WIDE_SCALES)
+def sliding_window(case):
+    """Mistral's convention: query i attends key j iff i - w < j <= i. Holds vacuously when w >= num_tokens."""
+    x, w = case.input(), case.cfg.window
+    if w is None:
+        raise NotApplicable("needs a sliding window", structural=False)
+    T, b = x.shape[-2], x.shape[0]
+    if w >= T:
+        return
+    out = case.forward(x)
+    noise = -case.input(salt=1)
+    cuts = _window_cuts(T, w)
+    perturbed = _replicas(x, cuts)
+    for i, c in enumerate(cuts):
+        perturbed[i * b:(i + 1) * b, :c + 1] = noise[:, :c + 1]
+    changed = case.forward(perturbed)
+    for i, c in enumerate(cuts):
+        def check(outputs, c=c):
+            assert_close(outputs[:, c + w:], out[:, c + w:], dtype=x.dtype, magnitude=_magnitude(out, x),
+                         what=f"outputs at positions >= {c + w} after changing tokens <= {c} (window {w})")
+        _confirmed(check, changed[i * b:(i + 1) * b], lambda i=i: case.forward(perturbed[i * b:(i + 1) * b]))
+
+
+@invariant("sliding-window-weights", "with a window w, w[i, j] == 0 exactly for every key j <= i - w",
+           WINDOW_KINDS, "weights", require=("sliding_window",), scales=WIDE_SCALES)
+def sliding_window_weights(case):
+    w = case.cfg.window
+    if w is None:
+        raise NotApplicable("needs a sliding window", structural=False)
+    _, seen = case.observe(case.input())
+    for weights in seen.applied_weights():
+        T = weights.shape[-1]
+        outside = torch.ones(T, T, dtype=torch.bool, device=weights.device).tril(-w).expand_as(weights) & (weights != 0)
+        if outside.any():
+            index = _first(outside)
+            raise Violation(f"key {index[-1]} is outside the window of query {index[-2]} (i - w < j <= i, w={w}) but "
+                            f"has weight {weights[index].item():.4g} at index {index}")
+
+
+
+CACHE_KINDS = ("gqa",)
+
+
+def _chunks(num_tokens):
+    """Chunk sizes that cover num_tokens: a prefill of half the tokens, then pieces of 3, 1, 2, ..."""
+    sizes, left = [max(1, num_tokens // 2)], num_tokens - max(1, num_tokens // 2)
+    for size in (3, 1, 2) * num_tokens:
+        if left <= 0:
+            break
+        sizes.append(min(size, left))
+        left -= sizes[-1]
+    return sizes
+
+
+@invariant("kv-cache-decoding",
+           "decoding through the module's KV cache, forward(x[:, s:e], use_cache=True) piece by piece (token by "
+           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step",
+           CACHE_KINDS, "forward", min_tokens=2)
+def kv_cache_decoding(case):
+    """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
+    x's keys and values to the cache and attends over every cached token, x's tokens taking the positions
+    after the cached ones (rotary embeddings and the window included); ``reset_cache()`` empties it. A
+    cache appended twice, a position that does not advance (RoPE or the mask at 0 for every new token),
+    or a reset that forgets the position shows as a difference. Not applicable to a module without
+    ``reset_cache``."""
+    module = case.module
+    if not callable(getattr(module, "reset_cache", None)):
+        raise NotApplicable("the module has no KV cache (forward(x, use_cache=True) and reset_cache(), as "
+                            "llms-from-scratch's KV-cache modules)")
+    x = case.input()
+    full = case.forward(x)
+    T, magnitude = x.shape[-2], _magnitude(full, x)
+    for label, sizes in (("token by token", [1] * T), ("in chunks after reset_cache()", _chunks(T))):
+        case.guard("reset_cache()", module.reset_cache)
+        start = 0
+        for size in sizes:
+            piece = x[:, start:start + size].contiguous()
+            out = case.guard(f"forward(x[:, {start}:{start + size}], use_cache=True) (decoding {label})", module, piece,
+                             use_cache=True)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(full[:, start:start + size].shape):
+                raise Violation(f"forward(x[:, {start}:{start + size}], use_cache=True) returned "
+                                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, "
+                                f"expected a tensor of shape {tuple(full[:, start:start + size].shape)}")
+            assert_close(out, full[:, start:start + size], dtype=x.dtype, magnitude=magnitude,
+                         what=f"decoding {label}: outputs at positions {start}..{start + size - 1} after {start} "
+                              f"cached tokens vs forward(x)")
+            start += size
+    case.guard("reset_cache()", module.reset_cache)
