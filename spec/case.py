@@ -330,7 +330,8 @@ class Case:
 
         def call():  # one guarded call (each costs ~0.1 ms): the mode switches and forward
             step.now = "module.train()"
-            module.train(train)
+            if train or any(m.training for m in module.modules()):  # (train() sets every submodule's flag)
+                module.train(train)
             step.now = "forward"
             out = module(x)
             if train:  # back to eval mode, where a module is kept between calls
