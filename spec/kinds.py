@@ -4,6 +4,7 @@ A kind knows the constructor call, the input and output shapes, and which config
 """
 
 import dataclasses
+import math
 import json
 from dataclasses import dataclass, field
 
@@ -86,8 +87,12 @@ class Config:
     def input_magnitude(self):
         """(offset, scale) of the input, shrunk together where the dtype cannot represent the scores:
         they grow like |x|^2 * d (and x^3 in GELU), so |offset| + scale stays <= finfo.max^(1/4) / 4
-        (float16: 4; float32 and bfloat16: ~1e9, i.e. never shrunk)."""
-        limit = torch.finfo(self.torch_dtype).max ** 0.25 / 4
+        (float16: 4; float32 and bfloat16: ~1e9, i.e. never shrunk); and where a correct module's scores
+        would overflow although its weights are in [0, 1] (the seed's SelfAttention_v1 uses torch.rand):
+        q and k up to |x| d_in / 2 each, a score up to |x|^2 d_in^2 d_out / 4, kept <= finfo.max / 16,
+        i.e. |x| <= sqrt(finfo.max / d_out) / (2 d_in) (float16 at d_in = 64, d_out = 8: 0.7)."""
+        big = torch.finfo(self.torch_dtype).max
+        limit = min(big ** 0.25 / 4, math.sqrt(big / max(self.d_out, 1)) / (2 * max(self.d_in, 1)))
         size = abs(self.offset) + self.scale
         shrink = limit / size if size > limit else 1.0
         return self.offset * shrink, self.scale * shrink

@@ -31,11 +31,16 @@ def cotangent(case, shape):
                                                                            dtype=case.cfg.torch_dtype)
 
 
-def _direction(t, salt):
-    """A random direction for ``t``: N(0, 1) entries scaled by t's rms (1 where t is all zeros)."""
+def _direction(t, salt, centred=False):
+    """A random direction for ``t``: N(0, 1) entries scaled by t's rms (1 where t is all zeros); with
+    ``centred``, by the rms of t's deviations from its mean over the last dim (an input: offset + scale
+    N(0, 1) varies on the scale of ``scale``, and LayerNorm is nonlinear on that scale, not the offset's)."""
     generator = torch.Generator().manual_seed(salt)
     u = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
-    rms = t.detach().double().pow(2).mean().sqrt().item() if t.numel() else 0.0
+    spread = t.detach().double()
+    if centred and spread.dim():
+        spread = spread - spread.mean(-1, keepdim=True)
+    rms = spread.pow(2).mean().sqrt().item() if t.numel() else 0.0
     return u * (rms if rms > 0 else 1.0)
 
 
@@ -54,9 +59,10 @@ def _train(case):
     return case.cfg.dropout == 0
 
 
-def _vjp(case, x, tensors):
+def _vjp(case, x, tensors, unreached=None):
     """(output, c, [d<c, forward(x)>/dt for t in tensors]), None-free (zeros where no gradient flows or a
-    tensor does not require grad). Violation if the output is cut off from autograd."""
+    tensor does not require grad; their indices are added to the set ``unreached`` if one is given).
+    Violation if the output is cut off from autograd."""
     out = case.forward(x, train=_train(case))
     c = cotangent(case, out.shape)
     wanted = [t for t in tensors if t.requires_grad]
@@ -65,6 +71,8 @@ def _vjp(case, x, tensors):
                         "off from autograd (torch.no_grad, .detach(), .data?)")
     grads = case.guard("backward", torch.autograd.grad, out, wanted, c, allow_unused=True) if wanted else []
     by_id = {id(t): g for t, g in zip(wanted, grads)}
+    if unreached is not None:
+        unreached.update(i for i, t in enumerate(tensors) if by_id.get(id(t)) is None)
     return out, c, [torch.zeros_like(t) if by_id.get(id(t)) is None else by_id[id(t)] for t in tensors]
 
 
@@ -216,7 +224,7 @@ def gradient_finite_differences(case):
     x0 = x.detach().clone()
 
     def check(label, tensors, tensor_grads, salt):
-        directions = [_direction(t, salt + i) for i, t in enumerate(tensors)]
+        directions = [_direction(t, salt + i, centred=t is x0) for i, t in enumerate(tensors)]
         originals = [t.detach().clone() for t in tensors]
 
         def phi(s):
@@ -259,11 +267,12 @@ def gradient_reaches_parameters(case):
     so it is exempt by construction. A zero gradient is also right where the output is flat around the
     parameter although a large step moves it: a saturated softmax (scores thousands apart, e.g. rotary
     angles on off-centre input) has weights exactly 0 and 1 and gradient exactly 0; so a zero gradient
-    fails only if a step of LOCAL_STEP rms(t) moves the output too. One forward+backward, then one or two
-    forwards per parameter without gradient."""
+    fails only if autograd finds no path to the parameter at all and a step of LOCAL_STEP rms(t) moves
+    the output too. One forward+backward, then one or two forwards per parameter without gradient."""
     x = case.input()
     params = _parameters(case.module)
-    out, _, grads = _vjp(case, x, [p for _, p in params])
+    unreached = set()  # parameters autograd found no path to (.detach(), torch.no_grad, .data, requires_grad=False)
+    out, _, grads = _vjp(case, x, [p for _, p in params], unreached)
     magnitude = max(out.abs().max().item(), x.abs().max().item())
 
     def moved_by(i, p, step):
@@ -280,8 +289,8 @@ def gradient_reaches_parameters(case):
                 p.copy_(original)
 
     for i, ((name, p), g) in enumerate(zip(params, grads)):
-        if p.requires_grad and bool((g != 0).any()):
-            continue  # it gets a gradient: nothing to decide
+        if i not in unreached:
+            continue  # autograd reaches it: its gradient flows, even where a saturated softmax makes it 0
         moved = moved_by(i, p, 1.0)
         if moved <= allowed_error(x.dtype, magnitude):  # NaN compares False: influence
             continue
