@@ -329,6 +329,11 @@ RESEEDED_FALSE_ALARMS = [
      '{"d_in":64,"d_out":8,"num_heads":1,"context_length":2,"num_tokens":2,"batch":1,"dropout":0.0,"qkv_bias":false,'
      '"dtype":"float32","scale":1.0,"seed":488,"device":"cpu","offset":10.0}',
      "a saturated softmax: the key gradient flows and is exactly 0"),
+    (f"mha={CORRECT}:XTransformersStyleAttention", "dropout-unbiased",
+     '{"d_in":7,"d_out":8,"num_heads":4,"context_length":3,"num_tokens":2,"batch":2,"dropout":0.9,"qkv_bias":false,'
+     '"dtype":"float64","scale":1.0,"seed":34558,"device":"cpu","offset":0.0}',
+     "dropout on the weights and after out_proj: at p=0.9 the large values have probability 0.01; 1024 draws "
+     "may see none of them"),
     ("attnspec.adapters.torch:TransformerEncoderLayer", "gradient-finite-differences",
      '{"d_in":6,"d_out":6,"num_heads":2,"context_length":5,"num_tokens":5,"batch":1,"dropout":0.0,"qkv_bias":false,'
      '"dtype":"float64","scale":0.001,"seed":22,"device":"cpu","offset":100.0}',
