@@ -50,7 +50,7 @@ def _parser():
                      help="attnspec's Hypothesis profile (ci = attnspec-ci, ...; default: $ATTNSPEC_PROFILE, "
                           "else ci when $CI is set, else dev)")
     chk.add_argument("--max-examples", type=int, help="examples per invariant and target (overrides the profile)")
-    chk.add_argument("--seed", type=int, help="Hypothesis seed (turns off derandomization)")
+    chk.add_argument("--seed", type=int, help="Hypothesis seed: another fixed sequence of examples (default under ci: one per invariant and target)")
     chk.add_argument("--only", action="append", default=[], metavar="ID", help="check only these invariant ids")
     chk.add_argument("--skip", action="append", default=[], metavar="ID", help="skip these invariant ids")
     chk.add_argument("--variant", action="append", default=[], metavar="NAME",
