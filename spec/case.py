@@ -319,21 +319,30 @@ class Case:
     def input(self, salt=0, num_tokens=None, batch=None):
         return self.cfg.random_input(self.kind.input_shape(self.cfg, num_tokens, batch), salt)
 
-    def forward(self, x, train=False, module=None, seed_salt=0):
-        """module(x) in eval or train mode; must be a plain strided Tensor of the kind's output shape on
-        x's device (a tensor subclass is copied into a plain tensor first). The global RNG is seeded
-        from the config first, so every call is reproducible (even a module that draws random numbers
-        in eval mode). Returns a copy: a module may reuse its output buffer."""
+    def inference(self, train=False, needs_grad=False):
+        """Whether an eval-mode forward runs under torch.no_grad(), as inference does: for odd seeds,
+        unless the caller differentiates the output. Real code branches on autograd (PyTorch's own
+        nn.MultiheadAttention takes a fused fast path only without it), and both paths must agree."""
+        return not train and not needs_grad and self.cfg.seed % 2 == 1
+
+    def forward(self, x, train=False, module=None, seed_salt=0, needs_grad=False):
+        """module(x) in eval or train mode (eval under torch.no_grad() for odd seeds: ``inference``);
+        must be a plain strided Tensor of the kind's output shape on x's device (a tensor subclass is
+        copied into a plain tensor first). The global RNG is seeded from the config first, so every
+        call is reproducible (even a module that draws random numbers in eval mode). Returns a copy: a
+        module may reuse its output buffer."""
         module = self.module if module is None else module
         self.seed(self.cfg.seed + seed_salt)
         step = _Step("forward")
+        autograd = contextlib.nullcontext() if not self.inference(train, needs_grad) else torch.no_grad()
 
         def call():  # one guarded call (each costs ~0.1 ms): the mode switches and forward
             step.now = "module.train()"
             if train or any(m.training for m in module.modules()):  # (train() sets every submodule's flag)
                 module.train(train)
             step.now = "forward"
-            out = module(x)
+            with autograd:
+                out = module(x)
             if train:  # back to eval mode, where a module is kept between calls
                 step.now = "module.eval()"
                 module.eval()
@@ -357,8 +366,9 @@ class Case:
             raise Violation(f"forward returned shape {tuple(out.shape)}, expected {expected} for input {tuple(x.shape)}")
         if out.is_floating_point() and not torch.isfinite(out).all() and torch.isfinite(x).all():
             index = tuple(int(i) for i in (~torch.isfinite(out)).nonzero()[0])
+            mode = "train" if train else "eval, torch.no_grad()" if self.inference(train, needs_grad) else "eval"
             raise Violation(f"forward returned output[{index}] = {out[index].item()} for a finite input "
-                            f"(scale {self.cfg.scale:g}, {'train' if train else 'eval'} mode)")
+                            f"(scale {self.cfg.scale:g}, {mode} mode)")
         return out
 
     def observe(self, x, train=False, module=None):

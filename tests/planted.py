@@ -1573,3 +1573,41 @@ CORPUS += [
     _bug(GQA, CacheResetKeepsPosition, "kv cache", ["kv-cache-decoding"],
          "reset_cache() empties the cache but keeps the position counter"),
 ]
+
+
+# --- a fast path taken only without autograd (inference) ---------------------------------------------
+
+
+class NoGradFastPathNotCausal(MultiHeadAttention):
+    """A fused inference path, taken in eval mode under torch.no_grad() (as PyTorch's own
+    nn.MultiheadAttention does), that forgets the causal mask; training and grad-enabled eval are right."""
+
+    def forward(self, x):
+        if self.training or torch.is_grad_enabled():
+            return super().forward(x)
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        context = F.scaled_dot_product_attention(q, k, v)  # is_causal missing
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+class NoGradFastPathUnscaled(MultiHeadAttention):
+    """The same fused inference path with the scores not divided by sqrt(head_dim)."""
+
+    def forward(self, x):
+        if self.training or torch.is_grad_enabled():
+            return super().forward(x)
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        context = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+CORPUS += [
+    _bug(MHA, NoGradFastPathNotCausal, "inference path", ["causal-perturbation"],
+         "eval under torch.no_grad() takes a fused path without the causal mask"),
+    _bug(MHA, NoGradFastPathUnscaled, "inference path", ["oracle-float64"],
+         "eval under torch.no_grad() takes a fused path with unscaled scores"),
+]

@@ -74,7 +74,7 @@ def gradient_causality(case):
     def gradients(inputs, positions):
         """d sum(out[replica i, positions[i]]) / d inputs, one backward for every replica; None if unused."""
         inputs = inputs.detach().clone().requires_grad_(True)
-        out = case.forward(inputs)
+        out = case.forward(inputs, needs_grad=True)
         total = sum(out[i * b:(i + 1) * b, t].sum() for i, t in enumerate(positions))
         return case.guard("backward", torch.autograd.grad, total, inputs, allow_unused=True)[0]
 

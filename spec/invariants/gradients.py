@@ -63,7 +63,7 @@ def _vjp(case, x, tensors, unreached=None):
     """(output, c, [d<c, forward(x)>/dt for t in tensors]), None-free (zeros where no gradient flows or a
     tensor does not require grad; their indices are added to the set ``unreached`` if one is given).
     Violation if the output is cut off from autograd."""
-    out = case.forward(x, train=_train(case))
+    out = case.forward(x, train=_train(case), needs_grad=True)
     c = cotangent(case, out.shape)
     wanted = [t for t in tensors if t.requires_grad]
     if wanted and not out.requires_grad:
