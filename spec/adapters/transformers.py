@@ -186,6 +186,10 @@ class CausalRotaryAttention(nn.Module):
     def reset_cache(self):
         self.cache = None
 
+    def past_length(self, cache):
+        """The number of tokens before x's: its first position."""
+        return cache.get_seq_length() if cache is not None else 0
+
     def rotary_embeddings(self, x, position_ids):
         """(cos, sin) as the model's rotary embedding computes them (in float32, whatever x's dtype), except
         for float64 input: then its formula in float64 (cat(freqs, freqs) of positions times its inv_freq,
@@ -203,7 +207,7 @@ class CausalRotaryAttention(nn.Module):
         if use_cache and self.cache is None:
             self.cache = DynamicCache(config=self.config)
         cache = self.cache if use_cache else None
-        start = cache.get_seq_length() if cache is not None else 0
+        start = self.past_length(cache)
         position_ids = (torch.arange(x.shape[1], device=x.device) + start)[None]
         make_mask = create_causal_mask if getattr(self.config, "sliding_window", None) is None \
             else create_sliding_window_causal_mask
@@ -248,9 +252,11 @@ class LlamaAttention(Adapter):
         config._attn_implementation = self.attn_implementation
         return config
 
+    wrapper_class = CausalRotaryAttention  # how the model calls the attention
+
     def build(self, cfg):
         config = self.config(cfg)
-        return CausalRotaryAttention(self.attention_class(config, layer_idx=0), self.rotary_class(config), config)
+        return self.wrapper_class(self.attention_class(config, layer_idx=0), self.rotary_class(config), config)
 
     def projections(self, module):
         return rotary_projections(module.attn)
