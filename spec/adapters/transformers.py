@@ -1,8 +1,11 @@
 """Adapters for Hugging Face transformers' GPT-2 attention and block, eager and sdpa, built from a small
-``GPT2Config`` with random initialization (nothing is downloaded):
+``GPT2Config`` with random initialization (nothing is downloaded), and for Llama, Mistral and Qwen2
+attention (kind gqa, at the end of this module):
 
     attnspec check attnspec.adapters.transformers:GPT2Attention attnspec.adapters.transformers:GPT2AttentionSDPA \
                    attnspec.adapters.transformers:GPT2Block attnspec.adapters.transformers:GPT2BlockSDPA
+    attnspec check attnspec.adapters.transformers:LlamaAttention attnspec.adapters.transformers:MistralAttention \
+                   attnspec.adapters.transformers:Qwen2Attention
 
 Needs transformers (``pip install -c constraints.txt 'attnspec[transformers]'``, which keeps the
 installed torch). The configuration is mapped onto the seed's: n_embd = d_out (= d_in), n_head =
