@@ -165,6 +165,21 @@ class Kind:
     rotary: bool = False  # rotary position embeddings of queries and keys (rope_*)
     sliding_window: bool = False  # query i attends only keys j > i - window
 
+    def features(self):
+        """The optional features (names of OPTIONAL) this kind has."""
+        return tuple(f for f, _ in OPTIONAL if getattr(self, f))
+
+    def narrowed(self, features):
+        """This kind with only the optional ``features`` among its own (an adapter's module that has no
+        sliding window: ``KINDS["gqa"].narrowed(("grouped_kv", "rotary"))``). Same name and contract
+        otherwise: no configuration with a dropped feature is drawn or valid, and an invariant that
+        requires it does not apply (``Invariant.applies_to``). ValueError for a feature the kind lacks."""
+        unknown = set(features) - set(self.features())
+        if unknown:
+            raise ValueError(f"kind {self.name} has no optional feature {', '.join(sorted(unknown))} "
+                             f"(it has: {', '.join(self.features()) or 'none'})")
+        return dataclasses.replace(self, **{f: f in features for f in self.features()})
+
     def constructor_args(self, cfg):
         """(args, kwargs) for the kind's constructor, in the seed's argument order."""
         return self.constructor(cfg)

@@ -62,8 +62,12 @@ class Options:
         selected = self.selected()
         for name in self.only:
             if not any(BY_ID[name].applies_to(kind) for kind in kinds):
+                required = BY_ID[name].configs.get("require", ())
+                why = (f"it requires the optional feature {', '.join(required)}, which the target's adapter does not "
+                       f"declare" if any(k.name in BY_ID[name].kinds for k in kinds)
+                       else f"it applies to {', '.join(BY_ID[name].kinds)}")
                 raise UsageError(f"--only {name} does not apply to kind {', '.join(sorted({k.name for k in kinds}))} "
-                                 f"(it applies to {', '.join(BY_ID[name].kinds)}): nothing to check")
+                                 f"({why}): nothing to check")
         for kind in kinds:
             if not any(inv.applies_to(kind) for inv in selected):
                 raise UsageError(f"the selected invariants leave nothing to check on kind {kind.name}")

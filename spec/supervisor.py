@@ -107,7 +107,8 @@ def _run(job, commands, send, board):
         target = resolve(job["target"], tuple(job["variants"]))
     except UsageError as e:
         return send(ev="usage", message=str(e))
-    send(ev="resolved", adapter=type(target.adapter).__name__, kind=target.kind.name, variants=list(target.variants))
+    send(ev="resolved", adapter=type(target.adapter).__name__, kind=target.kind.name, variants=list(target.variants),
+         features=list(target.kind.features()))
     case.set_monitor(_Board(board).post)
     while True:  # one invariant per command, until the supervisor kills this worker
         job = json.loads(commands.recv_bytes())
@@ -432,8 +433,9 @@ class Supervisor:
                 self._not_checked(job, "not checked: output-contract fails; fix it first")
         elif ev == "resolved":
             kind = KINDS[str(message["kind"])]
+            kind = kind.narrowed(tuple(str(f) for f in message.get("features", kind.features())))  # an adapter's
             if not job.resolved:
-                if job.target.kind is UNRESOLVED:
+                if job.target.kind is UNRESOLVED or job.target.kind != kind:  # not given, or narrowed
                     job.expected = self._invariants(kind)
                 job.queue = [i for i in job.expected if i not in job.results]
                 job.target = Target(kind, job.target.name, type(str(message["adapter"]), (), {})(),

@@ -38,6 +38,10 @@ class Adapter:
 
     kind = None  # the kind this adapter is written for: then the target may be given without KIND=
     variants = ()  # contract variants the module is checked against (names in spec.variants.VARIANTS)
+    # The kind's optional features (spec.kinds.OPTIONAL: "grouped_kv", "rotary", "sliding_window") the module
+    # has; None: all of them. A feature left out is never drawn, and the invariants requiring it do not apply
+    # (a Llama attention has no sliding window: features = ("grouped_kv", "rotary")).
+    features = None
 
     def build(self, cfg):
         raise NotImplementedError
@@ -439,6 +443,12 @@ def resolve(text, variants=()):
         adapter.diagnose(f"{kind.name}={ref}", attr)
     else:
         raise UsageError(f"{ref!r} is not a class, factory or adapter: it is {type(obj).__name__} {obj!r:.40}")
+    features = getattr(adapter, "features", None)
+    if features is not None:
+        try:
+            kind = kind.narrowed((features,) if isinstance(features, str) else tuple(features))
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"adapter {attr!r} declares features {features!r}: {e}") from None
     declared_variants = getattr(adapter, "variants", ())
     if isinstance(declared_variants, str):
         declared_variants = (declared_variants,)

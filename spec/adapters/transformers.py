@@ -1,8 +1,11 @@
 """Adapters for Hugging Face transformers' GPT-2 attention and block, eager and sdpa, built from a small
-``GPT2Config`` with random initialization (nothing is downloaded):
+``GPT2Config`` with random initialization (nothing is downloaded), and for Llama, Mistral and Qwen2
+attention (kind gqa, at the end of this module):
 
     attnspec check attnspec.adapters.transformers:GPT2Attention attnspec.adapters.transformers:GPT2AttentionSDPA \
                    attnspec.adapters.transformers:GPT2Block attnspec.adapters.transformers:GPT2BlockSDPA
+    attnspec check attnspec.adapters.transformers:LlamaAttention attnspec.adapters.transformers:MistralAttention \
+                   attnspec.adapters.transformers:Qwen2Attention
 
 Needs transformers (``pip install -c constraints.txt 'attnspec[transformers]'``, which keeps the
 installed torch). The configuration is mapped onto the seed's: n_embd = d_out (= d_in), n_head =
@@ -157,3 +160,143 @@ class GPT2BlockSDPA(GPT2Block):
     """GPT2Block with ``attn_implementation="sdpa"``."""
 
     attn_implementation = "sdpa"
+
+
+# --- Llama, Mistral, Qwen2 (kind gqa, issue 13) ---------------------------------------------------
+
+from transformers import DynamicCache, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask  # noqa: E402
+from transformers.models.llama import modeling_llama  # noqa: E402
+from transformers.models.mistral import modeling_mistral  # noqa: E402
+from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
+
+
+class CausalRotaryAttention(nn.Module):
+    """A Hugging Face Llama-family attention called as its model calls it (LlamaModel/MistralModel.forward):
+    position ids after the cached tokens, (cos, sin) from the model's rotary embedding, the mask of
+    ``create_causal_mask`` (``create_sliding_window_causal_mask`` when config.sliding_window is set), and,
+    with ``use_cache=True``, transformers' own ``DynamicCache`` (``reset_cache()`` starts a new one).
+    forward returns the attention output only (the module returns ``(output, weights)``). The rotary
+    embedding is kept out of ``module.to(dtype)``: its inverse frequencies stay float32, as in a model
+    loaded with ``dtype=``."""
+
+    def __init__(self, attn, rotary, config):
+        super().__init__()
+        self.attn, self.config = attn, config
+        self.__dict__["rotary"] = rotary  # not a submodule: see above
+        self.reset_cache()
+
+    def reset_cache(self):
+        self.cache = None
+
+    def past_length(self, cache):
+        """The number of tokens before x's: its first position."""
+        return cache.get_seq_length() if cache is not None else 0
+
+    def rotary_embeddings(self, x, position_ids):
+        """(cos, sin) as the model's rotary embedding computes them (in float32, whatever x's dtype), except
+        for float64 input: then its formula in float64 (cat(freqs, freqs) of positions times its inv_freq,
+        times its attention_scaling), so that a float64 run is float64-precise in the angles, which grow
+        with the position (the model's float32 angles are checked in the float32 and half runs)."""
+        rotary = self.rotary.to(x.device)
+        if x.dtype != torch.float64:
+            return rotary(x, position_ids)
+        freqs = position_ids[..., None].double() * rotary.inv_freq.double()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = getattr(rotary, "attention_scaling", 1.0)
+        return emb.cos() * scaling, emb.sin() * scaling
+
+    def forward(self, x, use_cache=False):
+        if use_cache and self.cache is None:
+            self.cache = DynamicCache(config=self.config)
+        cache = self.cache if use_cache else None
+        start = self.past_length(cache)
+        position_ids = (torch.arange(x.shape[1], device=x.device) + start)[None]
+        make_mask = create_causal_mask if getattr(self.config, "sliding_window", None) is None \
+            else create_sliding_window_causal_mask
+        mask = make_mask(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache,
+                         position_ids=position_ids)
+        position_embeddings = self.rotary_embeddings(x, position_ids)
+        return self.attn(x, position_embeddings=position_embeddings, attention_mask=mask, past_key_values=cache)[0]
+
+
+def rotary_projections(attn):
+    """Llama-family attentions have separate q_proj, k_proj, v_proj, o_proj nn.Linear's."""
+    return {n: (p.weight, p.bias) for n, p in
+            (("query", attn.q_proj), ("key", attn.k_proj), ("value", attn.v_proj), ("out", attn.o_proj))}
+
+
+class LlamaAttention(Adapter):
+    """``transformers``' LlamaAttention (eager), checked as kind ``gqa`` without the sliding window
+    (``features``): hidden_size = d_out (= d_in), num_key_value_heads = num_kv_heads, head_dim = d_out /
+    num_heads, rope_theta = rope_base, attention_dropout = p, attention_bias = qkv_bias (o_proj's bias too:
+    Llama has one flag). ``adjust`` draws what Llama supports: d_in = d_out, rotary always on (base 10000
+    when drawn off), on the full head (fraction 1), half-split pairs (``rotate_half``).
+    ``attention_class``/``rotary_class``: the classes built (subclass them to check your own)."""
+
+    kind = "gqa"
+    features = ("grouped_kv", "rotary")
+    attn_implementation = "eager"
+    config_class = LlamaConfig
+    attention_class, rotary_class = modeling_llama.LlamaAttention, modeling_llama.LlamaRotaryEmbedding
+    qkv_bias = None  # None: as drawn; a bool: what the model always has
+
+    def adjust(self, cfg):
+        return cfg.replace(d_in=cfg.d_out, rope_base=cfg.rope_base or 10000.0, rope_fraction=1.0, rope_interleaved=False,
+                           qkv_bias=cfg.qkv_bias if self.qkv_bias is None else self.qkv_bias)
+
+    def config(self, cfg):
+        config = self.config_class(vocab_size=8, hidden_size=cfg.d_out, intermediate_size=4, num_hidden_layers=1,
+                                   num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+                                   head_dim=cfg.head_dim, max_position_embeddings=cfg.context_length,
+                                   rope_theta=cfg.rope_base, attention_dropout=cfg.dropout)
+        if self.qkv_bias is None:
+            config.attention_bias = cfg.qkv_bias
+        config._attn_implementation = self.attn_implementation
+        return config
+
+    wrapper_class = CausalRotaryAttention  # how the model calls the attention
+
+    def build(self, cfg):
+        config = self.config(cfg)
+        return self.wrapper_class(self.attention_class(config, layer_idx=0), self.rotary_class(config), config)
+
+    def projections(self, module):
+        return rotary_projections(module.attn)
+
+
+class LlamaAttentionSDPA(LlamaAttention):
+    """LlamaAttention with ``attn_implementation="sdpa"`` (F.scaled_dot_product_attention)."""
+
+    attn_implementation = "sdpa"
+
+
+class MistralAttention(LlamaAttention):
+    """``transformers``' MistralAttention (eager): Llama's, with every feature of ``gqa``: the sliding window
+    (config.sliding_window = window, applied by the model's mask: key j attends query i iff i - window < j
+    <= i, the oracle's convention) and no projection bias."""
+
+    features = None  # all of gqa's
+    config_class = MistralConfig
+    attention_class, rotary_class = modeling_mistral.MistralAttention, modeling_mistral.MistralRotaryEmbedding
+    qkv_bias = False
+
+    def config(self, cfg):
+        config = super().config(cfg)
+        config.sliding_window = cfg.window
+        return config
+
+
+class MistralAttentionSDPA(MistralAttention):
+    """MistralAttention with ``attn_implementation="sdpa"``."""
+
+    attn_implementation = "sdpa"
+
+
+class Qwen2Attention(LlamaAttention):
+    """``transformers``' Qwen2Attention (eager): grouped query with a bias on q/k/v (always), none on o_proj
+    (``gqa`` leaves out_proj's bias free); no sliding window (use_sliding_window=False, Qwen2's default)."""
+
+    config_class = Qwen2Config
+    attention_class, rotary_class = modeling_qwen2.Qwen2Attention, modeling_qwen2.Qwen2RotaryEmbedding
+    qkv_bias = True

@@ -28,7 +28,9 @@ class Invariant:
     configs: dict = field(default_factory=dict, repr=False)  # keyword overrides for strategies.configs
 
     def applies_to(self, kind):
-        return kind.name in self.kinds
+        """The kind is one of ``kinds`` and has every optional feature the invariant requires (a kind an
+        adapter narrowed to a module without a sliding window has no sliding-window invariants)."""
+        return kind.name in self.kinds and all(getattr(kind, f) for f in self.configs.get("require", ()))
 
 
 def invariant(id, statement, kinds, observes, **configs):

@@ -48,7 +48,11 @@ def masked_softmax_renormalized(case):
         window = case.cfg.window
         expected = oracle.renormalized_causal(torch.softmax(scores, -1), window)
         measured = (oracle.renormalized_causal(torch.softmax(scores.to(applied.dtype), -1), window) - expected).abs().max()
-        assert_close(applied, expected, dtype=applied.dtype, magnitude=1.0, measured=measured,
+        # a float64 run may hold the softmax in float32 (Hugging Face's eager attention: the float64 rule), which
+        # rounds the weights by eps32 * |s|; in the other dtypes ``measured`` is the softmax's own rounding
+        held = applied.dtype == torch.float64 and scores.numel()
+        bound = softmax_rounding(applied.dtype, scores.abs().max().item()) if held else 0.0
+        assert_close(applied, expected, dtype=applied.dtype, magnitude=1.0, measured=measured, bound=bound,
                      what="applied weights vs tril(softmax(scores)) renormalized")
 
 
