@@ -154,6 +154,8 @@ def _set_streams(saved):
 # Process-wide state a module can change, as (save, restore) pairs: saved before every call into the
 # module and restored after it. Signal handlers only in the main thread (Python's rule).
 _STATE = [
+    # first: a torch function mode the call left pushed would intercept the torch calls of every restore below
+    (lambda: (torch._C._len_torch_function_stack(), _default_device_context()), _restore_modes),
     _if_changed(torch.is_grad_enabled, torch.set_grad_enabled),
     _if_changed(torch.get_default_dtype, torch.set_default_dtype),
     _if_changed(torch.get_num_threads, torch.set_num_threads),
@@ -161,7 +163,6 @@ _STATE = [
     _if_changed(lambda: (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
                 lambda s: torch.use_deterministic_algorithms(s[0], warn_only=s[1])),
     (torch.get_rng_state, torch.set_rng_state),  # (Python's random: Hypothesis resets it for every example)
-    (lambda: (torch._C._len_torch_function_stack(), _default_device_context()), _restore_modes),
     (_cwd, _restore_cwd),
     (lambda: (sys.stdout, sys.stderr, sys.stdin), _set_streams),
 ]
@@ -341,14 +342,14 @@ class Case:
             if train or any(m.training for m in module.modules()):  # (train() sets every submodule's flag)
                 module.train(train)
             step.now = "forward"
-            with autograd:
-                out = module(x)
+            out = module(x)
             if train:  # back to eval mode, where a module is kept between calls
                 step.now = "module.eval()"
                 module.eval()
             return out
 
-        out = self.guard(step, call)
+        with autograd:  # outside the guard: its restore pops whatever mode the module pushed before no_grad exits
+            out = self.guard(step, call)
         subclass = type(out)
         if subclass is torch.Tensor:  # a copy: a module may reuse its output buffer
             out = out.clone()

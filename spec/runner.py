@@ -15,6 +15,7 @@ of the TargetReports: an n/a fails the gate unless the user accepted it (``Resul
 import dataclasses
 import hashlib
 import json
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -216,8 +217,9 @@ def hypothesis_test(inv, target, options=None, tally=None):
             reject()  # not counted toward max_examples: draw another configuration
 
     # Hypothesis keys its example database by the test's source; ours is shared, so add the pair.
-    pair = f"{inv.id}|{target.spec}".encode(errors="surrogateescape")
-    test._hypothesis_internal_add_digest = pair
+    test._hypothesis_internal_add_digest = f"{inv.id}|{target.spec}".encode(errors="surrogateescape")
+    # the seed ignores a target file's directory: the same verdict from any checkout (CI clones elsewhere)
+    pair = f"{inv.id}|{re.sub(r'[^=:]*/', '', target.spec)}".encode(errors="surrogateescape")
     overrides = {} if options.max_examples is None else {"max_examples": options.max_examples}
     base = settings.get_profile(profiles.resolve(options.profile)) if options.profile else settings.default
     if options.seed is None and base.derandomize:  # derandomized from the pair alone, not from this file's
