@@ -258,7 +258,7 @@ def gradient_finite_differences(case):
 
 
 @invariant("gradient-reaches-parameters",
-           "every parameter that changes the output when perturbed requires grad and receives a nonzero gradient",
+           "every parameter that changes the output when perturbed requires grad and is reached by autograd (no .detach(), no_grad, .data cuts it off)",
            ALL_KINDS, "forward", dropouts=st.just(0.0))
 def gradient_reaches_parameters(case):
     """Influence is decided by perturbing, not assumed: t += rms(t) N(0, 1) must move the output by more
