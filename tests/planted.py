@@ -1578,9 +1578,12 @@ CORPUS += [
 # --- a fast path taken only without autograd (inference) ---------------------------------------------
 
 
-class NoGradFastPathNotCausal(MultiHeadAttention):
+class _NoGradFastPath(MultiHeadAttention):
     """A fused inference path, taken in eval mode under torch.no_grad() (as PyTorch's own
-    nn.MultiheadAttention does), that forgets the causal mask; training and grad-enabled eval are right."""
+    nn.MultiheadAttention does); training and grad-enabled eval take the seed's path. A subclass's
+    ``sdpa_kwargs`` is the one mistake of its fused path."""
+
+    sdpa_kwargs = dict(is_causal=True)
 
     def forward(self, x):
         if self.training or torch.is_grad_enabled():
@@ -1588,21 +1591,16 @@ class NoGradFastPathNotCausal(MultiHeadAttention):
         b, t, _ = x.shape
         q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
                    for w in (self.W_query, self.W_key, self.W_value))
-        context = F.scaled_dot_product_attention(q, k, v)  # is_causal missing
+        context = F.scaled_dot_product_attention(q, k, v, **self.sdpa_kwargs)
         return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
 
 
-class NoGradFastPathUnscaled(MultiHeadAttention):
-    """The same fused inference path with the scores not divided by sqrt(head_dim)."""
+class NoGradFastPathNotCausal(_NoGradFastPath):
+    sdpa_kwargs = dict()  # is_causal missing
 
-    def forward(self, x):
-        if self.training or torch.is_grad_enabled():
-            return super().forward(x)
-        b, t, _ = x.shape
-        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                   for w in (self.W_query, self.W_key, self.W_value))
-        context = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+class NoGradFastPathUnscaled(_NoGradFastPath):
+    sdpa_kwargs = dict(is_causal=True, scale=1.0)  # scores not divided by sqrt(head_dim)
 
 
 CORPUS += [
