@@ -32,13 +32,24 @@ def causal_mask(num_tokens, device=None, window=None):
     return ones.triu(1) if window is None else ones.triu(1) | ones.tril(-window)
 
 
+def softmax(scores):
+    """softmax over the last dim. In float64 (the reference) torch's, which subtracts the row max; in a
+    low precision (measuring the error a correct module makes, spec.tolerance) exp(s - logsumexp(s)),
+    the formula of flash attention and every online softmax: rounding logsumexp(s) moves every weight by
+    a relative eps * |s|, where subtracting the max is exact near the max, so it is the less accurate of
+    the two correct formulas and a module using either stays within the error measured with it."""
+    if scores.dtype == torch.float64:
+        return torch.softmax(scores, dim=-1)
+    return (scores - scores.logsumexp(-1, keepdim=True)).exp()
+
+
 def attention_weights(queries, keys, causal, d_k=None, window=None):
     """softmax(Q K^T / sqrt(d_k)), masked scores (causal_mask) set to -inf first when causal. (..., T, T).
     d_k defaults to the key width (the head dim)."""
     scores = queries @ keys.transpose(-2, -1) / math.sqrt(d_k or keys.shape[-1])
     if causal:
         scores = scores.masked_fill(causal_mask(scores.shape[-1], scores.device, window), -math.inf)
-    return torch.softmax(scores, dim=-1)
+    return softmax(scores)
 
 
 def split_heads(t, num_heads):

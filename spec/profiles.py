@@ -9,10 +9,12 @@ attnspec-thorough: nightly, many examples, with the example database. The short 
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
+# No explain phase: it re-runs variations of a minimal failure to annotate Hypothesis's own report, which
+# attnspec does not print (its report is the counterexample and the repro line), at up to a time limit a run.
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               report_multiple_bugs=False)
+               report_multiple_bugs=False, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
 settings.register_profile("attnspec-dev", max_examples=10, **_COMMON)
 settings.register_profile("attnspec-ci", max_examples=25, derandomize=True, database=None, print_blob=True, **_COMMON)
 settings.register_profile("attnspec-thorough", max_examples=500, **_COMMON)
