@@ -18,7 +18,7 @@ GROUPED_KINDS = ROTARY_KINDS = WINDOW_KINDS = ("gqa",)
 @invariant("grouped-query-kv-shared",
            "query head h attends with K/V head h // (num_heads/num_kv_heads): out = out_proj(concat_h attention(x; "
            "query rows of head h, key/value rows of K/V head h // group)), with the rotary embedding and window",
-           GROUPED_KINDS, "params")
+           GROUPED_KINDS, "params", require=("grouped_kv",))
 def grouped_query_kv_shared(case):
     """Multi-head attention whose K/V projections are duplicated per group, written as num_heads single-head
     attentions. If the output instead matches query head h using K/V head h mod num_kv_heads, the report
