@@ -15,7 +15,7 @@ The output projection has no bias (Llama); ``qkv_bias`` gives the query/key/valu
 
 KV cache (llms-from-scratch's KV-cache modules): ``forward(x, use_cache=True)`` appends x's (rotated) keys
 and values to the cache and attends over every cached token, x's tokens at the positions that follow
-them; ``reset_cache()`` empties it. Decoding a sequence in pieces this way gives the full forward's
+them; ``reset_cache()`` empties it, ``crop_cache(n)`` keeps its first n tokens. Decoding a sequence in pieces this way gives the full forward's
 outputs. ``forward(x)`` neither reads nor changes the cache.
 """
 
@@ -82,6 +82,11 @@ class GroupedQueryAttention(nn.Module):
 
     def reset_cache(self):
         self.cache_k = self.cache_v = None
+
+    def crop_cache(self, n):
+        """Keep the first n cached tokens (Hugging Face's DynamicCache.crop): the next piece is at position n."""
+        if self.cache_k is not None:
+            self.cache_k, self.cache_v = self.cache_k[:, :, :n], self.cache_v[:, :, :n]
 
     def cached_tokens(self):
         return 0 if self.cache_k is None else self.cache_k.shape[2]

@@ -1609,3 +1609,28 @@ CORPUS += [
     _bug(MHA, NoGradFastPathUnscaled, "inference path", ["oracle-float64"],
          "eval under torch.no_grad() takes a fused path with unscaled scores"),
 ]
+
+
+# --- cropping the KV cache (issue 13): crop_cache(n) keeps the first n tokens -----------------------------
+
+
+class CropKeepsLastTokens(GroupedQueryAttention):
+    def crop_cache(self, n):
+        if self.cache_k is not None:  # the last n tokens kept: the right length, the wrong keys and values
+            self.cache_k, self.cache_v = self.cache_k[:, :, -n:], self.cache_v[:, :, -n:]
+
+
+class CropKeepsPosition(CacheResetKeepsPosition):
+    """Counts positions itself and resets the counter in reset_cache(), but not in crop_cache()."""
+
+    def reset_cache(self):
+        super().reset_cache()
+        self.position = 0
+
+
+CORPUS += [
+    _bug(GQA, CropKeepsLastTokens, "kv cache", ["kv-cache-decoding"],
+         "crop_cache(n) keeps the last n cached tokens, not the first n"),
+    _bug(GQA, CropKeepsPosition, "kv cache", ["kv-cache-decoding"],
+         "crop_cache(n) cuts the cache but leaves the position counter after the cropped tokens"),
+]

@@ -81,6 +81,8 @@ BUGS = {  # name in tests/hf_gqa_bugs.py, the invariants that reject it
     "rope-wrong-halves": ("WrongHalvesLlamaAttention", ["rotary-embedding", "rotary-relative-position"]),
     "window-off-by-one": ("OffByOneWindowMistralAttention", ["sliding-window", "sliding-window-weights"]),
     "cache-position-not-advanced": ("CacheNotAdvancedLlamaAttention", ["kv-cache-decoding"]),
+    "crop-keeps-last-tokens": ("CropKeepsLastLlamaAttention", ["kv-cache-decoding"]),
+    "crop-keeps-position": ("CropKeepsPositionLlamaAttention", ["kv-cache-decoding"]),
 }
 
 

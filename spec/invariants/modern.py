@@ -188,7 +188,8 @@ def _chunks(num_tokens):
 
 @invariant("kv-cache-decoding",
            "decoding through the module's KV cache, forward(x[:, s:e], use_cache=True) piece by piece (token by "
-           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step",
+           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; after crop_cache(k), "
+           "forward(x[:, k:], use_cache=True) gives forward(x)[:, k:]",
            CACHE_KINDS, "forward", min_tokens=2)
 def kv_cache_decoding(case):
     """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
@@ -196,7 +197,9 @@ def kv_cache_decoding(case):
     after the cached ones (rotary embeddings and the window included); ``reset_cache()`` empties it. A
     cache appended twice, a position that does not advance (RoPE or the mask at 0 for every new token),
     or a reset that forgets the position shows as a difference. Not applicable to a module without
-    ``reset_cache``."""
+    ``reset_cache``. A module with ``crop_cache(n)`` (Hugging Face's ``DynamicCache.crop``: keep the first n
+    tokens) is also cropped, after decoding all T tokens, to k = 1 + seed mod (T - 1) and decodes x[:, k:] in
+    one piece: a crop that keeps the wrong tokens or leaves the position at T shows."""
     module = case.module
     if not callable(getattr(module, "reset_cache", None)):
         raise NotApplicable("the module has no KV cache (forward(x, use_cache=True) and reset_cache(), as "
@@ -204,19 +207,29 @@ def kv_cache_decoding(case):
     x = case.input()
     full = case.forward(x)
     T, magnitude = x.shape[-2], _magnitude(full, x)
-    for label, sizes in (("token by token", [1] * T), ("in chunks after reset_cache()", _chunks(T))):
+
+    def decode(start, size, label):
+        piece = x[:, start:start + size].contiguous()
+        out = case.guard(f"forward(x[:, {start}:{start + size}], use_cache=True) ({label})", module, piece,
+                         use_cache=True)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(full[:, start:start + size].shape):
+            raise Violation(f"forward(x[:, {start}:{start + size}], use_cache=True) returned "
+                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, "
+                            f"expected a tensor of shape {tuple(full[:, start:start + size].shape)}")
+        assert_close(out, full[:, start:start + size], dtype=x.dtype, magnitude=magnitude,
+                     what=f"{label}: outputs at positions {start}..{start + size - 1} after {start} cached tokens "
+                          f"vs forward(x)")
+
+    crop = callable(getattr(module, "crop_cache", None))
+    for label, sizes, then_crop in (("decoding token by token", [1] * T, crop),
+                                    ("decoding in chunks after reset_cache()", _chunks(T), False)):
         case.guard("reset_cache()", module.reset_cache)
         start = 0
         for size in sizes:
-            piece = x[:, start:start + size].contiguous()
-            out = case.guard(f"forward(x[:, {start}:{start + size}], use_cache=True) (decoding {label})", module, piece,
-                             use_cache=True)
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(full[:, start:start + size].shape):
-                raise Violation(f"forward(x[:, {start}:{start + size}], use_cache=True) returned "
-                                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, "
-                                f"expected a tensor of shape {tuple(full[:, start:start + size].shape)}")
-            assert_close(out, full[:, start:start + size], dtype=x.dtype, magnitude=magnitude,
-                         what=f"decoding {label}: outputs at positions {start}..{start + size - 1} after {start} "
-                              f"cached tokens vs forward(x)")
+            decode(start, size, label)
             start += size
+        if then_crop:
+            k = 1 + case.cfg.seed % (T - 1)
+            case.guard(f"crop_cache({k})", module.crop_cache, k)
+            decode(k, T - k, f"decoding after crop_cache({k}) of {T} cached tokens")
     case.guard("reset_cache()", module.reset_cache)
