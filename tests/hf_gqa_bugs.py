@@ -112,3 +112,16 @@ class _CropKeepsPosition(hf.CausalRotaryAttention):
 
 class CropKeepsPositionLlamaAttention(hf.LlamaAttention):
     wrapper_class = _CropKeepsPosition
+
+
+# --- padding: the 2-D mask dropped -------------------------------------------------------------------------
+
+class _PaddingDropped(hf.CausalRotaryAttention):
+    """Takes attention_mask but builds the causal mask without it (create_causal_mask(attention_mask=None))."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        return super().forward(x, use_cache=use_cache)
+
+
+class PaddingDroppedLlamaAttention(hf.LlamaAttention):
+    wrapper_class = _PaddingDropped

@@ -1634,3 +1634,39 @@ CORPUS += [
     _bug(GQA, CropKeepsPosition, "kv cache", ["kv-cache-decoding"],
          "crop_cache(n) cuts the cache but leaves the position counter after the cropped tokens"),
 ]
+
+
+# --- padding masks (issue 13): forward(x, attention_mask=m), m True at real tokens -----------------------
+
+
+class PaddingIgnored(GroupedQueryAttention):
+    def padded(self, attention_mask, start):
+        return torch.zeros((), dtype=torch.bool, device=attention_mask.device)  # the mask is accepted, not applied
+
+
+class PaddingOnQueries(GroupedQueryAttention):
+    def padded(self, attention_mask, start):
+        return ~attention_mask.bool()[:, None, start:, None]  # padded query rows masked, padded keys attended
+
+
+class PaddingInverted(GroupedQueryAttention):
+    def padded(self, attention_mask, start):
+        return super().padded(~attention_mask.bool(), start)  # 1 read as padding, 0 as a real token
+
+
+class PaddingLeftOffByOne(GroupedQueryAttention):
+    def padded(self, attention_mask, start):
+        real = attention_mask.bool()  # real from one position early: the last left pad is attended
+        return super().padded(real | F.pad(real[:, 1:], (0, 1)), start)
+
+
+CORPUS += [
+    _bug(GQA, PaddingIgnored, "padding", ["padding-mask", "padding-weights"],
+         "attention_mask accepted and ignored: real tokens attend the left padding"),
+    _bug(GQA, PaddingOnQueries, "padding", ["padding-mask", "padding-weights"],
+         "the padding mask applied to the queries (rows), not the keys: real tokens attend the left padding"),
+    _bug(GQA, PaddingInverted, "padding", ["padding-mask", "padding-weights"],
+         "the padding mask inverted: padded positions taken for real tokens and real ones for padding"),
+    _bug(GQA, PaddingLeftOffByOne, "padding", ["padding-mask", "padding-weights"],
+         "left padding off by one: the last padded position is attended"),
+]

@@ -136,3 +136,29 @@ def test_sdpa_adapter_passes(tmp_path):
     status = {r.invariant: r.status for r in report.results}
     assert set(status.values()) == {"pass"}, {r.invariant: r.reason for r in report.results if r.status != "pass"}
     assert status["grouped-query-kv-shared"] == "pass" and status["kv-cache-decoding"] == "pass"
+
+
+# --- padding masks ----------------------------------------------------------------------------------------
+
+def test_forward_without_attention_mask_is_not_applicable_not_failed():
+    results = {r.invariant: r for r in check_target(resolve("gqa=tests/correct_elsewhere.py:MetaLlamaStyle"), Options(
+        profile="ci", only=("padding-mask", "padding-weights"))).results}
+    for result in results.values():
+        assert result.status == "not-applicable" and "forward takes no attention_mask" in result.reason, result
+
+
+def test_padded_outputs_are_not_checked_for_nan():
+    """SDPA gives a padded query with no real key 0, masked_fill(-inf) gives NaN: both are unspecified."""
+    module = SDPA().build(Config.from_json(SEED_JSON).replace(d_in=2, num_kv_heads=1))
+    real = torch.tensor([[False, True]])
+    out = module(torch.randn(1, 2, 2), attention_mask=real)
+    assert torch.isfinite(out[0, 1]).all()
+    report = check_target(resolve("attnspec.adapters.torch:SDPA"), Options(profile="ci", max_examples=5,
+                                                                          only=("padding-mask", "padding-weights")))
+    assert {r.status for r in report.results} == {"pass"}, report.results
+
+
+@pytest.mark.parametrize("name", ["PaddingIgnored", "PaddingOnQueries", "PaddingInverted", "PaddingLeftOffByOne"])
+def test_padding_bug_reported_with_its_padding(name):
+    (result,) = check_target(resolve(f"gqa=tests/planted.py:{name}"), Options(profile="ci", only=("padding-mask",))).results
+    assert result.status == "fail" and "left padding of" in result.reason and "--example" in result.repro, result

@@ -218,7 +218,10 @@ class CausalRotaryAttention(nn.Module):
         scaling = getattr(rotary, "attention_scaling", 1.0)
         return emb.cos() * scaling, emb.sin() * scaling
 
-    def forward(self, x, use_cache=False):
+    def forward(self, x, use_cache=False, attention_mask=None):
+        """``attention_mask`` (batch, cached + num_tokens), True/1 at real tokens: the 2-D padding mask the model
+        gets from its tokenizer, turned by ``create_causal_mask`` into the 4-D mask of the attention
+        implementation (additive for eager, bool for sdpa) with the causal band and the window."""
         if use_cache and self.cache is None:
             self.cache = self.new_cache()
         cache = self.cache if use_cache else None
@@ -226,7 +229,7 @@ class CausalRotaryAttention(nn.Module):
         position_ids = (torch.arange(x.shape[1], device=x.device) + start)[None]
         make_mask = create_causal_mask if getattr(self.config, "sliding_window", None) is None \
             else create_sliding_window_causal_mask
-        mask = make_mask(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache,
+        mask = make_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask, past_key_values=cache,
                          position_ids=position_ids)
         position_embeddings = self.rotary_embeddings(x, position_ids)
         return self.attn(x, position_embeddings=position_embeddings, attention_mask=mask, past_key_values=cache)[0]

@@ -2,6 +2,8 @@
 windows. The features are a configuration's (spec.kinds.Config); the invariants here hold for the kinds
 that have them, and every other invariant of the catalogue applies to those kinds too."""
 
+import inspect
+
 import torch
 
 from attnspec import oracle
@@ -233,3 +235,79 @@ def kv_cache_decoding(case):
             case.guard(f"crop_cache({k})", module.crop_cache, k)
             decode(k, T - k, f"decoding after crop_cache({k}) of {T} cached tokens")
     case.guard("reset_cache()", module.reset_cache)
+
+
+PADDING_KINDS = ("gqa",)
+
+
+def _takes_attention_mask(module):
+    """Whether the module's forward has an ``attention_mask`` parameter (the padding convention)."""
+    try:
+        return "attention_mask" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: a C function or an odd callable
+        return False
+
+
+def _padding(case, x):
+    """(real, left, pads): p_b in [0, T-1] padded positions per batch row (row 0: at least 1), drawn from the
+    configuration's seed; on the left when seed // 2 is odd, else on the right; ``real`` (batch, T) bool, True at
+    the real tokens."""
+    if not _takes_attention_mask(case.module):
+        raise NotApplicable("forward takes no attention_mask: padding is checked as forward(x, attention_mask=m), m "
+                            "(batch, num_tokens) bool, True at real tokens (Hugging Face's convention)")
+    b, T = x.shape[0], x.shape[-2]
+    pads = torch.randint(0, T, (b,), generator=torch.Generator().manual_seed(case.cfg.seed + 3))
+    pads[0] = max(int(pads[0]), 1)
+    left = (case.cfg.seed // 2) % 2 == 1
+    position = torch.arange(T)
+    real = position[None] >= pads[:, None] if left else position[None] < T - pads[:, None]
+    return real.to(x.device), left, pads.tolist()
+
+
+def _described(left, pads):
+    return f"{'left' if left else 'right'} padding of {pads} positions per batch row"
+
+
+@invariant("padding-mask",
+           "with a padding mask m (batch, T), True at real tokens, left or right: outputs at real tokens do not depend "
+           "on the padded positions' contents; with right padding they equal forward of each row's real prefix",
+           PADDING_KINDS, "forward", min_tokens=2, scales=WIDE_SCALES)
+def padding_mask(case):
+    """Black-box: padded keys get zero weight at every real query i (softmax over the real keys j <= i of the
+    window), so (a) replacing the padded positions' contents by other values leaves the outputs at real
+    tokens unchanged (left and right padding), and (b) with right padding a row of n real tokens gives
+    forward(x[:, :n]) at its real tokens (the same positions, no padded key attended). Outputs at padded
+    positions are not constrained. Not applicable to a module whose forward takes no ``attention_mask``."""
+    x = case.input()
+    real, left, pads = _padding(case, x)
+    what = _described(left, pads)
+    out = case.forward(x, attention_mask=real)
+    keep = real[..., None]
+    other = torch.where(keep, x, case.input(salt=1))
+    changed = case.forward(other, attention_mask=real)
+    magnitude = _magnitude(torch.where(keep, out, 0.0), x)
+    assert_close(torch.where(keep, changed, 0.0), torch.where(keep, out, 0.0), dtype=x.dtype, magnitude=magnitude,
+                 what=f"{what}: outputs at real tokens after changing the padded positions' contents")
+    if left:
+        return
+    T = x.shape[-2]
+    for n in sorted({T - p for p in pads}):
+        rows = [i for i, p in enumerate(pads) if T - p == n]
+        alone = case.forward(x[rows, :n].contiguous())
+        assert_close(out[rows, :n], alone, dtype=x.dtype, magnitude=magnitude,
+                     what=f"{what}: outputs at the {n} real tokens of batch rows {rows} vs forward(x[{rows}, :{n}])")
+
+
+@invariant("padding-weights",
+           "with a padding mask (left or right), w[b, h, i, j] == 0 exactly for every padded key j of a real query i",
+           PADDING_KINDS, "weights", min_tokens=2, scales=WIDE_SCALES)
+def padding_weights(case):
+    x = case.input()
+    real, left, pads = _padding(case, x)
+    _, seen = case.observe(x, attention_mask=real)
+    weights = stacked(case, x, seen)  # (batch, heads, T, T)
+    leak = real[:, None, :, None] & ~real[:, None, None, :] & (weights != 0)
+    if leak.any():
+        index = _first(leak)
+        raise Violation(f"{_described(left, pads)}: padded key {index[-1]} of batch row {index[0]} has weight "
+                        f"{weights[index].item():.4g} at real query {index[-2]} (index {index})")
