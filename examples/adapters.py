@@ -11,7 +11,7 @@ The projections must be *views* of the module's parameters: weight-transfer writ
                    examples/adapters.py:CombinedQKV
 
 (each declares ``kind = "mha"``, so ``mha=`` may be left out). The first two are the installed
-``attnspec.adapters.torch.MultiheadAttention`` and ``SDPA``, re-exported under their old names; the
+``attnspec.adapters.torch.MultiheadAttention`` and ``SDPAMHA`` (SDPA checked as kind ``mha``), re-exported under their old names; the
 third is written here as an example of ``projections`` for a combined qkv Linear.
 
 All three are causal multi-head attention (kind ``mha``): with Q = x Wq^T + bq (likewise K, V),
@@ -27,7 +27,7 @@ from attnspec import Adapter
 from attnspec.adapters.base import causal_mask as _causal_mask, rows as _rows
 from attnspec.adapters.torch import CausalTorchMHA, SDPAMultiHeadAttention  # noqa: F401 (re-exported)
 from attnspec.adapters.torch import MultiheadAttention as TorchMultiheadAttention
-from attnspec.adapters.torch import SDPA as SDPAAttention
+from attnspec.adapters.torch import SDPAMHA as SDPAAttention
 
 
 # --- 3. one combined qkv projection ---------------------------------------------------------------

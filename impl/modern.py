@@ -15,8 +15,12 @@ The output projection has no bias (Llama); ``qkv_bias`` gives the query/key/valu
 
 KV cache (llms-from-scratch's KV-cache modules): ``forward(x, use_cache=True)`` appends x's (rotated) keys
 and values to the cache and attends over every cached token, x's tokens at the positions that follow
-them; ``reset_cache()`` empties it. Decoding a sequence in pieces this way gives the full forward's
+them; ``reset_cache()`` empties it, ``crop_cache(n)`` keeps its first n tokens. Decoding a sequence in pieces this way gives the full forward's
 outputs. ``forward(x)`` neither reads nor changes the cache.
+
+Padding (Hugging Face's convention): ``forward(x, attention_mask=m)``, m (batch, cached + num_tokens) bool or
+0/1, True/1 at real tokens, left or right padding: padded keys get weight 0 at every real query, so outputs
+at real tokens do not depend on the padded positions; outputs at padded positions are unspecified.
 """
 
 import torch
@@ -83,6 +87,11 @@ class GroupedQueryAttention(nn.Module):
     def reset_cache(self):
         self.cache_k = self.cache_v = None
 
+    def crop_cache(self, n):
+        """Keep the first n cached tokens (Hugging Face's DynamicCache.crop): the next piece is at position n."""
+        if self.cache_k is not None:
+            self.cache_k, self.cache_v = self.cache_k[:, :, :n], self.cache_v[:, :, :n]
+
     def cached_tokens(self):
         return 0 if self.cache_k is None else self.cache_k.shape[2]
 
@@ -93,7 +102,14 @@ class GroupedQueryAttention(nn.Module):
         end = start + t.shape[2]
         return rotate(t, self.cos[start:end].to(t.dtype), self.sin[start:end].to(t.dtype), self.rope_interleaved)
 
-    def forward(self, x, use_cache=False):
+    def padded(self, attention_mask, start):
+        """(batch, 1, num_tokens, start + num_tokens) bool, True where a real query meets a padded key: masked.
+        ``attention_mask`` (batch, start + num_tokens) is True (or 1) at real tokens. A padded query keeps the
+        causal mask only (its output is not used; with left padding it would otherwise attend nothing)."""
+        real = attention_mask.bool()
+        return ~real[:, None, None, :] & real[:, None, start:, None]
+
+    def forward(self, x, use_cache=False, attention_mask=None):
         check_input(x, 3, self.d_in, self.context_length)
         b, num_tokens, d_in = x.shape
         start = self.cached_tokens() if use_cache else 0  # the position of x's first token
@@ -114,6 +130,8 @@ class GroupedQueryAttention(nn.Module):
 
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, start + num_tokens)
         mask_bool = self.mask.bool()[start:start + num_tokens, :start + num_tokens]
+        if attention_mask is not None:
+            mask_bool = mask_bool | self.padded(attention_mask, start)
         attn_scores = attn_scores.masked_fill(mask_bool, -torch.inf)
 
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)

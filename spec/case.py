@@ -326,12 +326,13 @@ class Case:
         nn.MultiheadAttention takes a fused fast path only without it), and both paths must agree."""
         return not train and not needs_grad and self.cfg.seed % 2 == 1
 
-    def forward(self, x, train=False, module=None, seed_salt=0, needs_grad=False):
+    def forward(self, x, train=False, module=None, seed_salt=0, needs_grad=False, attention_mask=None):
         """module(x) in eval or train mode (eval under torch.no_grad() for odd seeds: ``inference``);
         must be a plain strided Tensor of the kind's output shape on x's device (a tensor subclass is
         copied into a plain tensor first). The global RNG is seeded from the config first, so every
         call is reproducible (even a module that draws random numbers in eval mode). Returns a copy: a
-        module may reuse its output buffer."""
+        module may reuse its output buffer. ``attention_mask`` (batch, num_tokens) bool, True at real tokens:
+        called as module(x, attention_mask=...); outputs at padded positions may be anything, NaN included."""
         module = self.module if module is None else module
         self.seed(self.cfg.seed + seed_salt)
         step = _Step("forward")
@@ -342,7 +343,7 @@ class Case:
             if train or any(m.training for m in module.modules()):  # (train() sets every submodule's flag)
                 module.train(train)
             step.now = "forward"
-            out = module(x)
+            out = module(x) if attention_mask is None else module(x, attention_mask=attention_mask)
             if train:  # back to eval mode, where a module is kept between calls
                 step.now = "module.eval()"
                 module.eval()
@@ -365,18 +366,21 @@ class Case:
         expected = self.kind.output_shape(self.cfg, num_tokens=x.shape[-2], batch=x.shape[0] if self.kind.batched else None)
         if tuple(out.shape) != expected:
             raise Violation(f"forward returned shape {tuple(out.shape)}, expected {expected} for input {tuple(x.shape)}")
-        if out.is_floating_point() and not torch.isfinite(out).all() and torch.isfinite(x).all():
-            index = tuple(int(i) for i in (~torch.isfinite(out)).nonzero()[0])
+        bad = ~torch.isfinite(out) if out.is_floating_point() else torch.zeros((), dtype=torch.bool)
+        if attention_mask is not None:  # outputs at real tokens only
+            bad = bad & attention_mask.bool().reshape(*attention_mask.shape, *([1] * (out.dim() - 2)))
+        if bad.any() and torch.isfinite(x).all():
+            index = tuple(int(i) for i in bad.nonzero()[0])
             mode = "train" if train else "eval, torch.no_grad()" if self.inference(train, needs_grad) else "eval"
             raise Violation(f"forward returned output[{index}] = {out[index].item()} for a finite input "
                             f"(scale {self.cfg.scale:g}, {mode} mode)")
         return out
 
-    def observe(self, x, train=False, module=None):
+    def observe(self, x, train=False, module=None, attention_mask=None):
         """(output, Observation); NotApplicable if no attention softmax is seen."""
         probe = AttentionProbe(x.shape[-2])
         with probe:
-            out = self.forward(x, train=train, module=module)
+            out = self.forward(x, train=train, module=module, attention_mask=attention_mask)
         if probe.error is not None:  # raised inside forward, even if the module swallowed it
             raise probe.error
         if not probe.observation.heads:

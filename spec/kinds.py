@@ -265,7 +265,8 @@ KINDS = {
              batched=True, causal=True, has_dropout=True, multi_head=True, constructor=_block, structure="block",
              head_split=True),
         Kind("gqa", "Llama/Mistral/Qwen-style causal attention: grouped-query K/V heads, rotary embeddings, "
-             "sliding window; out_proj with or without bias; optional KV cache: forward(x, use_cache=True), reset_cache() "
+             "sliding window; out_proj with or without bias; optional KV cache: forward(x, use_cache=True), reset_cache(), "
+             "crop_cache(n); optional padding: forward(x, attention_mask=m), m (batch, T) True at real tokens "
              "(GroupedQueryAttention)",
              "(d_in, d_out, context_length, dropout, num_heads, num_kv_heads=None, qkv_bias=False, rope_base=None, "
              "rope_fraction=1.0, rope_interleaved=False, window=None)",

@@ -111,7 +111,8 @@ def configs(
     ``sizes`` (a dict of fixed d_in/d_out/num_heads/context_length) pins the model size, e.g. GPT-2's,
     while tokens, batch, dropout, dtype and seed are still drawn. ``regimes`` restricts the size
     regimes (an invariant whose cost grows with every dimension at once may leave one out). ``require``
-    names optional features (spec.kinds.OPTIONAL: "rotary", "sliding_window") drawn always on."""
+    names optional features (spec.kinds.OPTIONAL) drawn always on: "rotary", "sliding_window", and "grouped_kv",
+    groups that show, 1 < num_kv_heads < num_heads, where num_heads has such a divisor."""
     if sizes:
         num_heads, d_out, d_in, context_length = (sizes[k] for k in ("num_heads", "d_out", "d_in", "context_length"))
         if not kind.multi_head:
@@ -157,11 +158,12 @@ def _windows(num_tokens):
 
 def _modern_features(draw, kind, num_heads, head_dim, num_tokens, require=()):
     """The Config fields of the kind's optional features (spec.kinds.OPTIONAL), drawn off first: K/V heads
-    among the divisors of num_heads, rotary embeddings (base, fraction of head_dim rotated, layout), a
+    among the divisors of num_heads (proper ones with "grouped_kv" in ``require``), rotary embeddings (base, fraction of head_dim rotated, layout), a
     sliding window (shorter than the sequence, around tile edges, or as long); those in ``require`` always on."""
     features = {}
     if kind.grouped_kv:
-        features["num_kv_heads"] = draw(_pick(_divisors(num_heads)), label="num_kv_heads")
+        grouped = tuple(d for d in _divisors(num_heads) if 1 < d < num_heads) if "grouped_kv" in require else ()
+        features["num_kv_heads"] = draw(_pick(grouped or _divisors(num_heads)), label="num_kv_heads")
     if kind.rotary and head_dim % 2 == 0 and ("rotary" in require or draw(BOOLEANS, label="rotary")):
         fractions = tuple(f for f in ROPE_FRACTIONS if (f * head_dim) % 2 == 0 and f * head_dim >= 2)
         features.update(rope_base=draw(_pick(ROPE_BASES), label="rope_base"),

@@ -75,3 +75,53 @@ class _CacheAtZero(hf.CausalRotaryAttention):
 
 class CacheNotAdvancedLlamaAttention(hf.LlamaAttention):
     wrapper_class = _CacheAtZero
+
+
+# --- KV cache cropping: the wrong tokens kept, the position not reset ---------------------------------------
+
+class _CropKeepsLast(hf.CausalRotaryAttention):
+    """crop_cache(n) keeps the last n tokens of every layer (a slice from the wrong end)."""
+
+    def crop_cache(self, n):
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., -n:, :], layer.values[..., -n:, :]
+
+
+class CropKeepsLastLlamaAttention(hf.LlamaAttention):
+    wrapper_class = _CropKeepsLast
+
+
+class _CropKeepsPosition(hf.CausalRotaryAttention):
+    """Counts the position itself (reset with the cache) and forgets it in crop_cache: RoPE continues after
+    the cropped tokens."""
+
+    def reset_cache(self):
+        super().reset_cache()
+        self.position = 0
+
+    def past_length(self, cache):
+        return self.position if cache is not None else 0
+
+    def forward(self, x, use_cache=False, **kwargs):
+        out = super().forward(x, use_cache=use_cache, **kwargs)
+        if use_cache:
+            self.position += x.shape[1]
+        return out
+
+
+class CropKeepsPositionLlamaAttention(hf.LlamaAttention):
+    wrapper_class = _CropKeepsPosition
+
+
+# --- padding: the 2-D mask dropped -------------------------------------------------------------------------
+
+class _PaddingDropped(hf.CausalRotaryAttention):
+    """Takes attention_mask but builds the causal mask without it (create_causal_mask(attention_mask=None))."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        return super().forward(x, use_cache=use_cache)
+
+
+class PaddingDroppedLlamaAttention(hf.LlamaAttention):
+    wrapper_class = _PaddingDropped

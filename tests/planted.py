@@ -1609,3 +1609,64 @@ CORPUS += [
     _bug(MHA, NoGradFastPathUnscaled, "inference path", ["oracle-float64"],
          "eval under torch.no_grad() takes a fused path with unscaled scores"),
 ]
+
+
+# --- cropping the KV cache (issue 13): crop_cache(n) keeps the first n tokens -----------------------------
+
+
+class CropKeepsLastTokens(GroupedQueryAttention):
+    def crop_cache(self, n):
+        if self.cache_k is not None:  # the last n tokens kept: the right length, the wrong keys and values
+            self.cache_k, self.cache_v = self.cache_k[:, :, -n:], self.cache_v[:, :, -n:]
+
+
+class CropKeepsPosition(CacheResetKeepsPosition):
+    """Counts positions itself and resets the counter in reset_cache(), but not in crop_cache()."""
+
+    def reset_cache(self):
+        super().reset_cache()
+        self.position = 0
+
+
+CORPUS += [
+    _bug(GQA, CropKeepsLastTokens, "kv cache", ["kv-cache-decoding"],
+         "crop_cache(n) keeps the last n cached tokens, not the first n"),
+    _bug(GQA, CropKeepsPosition, "kv cache", ["kv-cache-decoding"],
+         "crop_cache(n) cuts the cache but leaves the position counter after the cropped tokens"),
+]
+
+
+# --- padding masks (issue 13): forward(x, attention_mask=m), m True at real tokens -----------------------
+
+
+class PaddingIgnored(GroupedQueryAttention):
+    def padded(self, attention_mask, start):
+        return torch.zeros((), dtype=torch.bool, device=attention_mask.device)  # the mask is accepted, not applied
+
+
+class PaddingOnQueries(GroupedQueryAttention):
+    def padded(self, attention_mask, start):
+        return ~attention_mask.bool()[:, None, start:, None]  # padded query rows masked, padded keys attended
+
+
+class PaddingInverted(GroupedQueryAttention):
+    def padded(self, attention_mask, start):
+        return super().padded(~attention_mask.bool(), start)  # 1 read as padding, 0 as a real token
+
+
+class PaddingLeftOffByOne(GroupedQueryAttention):
+    def padded(self, attention_mask, start):
+        real = attention_mask.bool()  # real from one position early: the last left pad is attended
+        return super().padded(real | F.pad(real[:, 1:], (0, 1)), start)
+
+
+CORPUS += [
+    _bug(GQA, PaddingIgnored, "padding", ["padding-mask", "padding-weights"],
+         "attention_mask accepted and ignored: real tokens attend the left padding"),
+    _bug(GQA, PaddingOnQueries, "padding", ["padding-mask", "padding-weights"],
+         "the padding mask applied to the queries (rows), not the keys: real tokens attend the left padding"),
+    _bug(GQA, PaddingInverted, "padding", ["padding-mask", "padding-weights"],
+         "the padding mask inverted: padded positions taken for real tokens and real ones for padding"),
+    _bug(GQA, PaddingLeftOffByOne, "padding", ["padding-mask", "padding-weights"],
+         "left padding off by one: the last padded position is attended"),
+]

@@ -1,10 +1,21 @@
 """The modern features (issue 13) as the harness sees them: configurations, constructors, regressions."""
 
 import json
+from unittest import mock
 
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+
+from attnspec.adapters.torch import SDPA, SDPAMultiHeadAttention
+from attnspec.invariants import CATALOGUE
 from attnspec.kinds import KINDS, Config
 from attnspec.runner import Options, check_target
+from attnspec.strategies import configs
 from attnspec.targets import resolve
+
+SDPA_FN = F.scaled_dot_product_attention
 
 SEED_JSON = ('{"d_in":1,"d_out":2,"num_heads":2,"context_length":2,"num_tokens":2,"batch":1,"dropout":0.0,'
              '"qkv_bias":false,"dtype":"float32","scale":1.0,"seed":0,"device":"cpu","offset":0.0}')
@@ -56,3 +67,98 @@ def test_saturated_softmax_zero_gradient_is_not_a_violation():
     (result,) = check_target(resolve("gqa=attnspec.impl:GroupedQueryAttention"),
                              Options(only=("gradient-reaches-parameters",)), example=example).results
     assert result.status == "pass", result
+
+
+# --- attnspec.adapters.torch:SDPA: grouped K/V heads through enable_gqa ----------------------------------
+
+class _TiledKVSDPAModule(SDPAMultiHeadAttention):
+    """K/V heads repeated with ``repeat`` (tiled: 0, 1, 0, 1) to num_heads, then SDPA without enable_gqa:
+    query head h gets K/V head h % num_kv_heads instead of h // group (repeat_interleave)."""
+
+    def _attend(self, q, k, v, mask):
+        group = self.num_heads // self.num_kv_heads
+        k, v = k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+class TiledKVSDPA(SDPA):
+    module_class = _TiledKVSDPAModule
+
+
+class _ExpandedKVSDPAModule(SDPAMultiHeadAttention):
+    """K/V expanded on a new axis before the K/V heads, (b, group, kv, T, hd) -> (b, num_heads, T, hd): tiled too."""
+
+    def _attend(self, q, k, v, mask):
+        b, kv, T, hd = k.shape
+        k, v = (t[:, None].expand(b, self.num_heads // kv, kv, T, hd).reshape(b, self.num_heads, T, hd) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+class ExpandedKVSDPA(SDPA):
+    module_class = _ExpandedKVSDPAModule
+
+
+def test_sdpa_adapter_is_gqa_with_grouped_kv_only():
+    target = resolve("attnspec.adapters.torch:SDPA")
+    assert target.kind == KINDS["gqa"].narrowed(("grouped_kv",)) and target.kind.name == "gqa"
+    applies = {inv.id for inv in CATALOGUE if inv.applies_to(target.kind)}
+    assert "grouped-query-kv-shared" in applies and "kv-cache-decoding" in applies
+    assert not {i for i in applies if i.startswith(("rotary", "sliding-window"))}
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(configs(KINDS["gqa"].narrowed(("grouped_kv",))))
+def test_sdpa_adapter_draws_grouped_kv_only(cfg):
+    assert cfg.rope_base is None and cfg.window is None
+
+
+def test_sdpa_adapter_calls_sdpa_with_enable_gqa():
+    """num_kv_heads < num_heads: K/V projections of num_kv_heads heads, SDPA called with enable_gqa=True."""
+    cfg = Config.from_json(SEED_JSON).replace(d_in=4, d_out=8, num_heads=4, num_kv_heads=2)
+    module = SDPA().build(cfg)
+    assert module.W_key.weight.shape == (2 * 2, 4) and module.W_value.weight.shape == (2 * 2, 4)
+    calls = []
+    with mock.patch.object(F, "scaled_dot_product_attention",
+                           side_effect=lambda *a, **k: calls.append(k) or SDPA_FN(*a, **k)):
+        module(torch.randn(1, 2, 4))
+    assert [c["enable_gqa"] for c in calls] == [True]
+
+
+@pytest.mark.parametrize("name", ["TiledKVSDPA", "ExpandedKVSDPA"])
+def test_sdpa_tiled_kv_heads_rejected(name):
+    (result,) = check_target(resolve(f"tests/test_modern.py:{name}"),
+                             Options(profile="ci", only=("grouped-query-kv-shared",))).results
+    assert result.status == "fail" and "tiled" in result.reason, result
+
+
+def test_sdpa_adapter_passes(tmp_path):
+    report = check_target(resolve("attnspec.adapters.torch:SDPA"), Options(profile="ci", max_examples=5))
+    status = {r.invariant: r.status for r in report.results}
+    assert set(status.values()) == {"pass"}, {r.invariant: r.reason for r in report.results if r.status != "pass"}
+    assert status["grouped-query-kv-shared"] == "pass" and status["kv-cache-decoding"] == "pass"
+
+
+# --- padding masks ----------------------------------------------------------------------------------------
+
+def test_forward_without_attention_mask_is_not_applicable_not_failed():
+    results = {r.invariant: r for r in check_target(resolve("gqa=tests/correct_elsewhere.py:MetaLlamaStyle"), Options(
+        profile="ci", only=("padding-mask", "padding-weights"))).results}
+    for result in results.values():
+        assert result.status == "not-applicable" and "forward takes no attention_mask" in result.reason, result
+
+
+def test_padded_outputs_are_not_checked_for_nan():
+    """SDPA gives a padded query with no real key 0, masked_fill(-inf) gives NaN: both are unspecified."""
+    module = SDPA().build(Config.from_json(SEED_JSON).replace(d_in=2, num_kv_heads=1))
+    real = torch.tensor([[False, True]])
+    out = module(torch.randn(1, 2, 2), attention_mask=real)
+    assert torch.isfinite(out[0, 1]).all()
+    report = check_target(resolve("attnspec.adapters.torch:SDPA"), Options(profile="ci", max_examples=5,
+                                                                          only=("padding-mask", "padding-weights")))
+    assert {r.status for r in report.results} == {"pass"}, report.results
+
+
+@pytest.mark.parametrize("name", ["PaddingIgnored", "PaddingOnQueries", "PaddingInverted", "PaddingLeftOffByOne"])
+def test_padding_bug_reported_with_its_padding(name):
+    (result,) = check_target(resolve(f"gqa=tests/planted.py:{name}"), Options(profile="ci", only=("padding-mask",))).results
+    assert result.status == "fail" and "left padding of" in result.reason and "--example" in result.repro, result

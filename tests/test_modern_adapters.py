@@ -57,6 +57,7 @@ def test_modern_adapters_pass_without_kind(tmp_path):
         status = {r["invariant"]: r["status"] for r in t["results"]}
         assert set(status.values()) == {"pass"}, (target, status)
         assert "kv-cache-decoding" in status and "grouped-query-kv-shared" in status and "rotary-embedding" in status
+        assert status["padding-mask"] == status["padding-weights"] == "pass"
         windowed = target.rpartition(":")[2] in WINDOWED
         assert (WINDOW_INVARIANTS <= set(status)) if windowed else not (WINDOW_INVARIANTS & set(status)), (target, status)
 
@@ -81,6 +82,9 @@ BUGS = {  # name in tests/hf_gqa_bugs.py, the invariants that reject it
     "rope-wrong-halves": ("WrongHalvesLlamaAttention", ["rotary-embedding", "rotary-relative-position"]),
     "window-off-by-one": ("OffByOneWindowMistralAttention", ["sliding-window", "sliding-window-weights"]),
     "cache-position-not-advanced": ("CacheNotAdvancedLlamaAttention", ["kv-cache-decoding"]),
+    "crop-keeps-last-tokens": ("CropKeepsLastLlamaAttention", ["kv-cache-decoding"]),
+    "crop-keeps-position": ("CropKeepsPositionLlamaAttention", ["kv-cache-decoding"]),
+    "padding-dropped": ("PaddingDroppedLlamaAttention", ["padding-mask", "padding-weights"]),
 }
 
 

@@ -313,7 +313,7 @@ RESEEDED_FALSE_ALARMS = [
      '{"d_in":1,"d_out":1,"num_heads":1,"context_length":2,"num_tokens":2,"batch":2,"dropout":0.0,"qkv_bias":false,'
      '"dtype":"float64","scale":1.0,"seed":0,"device":"cpu","offset":100.0}',
      "a float32 softmax in a float64 run costs eps32 * |s| at large scores"),
-    ("mha=attnspec.adapters.torch:SDPA", "gradient-oracle",
+    ("mha=attnspec.adapters.torch:SDPAMHA", "gradient-oracle",
      '{"d_in":8,"d_out":8,"num_heads":1,"context_length":1,"num_tokens":1,"batch":1,"dropout":0.0,"qkv_bias":false,'
      '"dtype":"float32","scale":0.1,"seed":0,"device":"cpu","offset":0.0}',
      "one key: the query gradient cancels to 0 in the oracle and to rounding in SDPA's backward"),

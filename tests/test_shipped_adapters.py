@@ -39,7 +39,7 @@ from attnspec.variants import VARIANTS, contract
 ROOT = Path(__file__).resolve().parents[1]
 HERE = "tests/test_shipped_adapters.py"
 MAX_EXAMPLES = 5  # per invariant in the full runs: every path exercised, small enough for the suite budget
-TORCH_ADAPTERS = ["MultiheadAttention", "MultiheadAttentionOneBias", "SDPA", "TransformerEncoderLayer",
+TORCH_ADAPTERS = ["MultiheadAttention", "MultiheadAttentionOneBias", "SDPA", "SDPAMHA", "TransformerEncoderLayer",
                   "TransformerEncoderLayerErf"]
 HF_ADAPTERS = ["GPT2Attention", "GPT2AttentionSDPA", "GPT2Block", "GPT2BlockSDPA"]
 WEIGHT_LEVEL = {inv.id for inv in CATALOGUE if inv.observes in ("weights", "weights+params")}
@@ -113,7 +113,7 @@ def test_torch_adapters_pass_without_kind(tmp_path):
     targets = [f"attnspec.adapters.torch:{name}" for name in TORCH_ADAPTERS]
     output, report, md = _assert_all_pass(targets, tmp_path, fused=lambda t: True)
     variants = {t["target"].rpartition(":")[2]: t["variants"] for t in report["targets"]}
-    assert variants == {"MultiheadAttention": [], "MultiheadAttentionOneBias": ["out-proj-no-bias"], "SDPA": [],
+    assert variants == {"MultiheadAttention": [], "MultiheadAttentionOneBias": ["out-proj-no-bias"], "SDPA": [], "SDPAMHA": [],
                         "TransformerEncoderLayer": [], "TransformerEncoderLayerErf": ["gelu-erf"]}
     assert "TransformerEncoderLayerErf  (TransformerEncoderLayerErf) variants: gelu-erf" in output
     assert ("transformer-block=attnspec.adapters.torch:TransformerEncoderLayerErf</code> checked against contract "
@@ -134,7 +134,7 @@ def test_examples_keep_their_names():
 
     examples = resolve("examples/adapters.py:TorchMultiheadAttention")
     assert isinstance(examples.adapter, shipped.MultiheadAttention) and examples.kind.name == "mha"
-    assert isinstance(resolve("examples/adapters.py:SDPAAttention").adapter, shipped.SDPA)
+    assert isinstance(resolve("examples/adapters.py:SDPAAttention").adapter, shipped.SDPAMHA)
 
 
 def test_encoder_layer_is_configured_to_the_contract():
@@ -321,8 +321,9 @@ def test_list_variants():
 # --- 4. kind-less targets and constructor diagnosis ------------------------------------------------------
 
 def test_kind_comes_from_the_adapter_or_kind_prefix():
-    assert resolve("attnspec.adapters.torch:SDPA").kind is KINDS["mha"]
-    assert resolve("mha=attnspec.adapters.torch:SDPA").kind is KINDS["mha"]
+    assert resolve("attnspec.adapters.torch:SDPAMHA").kind is KINDS["mha"]
+    assert resolve("mha=attnspec.adapters.torch:SDPAMHA").kind is KINDS["mha"]
+    assert resolve("attnspec.adapters.torch:SDPA").kind == KINDS["gqa"].narrowed(("grouped_kv",))
     assert resolve(f"{HERE}:OneBiasFlag").kind is KINDS["mha"]  # path/to/file.py:Attr
     assert resolve(f"transformer-block={HERE}:ErfUndeclared").kind is KINDS["transformer-block"]
 
@@ -332,7 +333,7 @@ USAGE = {
                            r"mha=attnspec\.impl:MultiHeadAttention"),
     "adapter-without-kind": ("tests/bad_targets/adapter_without_kind.py:NoKind", r"declares no kind: write KIND="),
     "adapter-unknown-kind": ("tests/bad_targets/adapter_without_kind.py:UnknownKind", r"unknown kind 'attention'"),
-    "kind-mismatch": ("causal-attention=attnspec.adapters.torch:SDPA", r"written for kind 'mha', not 'causal-attention'"),
+    "kind-mismatch": ("causal-attention=attnspec.adapters.torch:SDPAMHA", r"written for kind 'mha', not 'causal-attention'"),
     "keyword-only": ("mha=tests/bad_targets/keyword_only.py:MHA", r"expected MHA\(d_in, d_out, context_length, dropout, "
                      r"num_heads, qkv_bias=False\), the target is MHA\(\*, d_in.*do not bind.*adapter"),
     "config-object": ("transformer-block=tests/bad_targets/config_object.py:Block",

@@ -1,6 +1,6 @@
 """Ready-made adapters for real libraries' attention (each declares its kind, so ``KIND=`` may be left out):
 
-    attnspec check attnspec.adapters.torch:MultiheadAttention attnspec.adapters.torch:SDPA \
+    attnspec check attnspec.adapters.torch:MultiheadAttention attnspec.adapters.torch:SDPA attnspec.adapters.torch:SDPAMHA \
                    attnspec.adapters.torch:TransformerEncoderLayer
     attnspec check attnspec.adapters.transformers:GPT2Attention attnspec.adapters.transformers:GPT2Block
 

@@ -2,13 +2,15 @@
 and ``nn.TransformerEncoderLayer``, each configured to the seed's contract and given a causal mask.
 
     attnspec check attnspec.adapters.torch:MultiheadAttention attnspec.adapters.torch:SDPA \
-                   attnspec.adapters.torch:TransformerEncoderLayer attnspec.adapters.torch:TransformerEncoderLayerErf
+                   attnspec.adapters.torch:SDPAMHA attnspec.adapters.torch:TransformerEncoderLayer \
+                   attnspec.adapters.torch:TransformerEncoderLayerErf
 
-Kind ``mha`` (the first two): with Q = x Wq^T + bq (likewise K, V), head h uses rows h*hd:(h+1)*hd of
+Kind ``mha`` (``MultiheadAttention``, ``SDPAMHA``): with Q = x Wq^T + bq (likewise K, V), head h uses rows h*hd:(h+1)*hd of
 Q, K, V (hd = d_out / num_heads) and computes softmax(Q_h K_h^T / sqrt(hd) + M) V_h, M[i, j] = -inf
 for j > i; the heads are concatenated and passed through out_proj: y = concat_h(...) Wo^T + bo.
 Dropout (train mode only) is on the weights. Kind ``transformer-block``: the GPT-2 pre-LN block,
-x + drop(att(LN1(x))), then + drop(W2 gelu(W1 LN2(.) + b1) + b2).
+x + drop(att(LN1(x))), then + drop(W2 gelu(W1 LN2(.) + b1) + b2). ``SDPA`` is kind ``gqa`` with grouped K/V
+heads only: the same with W_key/W_value of num_kv_heads heads and SDPA's ``enable_gqa=True``.
 """
 
 import functools
@@ -104,40 +106,87 @@ class MultiheadAttentionOneBias(MultiheadAttention):
 # --- F.scaled_dot_product_attention ---------------------------------------------------------------
 
 class SDPAMultiHeadAttention(nn.Module):
-    """The seed's projections (W_query, W_key, W_value, out_proj) around the fused kernel:
-    y = out_proj(merge_h SDPA(Q_h, K_h, V_h, is_causal=True, dropout_p=p in train mode else 0)).
+    """The seed's projections (W_query, W_key, W_value, out_proj) around the fused kernel, with grouped
+    K/V heads: W_key and W_value have ``num_kv_heads`` heads of hd = d_out / num_heads rows (None: num_heads),
+    and y = out_proj(merge_h SDPA(Q_h, K, V, is_causal=True, enable_gqa=num_kv_heads < num_heads,
+    dropout_p=p in train mode else 0)): SDPA gives query head h the K/V head h // (num_heads / num_kv_heads).
 
-    SDPA computes softmax(Q_h K_h^T / sqrt(hd) + causal -inf) V_h internally, so the attention
-    weights are never materialized where a probe could see them."""
+    SDPA computes softmax(Q_h K_h^T / sqrt(hd) + causal -inf) V_h internally (the probe computes the
+    weights from its arguments). ``forward(x, use_cache=True)`` appends x's keys and values to a KV cache
+    (x's tokens at the positions after the cached ones: query i attends key j iff j <= start + i, an explicit
+    bool mask, since SDPA's is_causal is top-left aligned); ``reset_cache()`` empties it, ``crop_cache(n)``
+    keeps its first n tokens. ``attention_mask`` (batch, cached + num_tokens), True/1 = a real token, masks the
+    padded keys."""
 
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, num_kv_heads=None):
         super().__init__()
-        if d_out % num_heads:
-            raise ValueError(f"d_out={d_out} must be divisible by num_heads={num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if d_out % num_heads or num_heads % num_kv_heads:
+            raise ValueError(f"d_out={d_out} must be divisible by num_heads={num_heads}, and num_heads by "
+                             f"num_kv_heads={num_kv_heads}")
         self.context_length, self.num_heads, self.head_dim = context_length, num_heads, d_out // num_heads
+        self.num_kv_heads = num_kv_heads
         self.dropout = dropout
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
+        self.reset_cache()
 
-    def _heads(self, t):  # (b, T, d_out) -> (b, H, T, hd)
+    def reset_cache(self):
+        self.cache = None
+
+    def crop_cache(self, n):
+        """Keep the first n cached tokens (Hugging Face's DynamicCache.crop)."""
+        if self.cache is not None:
+            self.cache = tuple(t[:, :, :n] for t in self.cache)
+
+    def _heads(self, t):  # (b, T, heads * hd) -> (b, heads, T, hd)
         b, n, _ = t.shape
-        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return t.view(b, n, -1, self.head_dim).transpose(1, 2)
 
-    def forward(self, x):
+    def forward(self, x, use_cache=False, attention_mask=None):
         b, n, _ = x.shape
-        if n > self.context_length:
-            raise ValueError(f"num_tokens={n} exceeds context_length={self.context_length}")
+        start = self.cache[0].shape[2] if use_cache and self.cache is not None else 0
+        if start + n > self.context_length:
+            raise ValueError(f"{start} cached + {n} new tokens exceed context_length={self.context_length}")
         q, k, v = (self._heads(proj(x)) for proj in (self.W_query, self.W_key, self.W_value))
-        context = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                 dropout_p=self.dropout if self.training else 0.0)
+        if use_cache:
+            if self.cache is not None:
+                k, v = torch.cat([self.cache[0], k], dim=2), torch.cat([self.cache[1], v], dim=2)
+            self.cache = (k, v)
+        mask = None
+        if start or attention_mask is not None:
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(start)  # j <= start + i
+            if attention_mask is not None:
+                mask = mask & attention_mask.bool()[:, None, None, :]  # padded keys not attended
+        context = self._attend(q, k, v, mask)
         return self.out_proj(context.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+    def _attend(self, q, k, v, mask):
+        """SDPA of the query heads over the (cached) K/V heads; causal unless ``mask`` (True = attended) is given."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              dropout_p=self.dropout if self.training else 0.0,
+                                              enable_gqa=self.num_kv_heads != self.num_heads)
 
 
 class SDPA(Adapter):
-    """``SDPAMultiHeadAttention``, checked as kind ``mha``: the seed's constructor and parameter
-    names, so ``projections`` is the default (seed names)."""
+    """``SDPAMultiHeadAttention``, checked as kind ``gqa`` narrowed to its one feature, grouped K/V heads
+    (``enable_gqa``): no rotary embedding, no sliding window. The seed's parameter names, so
+    ``projections`` is the default (seed names); out_proj has a bias (gqa leaves it free)."""
+
+    kind = "gqa"
+    features = ("grouped_kv",)
+    module_class = SDPAMultiHeadAttention  # the class built (subclass it to check your own)
+
+    def build(self, cfg):
+        return self.module_class(cfg.d_in, cfg.d_out, cfg.context_length, cfg.dropout, cfg.num_heads,
+                                      qkv_bias=cfg.qkv_bias, num_kv_heads=cfg.kv_heads)
+
+
+class SDPAMHA(Adapter):
+    """``SDPAMultiHeadAttention`` with num_kv_heads = num_heads, checked as the seed's kind ``mha`` (out_proj's
+    bias required)."""
 
     kind = "mha"
 

@@ -175,7 +175,8 @@ class CausalRotaryAttention(nn.Module):
     """A Hugging Face Llama-family attention called as its model calls it (LlamaModel/MistralModel.forward):
     position ids after the cached tokens, (cos, sin) from the model's rotary embedding, the mask of
     ``create_causal_mask`` (``create_sliding_window_causal_mask`` when config.sliding_window is set), and,
-    with ``use_cache=True``, transformers' own ``DynamicCache`` (``reset_cache()`` starts a new one).
+    with ``use_cache=True``, transformers' own ``DynamicCache`` (``reset_cache()`` starts a new one,
+    ``crop_cache(n)`` is ``DynamicCache.crop``).
     forward returns the attention output only (the module returns ``(output, weights)``). The rotary
     embedding is kept out of ``module.to(dtype)``: its inverse frequencies stay float32, as in a model
     loaded with ``dtype=``."""
@@ -188,6 +189,17 @@ class CausalRotaryAttention(nn.Module):
 
     def reset_cache(self):
         self.cache = None
+
+    def crop_cache(self, n):
+        """Keep the first n cached tokens: ``DynamicCache.crop(-removed)`` (transformers 5 counts the tokens
+        removed; a sliding-window layer can crop past its window because the cache records its past)."""
+        if self.cache is not None and self.cache.get_seq_length() > n:
+            self.cache.crop(n - self.cache.get_seq_length())
+
+    def new_cache(self):
+        cache = DynamicCache(config=self.config)
+        cache.activate_past_recording()  # sliding-window layers keep every token, so crop_cache can go back
+        return cache
 
     def past_length(self, cache):
         """The number of tokens before x's: its first position."""
@@ -206,15 +218,18 @@ class CausalRotaryAttention(nn.Module):
         scaling = getattr(rotary, "attention_scaling", 1.0)
         return emb.cos() * scaling, emb.sin() * scaling
 
-    def forward(self, x, use_cache=False):
+    def forward(self, x, use_cache=False, attention_mask=None):
+        """``attention_mask`` (batch, cached + num_tokens), True/1 at real tokens: the 2-D padding mask the model
+        gets from its tokenizer, turned by ``create_causal_mask`` into the 4-D mask of the attention
+        implementation (additive for eager, bool for sdpa) with the causal band and the window."""
         if use_cache and self.cache is None:
-            self.cache = DynamicCache(config=self.config)
+            self.cache = self.new_cache()
         cache = self.cache if use_cache else None
         start = self.past_length(cache)
         position_ids = (torch.arange(x.shape[1], device=x.device) + start)[None]
         make_mask = create_causal_mask if getattr(self.config, "sliding_window", None) is None \
             else create_sliding_window_causal_mask
-        mask = make_mask(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache,
+        mask = make_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask, past_key_values=cache,
                          position_ids=position_ids)
         position_embeddings = self.rotary_embeddings(x, position_ids)
         return self.attn(x, position_embeddings=position_embeddings, attention_mask=mask, past_key_values=cache)[0]

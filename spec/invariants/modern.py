@@ -2,6 +2,8 @@
 windows. The features are a configuration's (spec.kinds.Config); the invariants here hold for the kinds
 that have them, and every other invariant of the catalogue applies to those kinds too."""
 
+import inspect
+
 import torch
 
 from attnspec import oracle
@@ -18,7 +20,7 @@ GROUPED_KINDS = ROTARY_KINDS = WINDOW_KINDS = ("gqa",)
 @invariant("grouped-query-kv-shared",
            "query head h attends with K/V head h // (num_heads/num_kv_heads): out = out_proj(concat_h attention(x; "
            "query rows of head h, key/value rows of K/V head h // group)), with the rotary embedding and window",
-           GROUPED_KINDS, "params")
+           GROUPED_KINDS, "params", require=("grouped_kv",))
 def grouped_query_kv_shared(case):
     """Multi-head attention whose K/V projections are duplicated per group, written as num_heads single-head
     attentions. If the output instead matches query head h using K/V head h mod num_kv_heads, the report
@@ -188,7 +190,8 @@ def _chunks(num_tokens):
 
 @invariant("kv-cache-decoding",
            "decoding through the module's KV cache, forward(x[:, s:e], use_cache=True) piece by piece (token by "
-           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step",
+           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; after crop_cache(k), "
+           "forward(x[:, k:], use_cache=True) gives forward(x)[:, k:]",
            CACHE_KINDS, "forward", min_tokens=2)
 def kv_cache_decoding(case):
     """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
@@ -196,7 +199,9 @@ def kv_cache_decoding(case):
     after the cached ones (rotary embeddings and the window included); ``reset_cache()`` empties it. A
     cache appended twice, a position that does not advance (RoPE or the mask at 0 for every new token),
     or a reset that forgets the position shows as a difference. Not applicable to a module without
-    ``reset_cache``."""
+    ``reset_cache``. A module with ``crop_cache(n)`` (Hugging Face's ``DynamicCache.crop``: keep the first n
+    tokens) is also cropped, after decoding all T tokens, to k = 1 + seed mod (T - 1) and decodes x[:, k:] in
+    one piece: a crop that keeps the wrong tokens or leaves the position at T shows."""
     module = case.module
     if not callable(getattr(module, "reset_cache", None)):
         raise NotApplicable("the module has no KV cache (forward(x, use_cache=True) and reset_cache(), as "
@@ -204,19 +209,105 @@ def kv_cache_decoding(case):
     x = case.input()
     full = case.forward(x)
     T, magnitude = x.shape[-2], _magnitude(full, x)
-    for label, sizes in (("token by token", [1] * T), ("in chunks after reset_cache()", _chunks(T))):
+
+    def decode(start, size, label):
+        piece = x[:, start:start + size].contiguous()
+        out = case.guard(f"forward(x[:, {start}:{start + size}], use_cache=True) ({label})", module, piece,
+                         use_cache=True)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(full[:, start:start + size].shape):
+            raise Violation(f"forward(x[:, {start}:{start + size}], use_cache=True) returned "
+                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, "
+                            f"expected a tensor of shape {tuple(full[:, start:start + size].shape)}")
+        assert_close(out, full[:, start:start + size], dtype=x.dtype, magnitude=magnitude,
+                     what=f"{label}: outputs at positions {start}..{start + size - 1} after {start} cached tokens "
+                          f"vs forward(x)")
+
+    crop = callable(getattr(module, "crop_cache", None))
+    for label, sizes, then_crop in (("decoding token by token", [1] * T, crop),
+                                    ("decoding in chunks after reset_cache()", _chunks(T), False)):
         case.guard("reset_cache()", module.reset_cache)
         start = 0
         for size in sizes:
-            piece = x[:, start:start + size].contiguous()
-            out = case.guard(f"forward(x[:, {start}:{start + size}], use_cache=True) (decoding {label})", module, piece,
-                             use_cache=True)
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(full[:, start:start + size].shape):
-                raise Violation(f"forward(x[:, {start}:{start + size}], use_cache=True) returned "
-                                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, "
-                                f"expected a tensor of shape {tuple(full[:, start:start + size].shape)}")
-            assert_close(out, full[:, start:start + size], dtype=x.dtype, magnitude=magnitude,
-                         what=f"decoding {label}: outputs at positions {start}..{start + size - 1} after {start} "
-                              f"cached tokens vs forward(x)")
+            decode(start, size, label)
             start += size
+        if then_crop:
+            k = 1 + case.cfg.seed % (T - 1)
+            case.guard(f"crop_cache({k})", module.crop_cache, k)
+            decode(k, T - k, f"decoding after crop_cache({k}) of {T} cached tokens")
     case.guard("reset_cache()", module.reset_cache)
+
+
+PADDING_KINDS = ("gqa",)
+
+
+def _takes_attention_mask(module):
+    """Whether the module's forward has an ``attention_mask`` parameter (the padding convention)."""
+    try:
+        return "attention_mask" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: a C function or an odd callable
+        return False
+
+
+def _padding(case, x):
+    """(real, left, pads): p_b in [0, T-1] padded positions per batch row (row 0: at least 1), drawn from the
+    configuration's seed; on the left when seed // 2 is odd, else on the right; ``real`` (batch, T) bool, True at
+    the real tokens."""
+    if not _takes_attention_mask(case.module):
+        raise NotApplicable("forward takes no attention_mask: padding is checked as forward(x, attention_mask=m), m "
+                            "(batch, num_tokens) bool, True at real tokens (Hugging Face's convention)")
+    b, T = x.shape[0], x.shape[-2]
+    pads = torch.randint(0, T, (b,), generator=torch.Generator().manual_seed(case.cfg.seed + 3))
+    pads[0] = max(int(pads[0]), 1)
+    left = (case.cfg.seed // 2) % 2 == 1
+    position = torch.arange(T)
+    real = position[None] >= pads[:, None] if left else position[None] < T - pads[:, None]
+    return real.to(x.device), left, pads.tolist()
+
+
+def _described(left, pads):
+    return f"{'left' if left else 'right'} padding of {pads} positions per batch row"
+
+
+@invariant("padding-mask",
+           "with a padding mask m (batch, T), True at real tokens, left or right: outputs at real tokens do not depend "
+           "on the padded positions' contents; with right padding they equal forward of each row's real prefix",
+           PADDING_KINDS, "forward", min_tokens=2, scales=WIDE_SCALES)
+def padding_mask(case):
+    """Black-box: padded keys get zero weight at every real query i (softmax over the real keys j <= i of the
+    window), so (a) replacing the padded positions' contents by other values leaves the outputs at real
+    tokens unchanged (left and right padding), and (b) with right padding a row of n real tokens gives
+    forward(x[:, :n]) at its real tokens (the same positions, no padded key attended). Outputs at padded
+    positions are not constrained. Not applicable to a module whose forward takes no ``attention_mask``."""
+    x = case.input()
+    real, left, pads = _padding(case, x)
+    what = _described(left, pads)
+    out = case.forward(x, attention_mask=real)
+    keep = real[..., None]
+    other = torch.where(keep, x, case.input(salt=1))
+    changed = case.forward(other, attention_mask=real)
+    magnitude = _magnitude(torch.where(keep, out, 0.0), x)
+    assert_close(torch.where(keep, changed, 0.0), torch.where(keep, out, 0.0), dtype=x.dtype, magnitude=magnitude,
+                 what=f"{what}: outputs at real tokens after changing the padded positions' contents")
+    if left:
+        return
+    T = x.shape[-2]
+    for n in sorted({T - p for p in pads}):
+        rows = [i for i, p in enumerate(pads) if T - p == n]
+        alone = case.forward(x[rows, :n].contiguous())
+        assert_close(out[rows, :n], alone, dtype=x.dtype, magnitude=magnitude,
+                     what=f"{what}: outputs at the {n} real tokens of batch rows {rows} vs forward(x[{rows}, :{n}])")
+
+
+@invariant("padding-weights",
+           "with a padding mask (left or right), w[b, h, i, j] == 0 exactly for every padded key j of a real query i",
+           PADDING_KINDS, "weights", min_tokens=2, scales=WIDE_SCALES)
+def padding_weights(case):
+    x = case.input()
+    real, left, pads = _padding(case, x)
+    _, seen = case.observe(x, attention_mask=real)
+    weights = stacked(case, x, seen)  # (batch, heads, T, T)
+    leak = real[:, None, :, None] & ~real[:, None, None, :] & (weights != 0)
+    if leak.any():
+        index = _first(leak)
+        raise Violation(f"{_described(left, pads)}: padded key {index[-1]} of batch row {index[0]} has weight "
+                        f"{weights[index].item():.4g} at real query {index[-2]} (index {index})")
