@@ -51,15 +51,29 @@ FUDGE = 10.0
 CONDITIONING_LIMIT = 0.5
 
 
-def softmax_rounding(dtype, score_magnitude):
+# Rotating q and k in the module's dtype rounds cos, sin and the rotated pairs: ~2 eps relative on each
+# of q and k, so ~4 eps |q| |k| / sqrt(d) more on a score than the product's own rounding.
+ROTARY_ROUNDINGS = 4
+
+
+def softmax_rounding(dtype, score_magnitude, rotary=False):
     """The error of attention weights that rounding their scores (of size ``score_magnitude``) to the
-    precision a correct module computing in ``dtype`` may hold them in costs: eps * |s|."""
-    return torch.finfo(held_dtype(dtype)).eps * float(score_magnitude)
+    precision a correct module computing in ``dtype`` may hold them in costs: eps * |s| (with rotary
+    embeddings applied in that precision, (1 + ROTARY_ROUNDINGS) eps * |s|)."""
+    return torch.finfo(held_dtype(dtype)).eps * float(score_magnitude) * (1 + ROTARY_ROUNDINGS * bool(rotary))
 
 
-def ill_conditioned(dtype, score_magnitude):
+def rotary_angle_rounding(num_positions, score_magnitude):
+    """The error of scores of size ``score_magnitude`` that computing the rotary angles p * theta_k
+    (theta_k <= 1, p < num_positions) in ROPE_ANGLES precision costs: an angle rounds by up to eps * p
+    and turns q and k by as much, so a score moves by up to 2 eps p |q| |k| / sqrt(d). The observed
+    scores stand in for |q| |k| / sqrt(d), with FUDGE for what they fall short of it."""
+    return FUDGE * 2 * torch.finfo(ROPE_ANGLES).eps * num_positions * float(score_magnitude)
+
+
+def ill_conditioned(dtype, score_magnitude, rotary=False):
     """Why scores of size ``score_magnitude`` make ``dtype``'s attention weights meaningless, or None."""
-    rounding = softmax_rounding(dtype, score_magnitude)
+    rounding = softmax_rounding(dtype, score_magnitude, rotary)
     if rounding > CONDITIONING_LIMIT:
         return (f"ill-conditioned in {str(dtype).replace('torch.', '')}: scores up to {score_magnitude:.3g} round by "
                 f"up to {rounding:.3g}, so no precision-{str(dtype).replace('torch.', '')} weights can be compared")

@@ -12,7 +12,8 @@ from attnspec.invariants.base import invariant
 from attnspec.invariants.causality import _confirmed, _cuts, _magnitude, _replicas
 from attnspec.invariants.weights import _first, observed_and_reference_weights, stacked
 from attnspec.strategies import WIDE_SCALES
-from attnspec.tolerance import ROPE_ANGLES, allowed_error, assert_close, held_dtype
+from attnspec.tolerance import (ROPE_ANGLES, allowed_error, assert_close, held_dtype, ill_conditioned,
+                                rotary_angle_rounding, softmax_rounding)
 
 GROUPED_KINDS = ROTARY_KINDS = WINDOW_KINDS = ("gqa",)
 
@@ -79,9 +80,14 @@ def rotary_embedding(case):
     if cfg.rope is None:
         raise NotApplicable("needs rotary embeddings (rope_base) with an even head_dim", structural=False)
     parts, x = case.projections(), case.input()
+    score_magnitude = oracle.score_magnitude(case.kind, cfg, parts, x)
+    unusable = ill_conditioned(x.dtype, score_magnitude, rotary=True)
+    if unusable:
+        raise NotApplicable(unusable, structural=False)
     observed, expected, measured = observed_and_reference_weights(case, parts, x)
     try:
         assert_close(observed, expected, dtype=x.dtype, magnitude=1.0, measured=measured,
+                     bound=softmax_rounding(x.dtype, score_magnitude, rotary=True),
                      what=f"attention weights vs the oracle's with RoPE (base {cfg.rope_base:g}, {cfg.rotary_dim} of "
                           f"{cfg.head_dim} dims rotated, {_layout(cfg)})")
     except Violation as mismatch:
@@ -122,7 +128,7 @@ def rotary_relative_position(case):
         both = attended & torch.isfinite(shifted) & torch.isfinite(reference)
         magnitude = max(reference[both].abs().max().item() if both.any() else 0.0, 1e-30)
         assert_close(torch.where(both, shifted, 0.0), torch.where(both, reference, 0.0), dtype=x.dtype,
-                     magnitude=magnitude, what=f"scores of x[:, {k}:] vs scores of x at positions >= {k} "
+                     magnitude=magnitude, bound=rotary_angle_rounding(T, magnitude), what=f"scores of x[:, {k}:] vs scores of x at positions >= {k} "
                                                f"(the same tokens, shifted by {k})")
 
 

@@ -29,7 +29,7 @@ def oracle_float64(case):
     parts, x = case.projections(), case.input()
     if case.kind.head_split and case.kind.structure == "attention" and "out" not in parts:
         raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
-    unusable = ill_conditioned(x.dtype, oracle.score_magnitude(case.kind, case.cfg, parts, x))
+    unusable = ill_conditioned(x.dtype, oracle.score_magnitude(case.kind, case.cfg, parts, x), case.cfg.rope)
     if unusable:
         raise NotApplicable(unusable, structural=False)
     gelu = case.contract.gelu

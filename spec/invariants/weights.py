@@ -44,10 +44,13 @@ def masked_softmax_renormalized(case):
     _, seen = case.observe(case.input())
     for head, applied in zip(seen.heads, seen.applied_weights()):
         scores = head.scores.to(torch.float64)
-        scores = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))  # future values are irrelevant
-        window = case.cfg.window
-        expected = oracle.renormalized_causal(torch.softmax(scores, -1), window)
-        measured = (oracle.renormalized_causal(oracle.softmax(scores.to(applied.dtype)), window) - expected).abs().max()
+        scores = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))  # (a masked past score: 0)
+        # tril(softmax(S)) / row sums is the softmax over the attended keys alone, whatever the future holds;
+        # computed so, as the module does (a softmax over S with the future's -inf replaced first underflows
+        # to subnormals when the past scores are ~ -740, and its renormalization is then the oracle's error)
+        past = scores.masked_fill(oracle.causal_mask(scores.shape[-1], scores.device, case.cfg.window), -math.inf)
+        expected = torch.softmax(past, -1)
+        measured = (oracle.softmax(past.to(applied.dtype)) - expected).abs().max()
         # a float64 run may hold the softmax in float32 (Hugging Face's eager attention: the float64 rule), which
         # rounds the weights by eps32 * |s|; in the other dtypes ``measured`` is the softmax's own rounding
         held = applied.dtype == torch.float64 and scores.numel()
@@ -86,13 +89,13 @@ def scaling_sqrt_head_dim(case):
     parts = case.projections()
     x = case.input()
     score_magnitude = oracle.score_magnitude(case.kind, case.cfg, parts, x)
-    unusable = ill_conditioned(x.dtype, score_magnitude)
+    unusable = ill_conditioned(x.dtype, score_magnitude, case.cfg.rope)
     if unusable:
         raise NotApplicable(unusable, structural=False)
     observed, expected, measured = observed_and_reference_weights(case, parts, x)
     try:
         assert_close(observed, expected, dtype=x.dtype, magnitude=1.0, measured=measured,
-                     bound=softmax_rounding(x.dtype, score_magnitude),
+                     bound=softmax_rounding(x.dtype, score_magnitude, case.cfg.rope),
                      what=f"attention weights vs softmax(QK^T/sqrt({case.kind.attention_head_dim(case.cfg)}))")
     except Violation as mismatch:
         head_dim, cfg = case.kind.attention_head_dim(case.cfg), case.cfg
