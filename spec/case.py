@@ -321,13 +321,15 @@ class Case:
         return self.cfg.random_input(self.kind.input_shape(self.cfg, num_tokens, batch), salt)
 
     def inference(self, train=False, needs_grad=False):
-        """Whether an eval-mode forward runs under torch.no_grad(), as inference does: for odd seeds,
-        unless the caller differentiates the output. Real code branches on autograd (PyTorch's own
-        nn.MultiheadAttention takes a fused fast path only without it), and both paths must agree."""
-        return not train and not needs_grad and self.cfg.seed % 2 == 1
+        """Whether a forward runs under torch.no_grad(), as inference does: for odd seeds, unless the
+        caller differentiates the output; in train mode too (Monte Carlo dropout samples train-mode
+        forwards without autograd). Real code branches on autograd (PyTorch's own nn.MultiheadAttention
+        takes a fused fast path only without it; a dropout gated on torch.is_grad_enabled() is
+        skipped), and both paths must agree."""
+        return not needs_grad and self.cfg.seed % 2 == 1
 
     def forward(self, x, train=False, module=None, seed_salt=0, needs_grad=False, attention_mask=None):
-        """module(x) in eval or train mode (eval under torch.no_grad() for odd seeds: ``inference``);
+        """module(x) in eval or train mode (under torch.no_grad() for odd seeds: ``inference``);
         must be a plain strided Tensor of the kind's output shape on x's device (a tensor subclass is
         copied into a plain tensor first). The global RNG is seeded from the config first, so every
         call is reproducible (even a module that draws random numbers in eval mode). Returns a copy: a
@@ -371,7 +373,7 @@ class Case:
             bad = bad & attention_mask.bool().reshape(*attention_mask.shape, *([1] * (out.dim() - 2)))
         if bad.any() and torch.isfinite(x).all():
             index = tuple(int(i) for i in bad.nonzero()[0])
-            mode = "train" if train else "eval, torch.no_grad()" if self.inference(train, needs_grad) else "eval"
+            mode = ("train" if train else "eval") + (", torch.no_grad()" if self.inference(train, needs_grad) else "")
             raise Violation(f"forward returned output[{index}] = {out[index].item()} for a finite input "
                             f"(scale {self.cfg.scale:g}, {mode} mode)")
         return out

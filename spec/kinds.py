@@ -207,8 +207,17 @@ class Kind:
     def projection_problem(self, cfg, parts):
         """Why the projections found (nn.Linear layout, (out, in)) cannot be this kind's, or None: with
         grouped K/V heads, the query has num_heads and the key and value num_kv_heads heads of head_dim
-        rows (a fused q|k|v weight split in thirds is not that)."""
-        if not self.grouped_kv or not isinstance(parts, dict):
+        rows (a fused q|k|v weight split in thirds is not that); the wrapper's, one (query, key, value) per
+        head (one Linear holding every head's queries is not that)."""
+        per_head = isinstance(parts, (list, tuple)) and all(isinstance(head, dict) for head in parts)
+        if self.structure == "wrapper" and not (per_head and len(parts) == cfg.num_heads):
+            found = f"{len(parts)} heads" if per_head else f"one set ({', '.join(map(str, parts))})" \
+                if isinstance(parts, dict) else type(parts).__name__
+            return (f"the projections found are {found}, not one query/key/value per head for num_heads="
+                    f"{cfg.num_heads} (the wrapper's heads): an adapter can name them per head")
+        if self.structure != "wrapper" and not isinstance(parts, dict):
+            return f"the projections found are a {type(parts).__name__}, not named query/key/value projections"
+        if not self.grouped_kv:
             return None
         rows = {"query": cfg.num_heads * cfg.head_dim, "key": cfg.kv_heads * cfg.head_dim, "value": cfg.kv_heads * cfg.head_dim}
         found = {n: tuple(parts[n][0].shape) for n in rows if n in parts}

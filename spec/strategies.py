@@ -7,7 +7,8 @@ paths for head_dim >= 8, micro-batches), one dimension large at a time so that e
 cheap (an invariant may loop over cuts, batch elements or 1024 dropout draws):
 
 * ``long``: num_tokens and context_length up to 130, around 16, 32, 64 and 128; 1-2 heads of <= 4 dims;
-* ``wide``: head_dim 8, 16, 32 or 64 (d_in up to 64), 1-2 heads, <= 17 tokens;
+* ``wide``: head_dim 8, 16, 32 or 64 (d_in up to 64), 1-2 heads, <= 17 tokens or a length around 32 and
+  64 (fused paths branch on head_dim and length together: SDPA-style kernels for head_dim % 8 == 0, T >= 32);
 * ``many``: 5-8 heads, batch 5-8, <= 8 tokens of <= 4 dims per head.
 
 ``REGIMES`` lists ``long`` three times in seven (tiling bugs need many tokens); Hypothesis draws the
@@ -28,6 +29,7 @@ REGIMES = ("small", "long", "many", "long", "wide", "long", "many")  # sampled_f
 LONG_LENGTHS = (17, 33, 65, 129, 16, 32, 64, 128, 15, 31, 63, 127, 130)  # tile edges and their neighbours
 WIDE_HEAD_DIMS = (8, 16, 32, 64)
 MAX_WIDE_CONTEXT = 17
+WIDE_LENGTHS = (33, 65, 32, 64, 31, 63)  # wide and long at once (after the short contexts)
 MANY_HEADS, MANY_BATCH = (5, 8), (5, 8)
 
 # Input magnitudes where float32 comparisons are well conditioned (tiny included: LayerNorm's eps).
@@ -60,6 +62,12 @@ def _tokens(low, context_length):
     return st.one_of(st.just(context_length), st.integers(low, context_length - 1))
 
 
+@lru_cache(maxsize=None)
+def _wide_contexts(low):
+    """context_length in the wide regime: short (<= 17), else around 32 and 64."""
+    return st.one_of(_ints(low, MAX_WIDE_CONTEXT), _pick(WIDE_LENGTHS))
+
+
 def _sizes(draw, kind, regime, min_tokens, min_batch):
     """(num_heads, head_dim, d_in, context_length, num_tokens, batch) of ``regime``."""
     heads = {"small": (1, MAX_HEADS), "long": (1, 2), "wide": (1, 2), "many": MANY_HEADS}[regime]
@@ -80,9 +88,11 @@ def _sizes(draw, kind, regime, min_tokens, min_batch):
         shorter = tuple(t for t in LONG_LENGTHS if low <= t < context_length)
         num_tokens = draw(st.one_of(st.just(context_length), _pick(shorter)) if shorter else st.just(context_length),
                           label="num_tokens")
+    elif regime == "wide":
+        context_length = draw(_wide_contexts(low), label="context_length")
+        num_tokens = draw(_tokens(min_tokens, context_length), label="num_tokens")
     else:
-        top = MAX_WIDE_CONTEXT if regime == "wide" else MAX_CONTEXT
-        context_length = draw(_ints(low, top), label="context_length")
+        context_length = draw(_ints(low, MAX_CONTEXT), label="context_length")
         num_tokens = draw(_tokens(min_tokens, context_length), label="num_tokens")
     batches = MANY_BATCH if regime == "many" else (1, MAX_BATCH if regime == "small" else 2)
     batch = draw(_ints(max(min_batch, batches[0]), max(min_batch, batches[1])), label="batch") if kind.batched else 1

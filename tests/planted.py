@@ -1550,6 +1550,18 @@ class CachePositionNotAdvanced(GroupedQueryAttention):
         return super().rope(t, 0)  # every new piece rotated as if it started at position 0
 
 
+class ForwardReadsCache(GroupedQueryAttention):
+    """A plain forward(x) (use_cache=False) also attends over what the cache holds, without storing x."""
+
+    def forward(self, x, use_cache=False):
+        if use_cache or self.cache_k is None:
+            return super().forward(x, use_cache=use_cache)
+        saved = (self.cache_k, self.cache_v)
+        out = super().forward(x, use_cache=True)
+        self.cache_k, self.cache_v = saved
+        return out
+
+
 class CacheResetKeepsPosition(GroupedQueryAttention):
     """Counts positions itself (llms-from-scratch's ptr_current_pos) and forgets to zero it in reset_cache()."""
 
@@ -1570,6 +1582,7 @@ CORPUS += [
     _bug(GQA, CacheAppendedTwice, "kv cache", ["kv-cache-decoding"], "the cache gets each new key and value twice"),
     _bug(GQA, CachePositionNotAdvanced, "kv cache", ["kv-cache-decoding"],
          "RoPE of a decoded piece at position 0, not after the cached tokens"),
+    _bug(GQA, ForwardReadsCache, "kv cache", ["kv-cache-decoding"], "forward without use_cache reads the cache"),
     _bug(GQA, CacheResetKeepsPosition, "kv cache", ["kv-cache-decoding"],
          "reset_cache() empties the cache but keeps the position counter"),
 ]
@@ -1603,7 +1616,23 @@ class NoGradFastPathUnscaled(_NoGradFastPath):
     sdpa_kwargs = dict(is_causal=True, scale=1.0)  # scores not divided by sqrt(head_dim)
 
 
+class DropoutOnlyWithGrad(MultiHeadAttention):
+    """Dropout gated on autograd: none in train mode under torch.no_grad(), where Monte Carlo dropout
+    samples train-mode forwards."""
+
+    def forward(self, x):
+        p = self.dropout.p
+        if not torch.is_grad_enabled():
+            self.dropout.p = 0.0
+        try:
+            return super().forward(x)
+        finally:
+            self.dropout.p = p
+
+
 CORPUS += [
+    _bug(MHA, DropoutOnlyWithGrad, "inference path", ["dropout-on-weights"],
+         "train mode under torch.no_grad() applies no dropout"),
     _bug(MHA, NoGradFastPathNotCausal, "inference path", ["causal-perturbation"],
          "eval under torch.no_grad() takes a fused path without the causal mask"),
     _bug(MHA, NoGradFastPathUnscaled, "inference path", ["oracle-float64"],

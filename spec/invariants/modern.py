@@ -183,28 +183,44 @@ def sliding_window_weights(case):
 CACHE_KINDS = ("gqa",)
 
 
+STEPS = 8  # single-token decoding steps at each end of a long sequence (the middle goes in one chunk)
+PIECES = 9  # pieces of 3, 1, 2 tokens after the prefill of the chunked pass (then the rest in one)
+
+
+def _token_steps(num_tokens):
+    """Piece sizes of the token-by-token pass: every token alone, or at long sizes the first and the last
+    STEPS tokens alone and one chunk between (decoding steps at the start and at positions up to T, ~17
+    calls instead of T)."""
+    if num_tokens <= 3 * STEPS:
+        return [1] * num_tokens
+    return [1] * STEPS + [num_tokens - 2 * STEPS] + [1] * STEPS
+
+
 def _chunks(num_tokens):
-    """Chunk sizes that cover num_tokens: a prefill of half the tokens, then pieces of 3, 1, 2, ..."""
+    """Chunk sizes that cover num_tokens: a prefill of half the tokens, then up to PIECES pieces of 3, 1, 2,
+    ..., then the rest in one."""
     sizes, left = [max(1, num_tokens // 2)], num_tokens - max(1, num_tokens // 2)
-    for size in (3, 1, 2) * num_tokens:
+    for size in (3, 1, 2) * (PIECES // 3):
         if left <= 0:
             break
         sizes.append(min(size, left))
         left -= sizes[-1]
-    return sizes
+    return sizes + ([left] if left > 0 else [])
 
 
 @invariant("kv-cache-decoding",
            "decoding through the module's KV cache, forward(x[:, s:e], use_cache=True) piece by piece (token by "
-           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; after crop_cache(k), "
-           "forward(x[:, k:], use_cache=True) gives forward(x)[:, k:]",
+           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; forward(x) with a "
+           "full cache ignores it; after crop_cache(k), forward(x[:, k:], use_cache=True) gives forward(x)[:, k:]",
            CACHE_KINDS, "forward", min_tokens=2)
 def kv_cache_decoding(case):
     """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
     x's keys and values to the cache and attends over every cached token, x's tokens taking the positions
     after the cached ones (rotary embeddings and the window included); ``reset_cache()`` empties it. A
     cache appended twice, a position that does not advance (RoPE or the mask at 0 for every new token),
-    or a reset that forgets the position shows as a difference. Not applicable to a module without
+    or a reset that forgets the position shows as a difference; so does a plain forward(x) (use_cache=False)
+    that reads the cache. At long sizes the token-by-token pass decodes the first and last STEPS tokens alone
+    and the middle in one chunk (``_token_steps``). Not applicable to a module without
     ``reset_cache``. A module with ``crop_cache(n)`` (Hugging Face's ``DynamicCache.crop``: keep the first n
     tokens) is also cropped, after decoding all T tokens, to k = 1 + seed mod (T - 1) and decodes x[:, k:] in
     one piece: a crop that keeps the wrong tokens or leaves the position at T shows."""
@@ -229,14 +245,18 @@ def kv_cache_decoding(case):
                           f"vs forward(x)")
 
     crop = callable(getattr(module, "crop_cache", None))
-    for label, sizes, then_crop in (("decoding token by token", [1] * T, crop),
-                                    ("decoding in chunks after reset_cache()", _chunks(T), False)):
+    for label, sizes, full_cache in (("decoding token by token", _token_steps(T), True),
+                                     ("decoding in chunks after reset_cache()", _chunks(T), False)):
         case.guard("reset_cache()", module.reset_cache)
         start = 0
         for size in sizes:
             decode(start, size, label)
             start += size
-        if then_crop:
+        if full_cache:  # T tokens cached: a plain forward must neither read nor (crop below) have changed them
+            assert_close(case.forward(x), full, dtype=x.dtype, magnitude=magnitude,
+                         what=f"forward(x) with {T} tokens in the KV cache vs forward(x) with none (forward without "
+                              f"use_cache=True neither reads nor writes the cache)")
+        if full_cache and crop:
             k = 1 + case.cfg.seed % (T - 1)
             case.guard(f"crop_cache({k})", module.crop_cache, k)
             decode(k, T - k, f"decoding after crop_cache({k}) of {T} cached tokens")
