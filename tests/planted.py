@@ -1616,6 +1616,20 @@ class NoGradFastPathUnscaled(_NoGradFastPath):
     sdpa_kwargs = dict(is_causal=True, scale=1.0)  # scores not divided by sqrt(head_dim)
 
 
+class FusedPathWhenWideAndLong(MultiHeadAttention):
+    """A flash-eligible path (head_dim a multiple of 8 and >= 32 tokens) calling SDPA without is_causal;
+    narrow or short inputs take the seed's path."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        if self.head_dim % 8 or t < 32:
+            return super().forward(x)
+        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        context = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout.p if self.training else 0.0)
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
 class DropoutOnlyWithGrad(MultiHeadAttention):
     """Dropout gated on autograd: none in train mode under torch.no_grad(), where Monte Carlo dropout
     samples train-mode forwards."""
@@ -1631,6 +1645,8 @@ class DropoutOnlyWithGrad(MultiHeadAttention):
 
 
 CORPUS += [
+    _bug(MHA, FusedPathWhenWideAndLong, "size", ["causal-perturbation"],
+         "head_dim % 8 == 0 and >= 32 tokens: a fused path without the causal mask"),
     _bug(MHA, DropoutOnlyWithGrad, "inference path", ["dropout-on-weights"],
          "train mode under torch.no_grad() applies no dropout"),
     _bug(MHA, NoGradFastPathNotCausal, "inference path", ["causal-perturbation"],
