@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from attnspec.impl.attention import (
     CausalAttention,
@@ -1616,6 +1617,17 @@ class NoGradFastPathUnscaled(_NoGradFastPath):
     sdpa_kwargs = dict(is_causal=True, scale=1.0)  # scores not divided by sqrt(head_dim)
 
 
+class CheckpointWithoutRNGState(MultiHeadAttention):
+    """Activation checkpointing in training with preserve_rng_state=False: backward recomputes forward
+    with another dropout mask, so the gradients are another forward's."""
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False,
+                                                     preserve_rng_state=False)
+        return super().forward(x)
+
+
 class FusedPathWhenWideAndLong(MultiHeadAttention):
     """A flash-eligible path (head_dim a multiple of 8 and >= 32 tokens) calling SDPA without is_causal;
     narrow or short inputs take the seed's path."""
@@ -1645,6 +1657,8 @@ class DropoutOnlyWithGrad(MultiHeadAttention):
 
 
 CORPUS += [
+    _bug(MHA, CheckpointWithoutRNGState, "gradients", ["gradient-finite-differences"],
+         "checkpointed without preserve_rng_state: backward recomputes with another dropout mask"),
     _bug(MHA, FusedPathWhenWideAndLong, "size", ["causal-perturbation"],
          "head_dim % 8 == 0 and >= 32 tokens: a fused path without the causal mask"),
     _bug(MHA, DropoutOnlyWithGrad, "inference path", ["dropout-on-weights"],
