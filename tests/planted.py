@@ -1551,6 +1551,25 @@ class CachePositionNotAdvanced(GroupedQueryAttention):
         return super().rope(t, 0)  # every new piece rotated as if it started at position 0
 
 
+class RopeTableFirstDtype(GroupedQueryAttention):
+    """The rotary table cached at the first call in that call's dtype and reused for every dtype (Hugging
+    Face's former cos/sin cache): after a first call in bfloat16, float32 calls rotate by rounded angles."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._exact = None if self.cos is None else (self.cos.clone(), self.sin.clone())  # plain: .to() skips them
+        self._table = None
+
+    def rope(self, t, start):
+        if self._exact is None:
+            return t
+        if self._table is None:  # built at the first call, in that call's dtype, and kept
+            self._table = tuple(a.to(t.dtype) for a in self._exact)
+        cos, sin = self._table
+        end = start + t.shape[2]
+        return rotate(t, cos[start:end].to(t.dtype), sin[start:end].to(t.dtype), self.rope_interleaved)
+
+
 class ForwardReadsCache(GroupedQueryAttention):
     """A plain forward(x) (use_cache=False) also attends over what the cache holds, without storing x."""
 
@@ -1584,6 +1603,8 @@ CORPUS += [
     _bug(GQA, CachePositionNotAdvanced, "kv cache", ["kv-cache-decoding"],
          "RoPE of a decoded piece at position 0, not after the cached tokens"),
     _bug(GQA, ForwardReadsCache, "kv cache", ["kv-cache-decoding"], "forward without use_cache reads the cache"),
+    _bug(GQA, RopeTableFirstDtype, "history", ["history-independent"],
+         "the rotary table is kept in the dtype of the first call (bfloat16 rounding in later float32 calls)"),
     _bug(GQA, CacheResetKeepsPosition, "kv cache", ["kv-cache-decoding"],
          "reset_cache() empties the cache but keeps the position counter"),
 ]

@@ -38,8 +38,8 @@ def _other_shape(case):
 
 
 @invariant("history-independent",
-           "after calls at another shape and on another input of x's shape, in eval and train mode, forward(x) "
-           "(train, then eval) equals forward(x) of a fresh module with the same parameters and RNG state",
+           "after calls at another shape and on another input of x's shape, in eval and train mode (or a first call "
+           "in bfloat16), forward(x) equals forward(x) of a fresh module with the same parameters and RNG state",
            ALL_KINDS, "forward")
 def history_independent(case):
     """Eval then train: eval calls at (1 token, batch + 1) and on another input x' of x's shape, then a
@@ -48,7 +48,8 @@ def history_independent(case):
     Train then eval: train calls at the other shape and on x', then eval on x, compared with the fresh
     module's eval output. A cache keyed by shape (K/V, masks), a mask sized by the first call, a cache
     not cleared when switching to train, or a dropout mask kept from train mode and reapplied in eval
-    shows as a difference."""
+    shows as a difference; so does a state kept from a first call in bfloat16
+    (``_after_a_lower_precision_call``)."""
     x = case.input()
     fresh = _fresh_with_parameters_of(case, case.module)
     expected = case.forward(x, module=fresh)
@@ -72,6 +73,35 @@ def history_independent(case):
             raise
     evaluated, calls = after([(other, True), (same_shape, True)], train=False)
     assert_close(evaluated, expected, dtype=x.dtype, what=f"eval output {calls} vs a fresh module's")
+    _after_a_lower_precision_call(case, x)
+
+
+def _after_a_lower_precision_call(case, x):
+    """A fresh module's first call in bfloat16 (module.to(bfloat16), forward, module.to back) leaves no trace:
+    its next output in x's dtype equals that of a module given the same (rounded) parameters and floating
+    buffers (a rotary table or a float mask is rounded by the round trip too) and never called. A cache
+    built at the first call and kept in that call's precision (Hugging Face's former rotary cos/sin cache)
+    shows. Skipped in bfloat16 itself and where the module does not run in bfloat16."""
+    low = torch.bfloat16
+    if x.dtype == low:
+        return
+    module = _fresh_with_parameters_of(case, case.module)
+    case.guard("module.to(torch.bfloat16)", module.to, low)
+    try:
+        case.forward(x.to(low), module=module)
+    except Violation:  # bfloat16 unsupported, or wrong in bfloat16: the other invariants' finding
+        return
+    case.guard(f"module.to({x.dtype})", module.to, x.dtype)
+    never_called = _fresh_with_parameters_of(case, module)
+    buffers = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, b in never_called.named_buffers():
+            source = buffers.get(name)
+            if source is not None and b.is_floating_point() and source.shape == b.shape:
+                b.copy_(source)
+    assert_close(case.forward(x, module=module), case.forward(x, module=never_called), dtype=x.dtype,
+                 what=f"output after a first call in bfloat16 (module.to(bfloat16), forward, module.to({x.dtype})) vs "
+                      f"a module with the same parameters never called")
 
 
 @invariant("parameter-update-respected",
