@@ -1729,6 +1729,13 @@ class PaddingOnQueries(GroupedQueryAttention):
         return ~attention_mask.bool()[:, None, start:, None]  # padded query rows masked, padded keys attended
 
 
+class PaddingDroppedWithCache(GroupedQueryAttention):
+    def padded(self, attention_mask, start):
+        if start:  # decoding after a prefill: the padding of the cached tokens forgotten
+            return torch.zeros((), dtype=torch.bool, device=attention_mask.device)
+        return super().padded(attention_mask, start)
+
+
 class PaddingInverted(GroupedQueryAttention):
     def padded(self, attention_mask, start):
         return super().padded(~attention_mask.bool(), start)  # 1 read as padding, 0 as a real token
@@ -1745,6 +1752,8 @@ CORPUS += [
          "attention_mask accepted and ignored: real tokens attend the left padding"),
     _bug(GQA, PaddingOnQueries, "padding", ["padding-mask", "padding-weights"],
          "the padding mask applied to the queries (rows), not the keys: real tokens attend the left padding"),
+    _bug(GQA, PaddingDroppedWithCache, "padding", ["padding-mask"],
+         "the padding mask applied only while the cache is empty (generation from a padded batch)"),
     _bug(GQA, PaddingInverted, "padding", ["padding-mask", "padding-weights"],
          "the padding mask inverted: padded positions taken for real tokens and real ones for padding"),
     _bug(GQA, PaddingLeftOffByOne, "padding", ["padding-mask", "padding-weights"],

@@ -296,14 +296,18 @@ def _described(left, pads):
 
 @invariant("padding-mask",
            "with a padding mask m (batch, T), True at real tokens, left or right: outputs at real tokens do not depend "
-           "on the padded positions' contents; with right padding they equal forward of each row's real prefix",
+           "on the padded positions' contents; with right padding they equal forward of each row's real prefix; "
+           "decoded through a KV cache after a prefill, they equal the masked forward's",
            PADDING_KINDS, "forward", min_tokens=2, scales=WIDE_SCALES)
 def padding_mask(case):
     """Black-box: padded keys get zero weight at every real query i (softmax over the real keys j <= i of the
     window), so (a) replacing the padded positions' contents by other values leaves the outputs at real
     tokens unchanged (left and right padding), and (b) with right padding a row of n real tokens gives
-    forward(x[:, :n]) at its real tokens (the same positions, no padded key attended). Outputs at padded
-    positions are not constrained. Not applicable to a module whose forward takes no ``attention_mask``."""
+    forward(x[:, :n]) at its real tokens (the same positions, no padded key attended), and (c) a module with a
+    KV cache (``reset_cache``) that prefills x[:, :k] with m[:, :k] and then decodes x[:, k:] with m (cached and
+    new tokens) gives the outputs at real tokens of the masked forward (k = T // 2): generation from a padded
+    batch. Outputs at padded positions are not constrained. Not applicable to a module whose forward takes no
+    ``attention_mask``."""
     x = case.input()
     real, left, pads = _padding(case, x)
     what = _described(left, pads)
@@ -314,6 +318,8 @@ def padding_mask(case):
     magnitude = _magnitude(torch.where(keep, out, 0.0), x)
     assert_close(torch.where(keep, changed, 0.0), torch.where(keep, out, 0.0), dtype=x.dtype, magnitude=magnitude,
                  what=f"{what}: outputs at real tokens after changing the padded positions' contents")
+    if callable(getattr(case.module, "reset_cache", None)):
+        _padded_decoding(case, x, real, out, magnitude, what)
     if left:
         return
     T = x.shape[-2]
@@ -322,6 +328,25 @@ def padding_mask(case):
         alone = case.forward(x[rows, :n].contiguous())
         assert_close(out[rows, :n], alone, dtype=x.dtype, magnitude=magnitude,
                      what=f"{what}: outputs at the {n} real tokens of batch rows {rows} vs forward(x[{rows}, :{n}])")
+
+
+def _padded_decoding(case, x, real, out, magnitude, what):
+    """(c) of padding-mask: prefill x[:, :k] with m[:, :k], decode x[:, k:] with m; outputs at real tokens."""
+    module, T = case.module, x.shape[-2]
+    k = max(1, T // 2)
+    case.guard("reset_cache()", module.reset_cache)
+    for start, end, mask in ((0, k, real[:, :k]), (k, T, real)):
+        got = case.guard(f"forward(x[:, {start}:{end}], use_cache=True, attention_mask=m[:, :{end}])", module,
+                         x[:, start:end].contiguous(), use_cache=True, attention_mask=mask.contiguous())
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(out[:, start:end].shape):
+            raise Violation(f"forward(x[:, {start}:{end}], use_cache=True, attention_mask=...) returned "
+                            f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}, expected a "
+                            f"tensor of shape {tuple(out[:, start:end].shape)}")
+        keep = real[:, start:end, None]
+        assert_close(torch.where(keep, got, 0.0), torch.where(keep, out[:, start:end], 0.0), dtype=x.dtype,
+                     magnitude=magnitude, what=f"{what}: outputs at real tokens {start}..{end - 1} decoded through the "
+                                               f"KV cache (prefill of {k} tokens) vs the masked forward")
+    case.guard("reset_cache()", module.reset_cache)
 
 
 @invariant("padding-weights",
