@@ -217,11 +217,15 @@ def gradient_finite_differences(case):
     tensor to name the culprit. One backward and 8 forwards per example. With dropout p > 0 every call is
     seeded alike, so the same positions drop and phi is the smooth function of one mask: a backward that
     recomputes forward with another mask (activation checkpointing without preserve_rng_state) or that
-    ignores the mask shows. Every call runs with autograd on, so that the module takes one path."""
+    ignores the mask shows. Every call runs with autograd on, so that the module takes one path. A module
+    whose masks do not follow the global RNG (a private generator) has its dropout examples redrawn."""
     x = case.input()
     if x.dtype != torch.float64:
         raise NotApplicable("finite differences need float64")
     params = _parameters(case.module)
+    if case.cfg.dropout > 0 and not torch.equal(*(case.forward(x, train=True, needs_grad=True) for _ in range(2))):
+        raise NotApplicable("train mode at dropout > 0 is not a function of the global RNG state (a private "
+                            "generator?): finite differences need the same mask in every call", structural=False)
     x = x.requires_grad_(True)
     out, c, grads = _vjp(case, x, [x] + [p for _, p in params], train=True)
     scale = (c.abs() * out.detach().abs()).sum().item()
