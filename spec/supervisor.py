@@ -1,5 +1,6 @@
 """Process isolation for `attnspec check`: the supervisor owns the verdict, the timer and the reports
-and never imports the module under test; each target is resolved and checked in its own worker.
+and never imports the module under test (attnspec's own adapter modules are imported once, ``_preload``, so
+that workers fork with the library they wrap); each target is resolved and checked in its own worker.
 
 Workers are forked from a process that has imported torch and attnspec (``_context``: ~20 ms a
 worker, not the ~3 s of a fresh interpreter), so every target gets a fresh process: nothing a
@@ -31,6 +32,7 @@ an import that raises is a usage error (exit 2), as before.
 
 import dataclasses
 import faulthandler
+import importlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -303,8 +305,23 @@ class Supervisor:
 
     # -- the run
 
+    def _preload(self):
+        """attnspec's own adapter modules that the targets name (``attnspec.adapters.transformers:...``),
+        imported here once so that forked workers start with them and the library they wrap (transformers:
+        ~3 s a worker otherwise). Never a user's module: those are imported in workers only. A failure
+        here is left for the worker to report."""
+        for job in self.jobs:
+            module = job.spec.partition("=")[2] if "=" in job.spec else job.spec
+            module = module.rpartition(":")[0]
+            if module.startswith("attnspec.adapters.") and module not in sys.modules:
+                try:
+                    importlib.import_module(module)
+                except Exception:
+                    pass
+
     def run(self):
         try:
+            self._preload()
             self._resolve_all()
             if self.on_resolved:
                 self.on_resolved([job.target for job in self.jobs])
