@@ -1,7 +1,7 @@
 """Speed of attnspec under a profile (default ci): time to a verdict per bundled target, time per
 invariant, and time to reject each planted bug of tests/planted.py (search and shrinking included).
 
-    python benchmarks/bench.py [--profile ci] [--repeat 3] [--bugs] [--json PATH]
+    python benchmarks/bench.py [--profile ci] [--repeat 3] [--bugs] [--modern] [--json PATH]
 
 Prints Markdown tables (medians over --repeat runs) of wall-clock seconds and CPU seconds of this
 process (``time.process_time``: on a shared machine the wall clock also counts other processes'
@@ -86,11 +86,29 @@ def bench_bugs():
     return rows
 
 
+# Issue 13's modern targets: their verdict time is compared with the bundled mha's (budget: at most 2x).
+MODERN = ("gqa=attnspec.impl:GroupedQueryAttention", "attnspec.adapters.torch:SDPA",
+          "attnspec.adapters.transformers:LlamaAttention", "attnspec.adapters.transformers:MistralAttention",
+          "attnspec.adapters.transformers:Qwen2Attention")
+
+
+def bench_modern(repeat, mha_s):
+    """Verdict times of MODERN and their ratio to mha's median (``mha_s``). The first verdict of an adapter
+    also imports the library it wraps (once per run, in the supervisor): reported apart, as "first"."""
+    rows = []
+    for spec in MODERN:
+        times = [timed(lambda: verdict(spec))[0] for _ in range(repeat)]
+        rows.append({"target": spec, "median_s": round(statistics.median(times), 2), "first_s": round(times[0], 2),
+                     "ratio_to_mha": round(statistics.median(times) / mha_s, 2)})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="ci", choices=profiles.CHOICES)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--bugs", action="store_true", help="also time the rejection of every planted bug")
+    parser.add_argument("--modern", action="store_true", help="also time issue 13's modern targets against mha")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     settings.load_profile(profiles.resolve(args.profile))  # attnspec-ci, not Hypothesis's own "ci"
@@ -117,6 +135,13 @@ def main():
     for inv, by_target in table.items():
         print(f"| `{inv}` | " + " | ".join(str(by_target.get(s, "·")) for s in BUNDLED) + " |")
     figures = {"profile": args.profile, "bundled": rows, "all_bundled": figures_all, "per_invariant": table}
+    if args.modern:
+        mha = next(r["median_s"] for r in rows if r["target"] == "mha=attnspec.impl:MultiHeadAttention")
+        figures["modern"] = modern = bench_modern(args.repeat, mha)
+        print(f"\n## Modern targets against mha ({mha} s)\n")
+        print("| target | median s | first s (with the library's import) | / mha |\n|---|---|---|---|")
+        for r in modern:
+            print(f"| `{r['target']}` | {r['median_s']} | {r['first_s']} | {r['ratio_to_mha']} |")
     if args.bugs:
         bugs = bench_bugs()
         figures["bugs"] = bugs
