@@ -253,6 +253,7 @@ class _Job:
     attempts: int = 0  # workers started
     deaths: int = 0
     resolved: bool = False  # a worker has imported it once
+    import_death: tuple = None  # (status, reason) of a worker that died importing it while its sibling imported
     done: bool = False
 
     @property
@@ -467,6 +468,11 @@ class Supervisor:
                 job.target = Target(kind, job.target.name, type(str(message["adapter"]), (), {})(),
                                     variants=tuple(str(v) for v in message["variants"]))
                 job.resolved = True
+                if job.import_death:  # a sibling died importing it: its first invariant fails, none is checked
+                    (status, reason), inv = job.import_death, job.queue.pop(0) if job.queue else None
+                    if inv is not None:
+                        job.results[inv] = Result(inv, status, reason=reason)
+                    self._not_checked(job, f"not checked: the target's worker died in {inv}")
             worker.state = "idle"
             self._finish_if_complete(job)
         elif ev == "usage":
@@ -519,6 +525,11 @@ class Supervisor:
             if where is None:
                 where = f"during {call[0]}" if call else "outside any call into the module"
             status, reason = "fail", f"{reason} {where}" if not killed else reason
+        if state == "resolving" and not job.resolved and any(w.state == "resolving" for w in job.workers):
+            # Its sibling is still importing the target, whose invariants (its kind) are known once that one
+            # resolves: the death is judged then (``_handle``), or now if the sibling dies as well.
+            job.import_death = (status, reason)
+            return
         if inv is None:  # importing, or idle: the target's next invariant carries the failure
             inv = next((i for i in (job.queue or job.expected) if i not in job.results), None)
             if job.queue and inv in job.queue:

@@ -1570,6 +1570,15 @@ class RopeTableFirstDtype(GroupedQueryAttention):
         return rotate(t, cos[start:end].to(t.dtype), sin[start:end].to(t.dtype), self.rope_interleaved)
 
 
+class ForwardWritesCache(GroupedQueryAttention):
+    """A plain forward(x) (use_cache=False) computes right but leaves x's keys and values in the cache."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        if not use_cache:
+            self.reset_cache()
+        return super().forward(x, use_cache=True, attention_mask=attention_mask)
+
+
 class ForwardReadsCache(GroupedQueryAttention):
     """A plain forward(x) (use_cache=False) also attends over what the cache holds, without storing x."""
 
@@ -1603,6 +1612,7 @@ CORPUS += [
     _bug(GQA, CachePositionNotAdvanced, "kv cache", ["kv-cache-decoding"],
          "RoPE of a decoded piece at position 0, not after the cached tokens"),
     _bug(GQA, ForwardReadsCache, "kv cache", ["kv-cache-decoding"], "forward without use_cache reads the cache"),
+    _bug(GQA, ForwardWritesCache, "kv cache", ["kv-cache-decoding"], "forward without use_cache writes the cache"),
     _bug(GQA, RopeTableFirstDtype, "history", ["history-independent"],
          "the rotary table is kept in the dtype of the first call (bfloat16 rounding in later float32 calls)"),
     _bug(GQA, CacheResetKeepsPosition, "kv cache", ["kv-cache-decoding"],

@@ -269,6 +269,23 @@ def test_one_target_is_shared_by_two_workers_and_reported_in_catalogue_order():
     assert supervisor.jobs[0].attempts == 2  # the first worker, and one beside it
 
 
+@pytest.mark.parametrize("only", [("output-contract", "finite-output", "eval-deterministic"),
+                                  ("finite-output", "eval-deterministic")])
+def test_a_worker_dying_while_its_sibling_imports_fails_the_target(tmp_path, monkeypatch, only):
+    """A lone target without KIND= has two workers importing it at once; the one that dies there fails the
+    target's first invariant, and the rest are not checked, once the other worker has told the kind."""
+    from attnspec.runner import Options
+    from attnspec.supervisor import Supervisor
+
+    monkeypatch.setenv("FLAKY_IMPORT_LOCK", str(tmp_path / "lock"))
+    supervisor = Supervisor([f"{HOSTILE / 'flaky_import.py'}:Target"], Options(only=only, max_examples=2))
+    (report,) = supervisor.run()
+    first, *rest = report.results
+    assert first.status == "fail" and "exited with status 3 while importing" in first.reason, first
+    assert rest and all(r.status == "not-applicable" and "not checked" in r.reason for r in rest), rest
+    assert report.status == 1
+
+
 def test_a_broken_contract_stops_the_target_before_its_second_worker_checks_anything(tmp_path):
     from attnspec.runner import Options
     from attnspec.supervisor import Supervisor

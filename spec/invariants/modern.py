@@ -210,16 +210,17 @@ def _chunks(num_tokens):
 
 @invariant("kv-cache-decoding",
            "decoding through the module's KV cache, forward(x[:, s:e], use_cache=True) piece by piece (token by "
-           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; forward(x) with a "
-           "full cache ignores it; after crop_cache(k), forward(x[:, k:], use_cache=True) gives forward(x)[:, k:]",
+           "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; a plain forward "
+           "midway neither reads nor writes the cache; after crop_cache(k), forward(x[:, k:], use_cache=True) gives forward(x)[:, k:]",
            CACHE_KINDS, "forward", min_tokens=2)
 def kv_cache_decoding(case):
     """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
     x's keys and values to the cache and attends over every cached token, x's tokens taking the positions
     after the cached ones (rotary embeddings and the window included); ``reset_cache()`` empties it. A
     cache appended twice, a position that does not advance (RoPE or the mask at 0 for every new token),
-    or a reset that forgets the position shows as a difference; so does a plain forward(x) (use_cache=False)
-    that reads the cache. At long sizes the token-by-token pass decodes the first and last STEPS tokens alone
+    or a reset that forgets the position shows as a difference; so does a plain forward(x') (use_cache=False,
+    another input, midway through the token-by-token pass) that reads the cache, or writes it (the decoding
+    that follows shows). At long sizes the token-by-token pass decodes the first and last STEPS tokens alone
     and the middle in one chunk (``_token_steps``). Not applicable to a module without
     ``reset_cache``. A module with ``crop_cache(n)`` (Hugging Face's ``DynamicCache.crop``: keep the first n
     tokens) is also cropped, after decoding all T tokens, to k = 1 + seed mod (T - 1) and decodes x[:, k:] in
@@ -245,18 +246,20 @@ def kv_cache_decoding(case):
                           f"vs forward(x)")
 
     crop = callable(getattr(module, "crop_cache", None))
-    for label, sizes, full_cache in (("decoding token by token", _token_steps(T), True),
+    other = case.input(salt=1)  # a plain forward midway through decoding runs on another input
+    plain = case.forward(other)
+    for label, sizes, first_pass in (("decoding token by token", _token_steps(T), True),
                                      ("decoding in chunks after reset_cache()", _chunks(T), False)):
         case.guard("reset_cache()", module.reset_cache)
         start = 0
-        for size in sizes:
+        for i, size in enumerate(sizes):
+            if first_pass and i == len(sizes) // 2:  # the rest of the decoding shows a write to the cache
+                assert_close(case.forward(other), plain, dtype=x.dtype, magnitude=_magnitude(plain, other),
+                             what=f"forward(x') with {start} tokens in the KV cache vs forward(x') with none (forward "
+                                  f"without use_cache=True neither reads nor writes the cache)")
             decode(start, size, label)
             start += size
-        if full_cache:  # T tokens cached: a plain forward must neither read nor (crop below) have changed them
-            assert_close(case.forward(x), full, dtype=x.dtype, magnitude=magnitude,
-                         what=f"forward(x) with {T} tokens in the KV cache vs forward(x) with none (forward without "
-                              f"use_cache=True neither reads nor writes the cache)")
-        if full_cache and crop:
+        if first_pass and crop:
             k = 1 + case.cfg.seed % (T - 1)
             case.guard(f"crop_cache({k})", module.crop_cache, k)
             decode(k, T - k, f"decoding after crop_cache({k}) of {T} cached tokens")
