@@ -312,8 +312,7 @@ class Supervisor:
         ~3 s a worker otherwise). Never a user's module: those are imported in workers only. A failure
         here is left for the worker to report."""
         for job in self.jobs:
-            module = job.spec.partition("=")[2] if "=" in job.spec else job.spec
-            module = module.rpartition(":")[0]
+            module = parse(job.spec)[2]
             if module.startswith("attnspec.adapters.") and module not in sys.modules:
                 try:
                     importlib.import_module(module)

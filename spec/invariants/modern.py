@@ -183,6 +183,18 @@ def sliding_window_weights(case):
 CACHE_KINDS = ("gqa",)
 
 
+def _cached_call(case, x, start, end, full, label, **kwargs):
+    """module(x[:, start:end], use_cache=True, **kwargs), guarded; Violation unless it is a tensor shaped like
+    full[:, start:end] (the output of the whole sequence's forward at those positions)."""
+    what = f"forward(x[:, {start}:{end}], use_cache=True) {label}"
+    out = case.guard(what, case.module, x[:, start:end].contiguous(), use_cache=True, **kwargs)
+    expected = tuple(full[:, start:end].shape)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise Violation(f"{what} returned {got}, expected a tensor of shape {expected}")
+    return out
+
+
 STEPS = 8  # single-token decoding steps at each end of a long sequence (the middle goes in one chunk)
 PIECES = 9  # pieces of 3, 1, 2 tokens after the prefill of the chunked pass (then the rest in one)
 
@@ -234,13 +246,7 @@ def kv_cache_decoding(case):
     T, magnitude = x.shape[-2], _magnitude(full, x)
 
     def decode(start, size, label):
-        piece = x[:, start:start + size].contiguous()
-        out = case.guard(f"forward(x[:, {start}:{start + size}], use_cache=True) ({label})", module, piece,
-                         use_cache=True)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(full[:, start:start + size].shape):
-            raise Violation(f"forward(x[:, {start}:{start + size}], use_cache=True) returned "
-                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, "
-                            f"expected a tensor of shape {tuple(full[:, start:start + size].shape)}")
+        out = _cached_call(case, x, start, start + size, full, f"({label})")
         assert_close(out, full[:, start:start + size], dtype=x.dtype, magnitude=magnitude,
                      what=f"{label}: outputs at positions {start}..{start + size - 1} after {start} cached tokens "
                           f"vs forward(x)")
@@ -339,12 +345,7 @@ def _padded_decoding(case, x, real, out, magnitude, what):
     k = max(1, T // 2)
     case.guard("reset_cache()", module.reset_cache)
     for start, end, mask in ((0, k, real[:, :k]), (k, T, real)):
-        got = case.guard(f"forward(x[:, {start}:{end}], use_cache=True, attention_mask=m[:, :{end}])", module,
-                         x[:, start:end].contiguous(), use_cache=True, attention_mask=mask.contiguous())
-        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(out[:, start:end].shape):
-            raise Violation(f"forward(x[:, {start}:{end}], use_cache=True, attention_mask=...) returned "
-                            f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}, expected a "
-                            f"tensor of shape {tuple(out[:, start:end].shape)}")
+        got = _cached_call(case, x, start, end, out, f"with attention_mask=m[:, :{end}]", attention_mask=mask.contiguous())
         keep = real[:, start:end, None]
         assert_close(torch.where(keep, got, 0.0), torch.where(keep, out[:, start:end], 0.0), dtype=x.dtype,
                      magnitude=magnitude, what=f"{what}: outputs at real tokens {start}..{end - 1} decoded through the "
