@@ -88,6 +88,7 @@ class Tally:
     failure: tuple = None  # (cfg, message) of the latest failing example: after shrinking, the minimal one
     internal: tuple = None  # (cfg, message) of the first example where attnspec's own code raised
     layout: str = ""  # where the projections were found (targets.projection_layout), if looked up
+    passed_first: object = None  # the explicit first configuration, once checked and passed
     printed: list = field(default_factory=list)
 
 
@@ -206,6 +207,8 @@ def hypothesis_test(inv, target, options=None, tally=None):
 
     @given(cfg=strategy_for(inv, target, options))
     def test(cfg):
+        if cfg == tally.passed_first:  # Hypothesis starts from the simplest configuration, already checked
+            return
         if should_note():  # (only for the failure Hypothesis reports: the command costs ~0.2 ms to format)
             note(f"reproduce: {repro_command(inv, target, cfg)}")
         event(f"num_heads={cfg.num_heads} num_tokens={'full' if cfg.num_tokens == cfg.context_length else 'short'}")
@@ -287,7 +290,9 @@ def check_invariant(inv, target, options, example=None):
         adapted = f"--example adapted for this invariant: {', '.join(changes)}" if changes else ""
     first = example or simplest_config(inv, target, options)
     try:
-        if not run_example(inv, target, first, tally, options.time_limit):
+        if run_example(inv, target, first, tally, options.time_limit):
+            tally.passed_first = first
+        else:
             tally.rejected += 1  # the search below draws supported configurations instead
     except Violation:
         if adapted:
@@ -308,7 +313,7 @@ def check_invariant(inv, target, options, example=None):
                 hypothesis_test(inv, target, dataclasses.replace(options, regimes=("small",)), small)()
             except Violation:
                 tally.failure = small.failure
-            except Exception:  # e.g. Flaky: keep the large counterexample
+            except (Exception, _GiveUp):  # e.g. Flaky, or nothing checkable at small sizes: keep the large one
                 pass
         return failed()
     except (_GiveUp, Unsatisfiable):  # nothing checkable was drawn

@@ -163,3 +163,16 @@ def test_step_templates_are_correct(name, kind):
     """The templates the bugs override are the impl modules' forward, step by step: each bug is ONE change."""
     results = check_target(_target(kind, name), Options(only=("oracle-float64", "scaling-sqrt-head-dim"))).results
     assert all(r.status == "pass" for r in results), [(r.invariant, r.status, r.reason) for r in results]
+
+
+# (bug, invariants) pairs that once raised inside attnspec: a module computing attention for part of the batch
+# only left observed weights that did not reshape per batch element (now n/a for that example, or a failure).
+INTERNAL_ERRORS_FOUND = [("MicroBatchWrongIndex", ("scaling-sqrt-head-dim", "dropout-output-from-applied-weights",
+                                                   "dropout-masks-independent")),
+                         ("FirstElementOnly", ("scaling-sqrt-head-dim",))]
+
+
+@pytest.mark.parametrize("name, ids", INTERNAL_ERRORS_FOUND, ids=[name for name, _ in INTERNAL_ERRORS_FOUND])
+def test_planted_bug_is_no_internal_error(name, ids):
+    results = check_target(_target(BY_NAME[name].kind, name), Options(only=ids)).results
+    assert not [(r.invariant, r.reason) for r in results if r.status == "internal-error"]

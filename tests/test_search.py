@@ -185,3 +185,31 @@ def test_dropout_unbiased_names_a_zero_eval_output_without_dividing_by_it():
     assert result.status == "fail" and re.search(r"eval output -?0 ", result.reason), result
     assert "ratio" not in result.reason and "internal" not in result.reason, result
     assert built and all(enabled is False for m in built for enabled in m.grad_in_train)  # drawn under no_grad
+
+
+class _UnobservableWhenSmallNaNWhenLong(nn.Module):
+    """Causal attention with a hand-written softmax (weights not observable) up to 8 tokens; NaN beyond."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__()
+        self.W_query, self.W_key, self.W_value = (nn.Linear(d_in, d_out, bias=qkv_bias) for _ in range(3))
+
+    def forward(self, x):
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        s = (q @ k.transpose(-2, -1) / k.shape[-1] ** 0.5).masked_fill(
+            torch.ones(x.shape[-2], x.shape[-2], dtype=torch.bool).triu(1), -math.inf)
+        w = (s - s.amax(-1, keepdim=True)).exp()
+        out = (w / w.sum(-1, keepdim=True)) @ v
+        return out if x.shape[-2] <= 8 else out * math.nan
+
+
+def test_a_large_failure_whose_small_search_finds_nothing_checkable_keeps_the_large_counterexample():
+    """After a failure at a large size, a second search looks among small sizes; when none of those is
+    checkable (every one n/a) that search gives up, and the large counterexample is reported."""
+    from attnspec.targets import ConstructorAdapter, Target
+
+    kind = KINDS["causal-attention"]
+    target = Target(kind, "UnobservableWhenSmall", ConstructorAdapter(_UnobservableWhenSmallNaNWhenLong, kind))
+    result = check_invariant(BY_ID["weights-rows-sum-to-one"], target, Options())
+    assert result.status == "fail" and "nan" in result.reason, result
+    assert result.counterexample["num_tokens"] > 8, result

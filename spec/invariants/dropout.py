@@ -11,6 +11,7 @@ import torch
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import CAUSAL_KINDS, invariant
+from attnspec.invariants.weights import stack_heads
 from attnspec.strategies import NONZERO_DROPOUTS
 from attnspec.tolerance import allowed_error, assert_close
 
@@ -132,11 +133,10 @@ def dropout_output_from_applied_weights(case):
         raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
     out, seen = case.observe(x, train=True)
     T, heads = x.shape[-2], case.kind.attention_heads(case.cfg)
-    applied = seen.applied_weights()
-    if sum(a.numel() for a in applied) != x.shape[0] * heads * T * T:
+    applied = stack_heads(seen.applied_weights(), x.shape[:1], T)
+    if applied.shape[-3] != heads:
         raise NotApplicable(f"the applied weights are not observed as {heads} (num_tokens x num_tokens) matrices "
                             f"per batch element", structural=False)
-    applied = torch.cat([a.reshape(x.shape[0], -1, T, T) for a in applied], dim=-3)
 
     def computed(dtype):
         return oracle.output_from_weights(case.kind, case.cfg, oracle.cast(parts, dtype), x.to(dtype), applied.to(dtype))
@@ -184,11 +184,10 @@ def dropout_masks_independent(case):
     replicas = _replicas_for_masks(p, x.shape[0] * T * (T + 1) // 2, heads)
     x = x.repeat(replicas, 1, 1)
     _, seen = case.observe(x, train=True)
-    applied = seen.applied_weights()
-    if sum(a.numel() for a in applied) != x.shape[0] * heads * T * T:
+    kept = stack_heads([a != 0 for a in seen.applied_weights()], x.shape[:1], T).cpu()
+    if kept.shape[-3] != heads:
         raise NotApplicable("the applied weights are not observed per head and batch element", structural=False)
-    kept = torch.cat([(a != 0).reshape(x.shape[0], -1, T, T) for a in applied], dim=-3).cpu()
-    positive = torch.cat([(h.weights > 0).reshape(x.shape[0], -1, T, T) for h in seen.heads], dim=-3).cpu()
+    positive = stack_heads([h.weights > 0 for h in seen.heads], x.shape[:1], T).cpu()
     positive &= ~oracle.causal_mask(T)
     for dim, group in ((1, "heads"), (0, "batch elements")):
         k = kept.shape[dim]

@@ -59,12 +59,22 @@ def masked_softmax_renormalized(case):
                      what="applied weights vs tril(softmax(scores)) renormalized")
 
 
+def stack_heads(tensors, lead, T):
+    """``tensors`` (one per softmax call, e.g. (B, H, T, T), or (B, T, T) per head) stacked as (*lead, H, T, T);
+    NotApplicable unless each holds whole (T x T) matrices for every batch element (a module computing one
+    softmax per batch element is observed so)."""
+    whole = math.prod(lead) * T * T
+    if not tensors or any(t.numel() % whole or not t.numel() for t in tensors):
+        raise NotApplicable(f"the attention weights are not observed as (num_tokens x num_tokens) matrices for "
+                            f"each of the {math.prod(lead)} batch elements", structural=False)
+    return torch.cat([t.reshape(*lead, -1, T, T) for t in tensors], dim=-3)
+
+
 def stacked(case, x, seen, attribute="weights"):
     """The observed softmax outputs (or ``attribute``: "scores"), heads stacked as (..., H, T, T) whether
     computed in one softmax call or one call per head."""
-    T = x.shape[-2]
     lead = (x.shape[0],) if case.kind.batched else ()
-    return torch.cat([getattr(h, attribute).reshape(*lead, -1, T, T) for h in seen.heads], dim=-3)
+    return stack_heads([getattr(h, attribute) for h in seen.heads], lead, x.shape[-2])
 
 
 def observed_and_reference_weights(case, parts, x):
