@@ -272,8 +272,18 @@ class LlamaAttention(Adapter):
 
     wrapper_class = CausalRotaryAttention  # how the model calls the attention
 
+    def shared_config(self, cfg):
+        """``self.config(cfg)``, built once per configuration up to what no config reads (the seed, the input's
+        scale and offset, its length and batch) and shared, read-only, by the modules built from it: a
+        config's validation costs about as much as building the attention."""
+        key = cfg.replace(seed=0, scale=1.0, offset=0.0, num_tokens=1, batch=1)
+        configs = self.__dict__.setdefault("_configs", {})
+        if key not in configs:
+            configs[key] = self.config(cfg)
+        return configs[key]
+
     def build(self, cfg):
-        config = self.config(cfg)
+        config = self.shared_config(cfg)
         return self.wrapper_class(self.attention_class(config, layer_idx=0), self.rotary_class(config), config)
 
     def projections(self, module):
