@@ -285,8 +285,12 @@ def check_invariant(inv, target, options, example=None):
     if not inv.applies_to(target.kind):
         return result("not-applicable", reason=f"does not apply to kind {target.kind.name}")
     adapted = ""
-    if example is not None:  # moved onto what the invariant needs (e.g. dropout > 0), and said so
+    if example is not None:  # moved onto what the invariant needs (e.g. dropout > 0) and the adapter supports, and said so
         example, changes = fit_example(example, target.kind, **inv.configs)
+        adjusted = target.adapter.adjust(example)
+        changes += [f"{k} {getattr(example, k)!r} -> {getattr(adjusted, k)!r} (the adapter's adjust)"
+                    for k in sorted(example.__dataclass_fields__) if getattr(example, k) != getattr(adjusted, k)]
+        example = adjusted
         adapted = f"--example adapted for this invariant: {', '.join(changes)}" if changes else ""
     first = example or simplest_config(inv, target, options)
     try:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 from attnspec.adapters.torch import SDPA, SDPAMultiHeadAttention
+from attnspec.impl import GroupedQueryAttention
+from attnspec.impl.modern import rotate
 from attnspec.invariants import CATALOGUE
 from attnspec.kinds import KINDS, Config
 from attnspec.runner import Options, check_target
@@ -162,3 +164,43 @@ def test_padded_outputs_are_not_checked_for_nan():
 def test_padding_bug_reported_with_its_padding(name):
     (result,) = check_target(resolve(f"gqa=tests/planted.py:{name}"), Options(profile="ci", only=("padding-mask",))).results
     assert result.status == "fail" and "left padding of" in result.reason and "--example" in result.repro, result
+
+
+class _AnglesInInputDtype(GroupedQueryAttention):
+    """The bundled gqa computing the rotary angles p * theta in the input's dtype (the Hugging Face bug fixed
+    by forcing float32): exact in float32, positions near 100 turned by up to ~0.25 rad in bfloat16."""
+
+    def __init__(self, *args, rope_base=None, rope_fraction=1.0, **kwargs):
+        super().__init__(*args, rope_base=rope_base, rope_fraction=rope_fraction, **kwargs)
+        self.base, self.fraction = rope_base, rope_fraction
+
+    def rope(self, t, start):
+        if self.base is None:
+            return t
+        r = round(self.fraction * t.shape[-1])
+        inverse = (self.base ** (-torch.arange(0, r, 2, dtype=torch.float32) / r)).to(t.dtype)
+        angles = torch.arange(start, start + t.shape[2]).to(t.dtype)[:, None] * inverse
+        return rotate(t, angles.cos(), angles.sin(), self.rope_interleaved)
+
+
+HALF_ROPE_EXAMPLE = Config(d_in=16, d_out=8, num_heads=1, context_length=129, num_tokens=129, batch=1, dropout=0.0,
+                           qkv_bias=False, dtype="bfloat16", scale=1.0, seed=1, num_kv_heads=1, rope_base=10.0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rotary_angles_rounded_to_a_half_precision_are_rejected_by_relative_position(dtype):
+    """In float16/bfloat16 the shifted scores are compared relative to |q| |k| / sqrt(d) (not to the scores,
+    which cancel): angles computed in the half precision fail, the float32 angles of the bundled gqa and
+    Hugging Face's Llama do not (at most 0.9 eps of the 4 allowed, tolerance.ROTATED_SCORE_ROUNDINGS)."""
+    from attnspec.invariants import BY_ID
+    from attnspec.runner import check_invariant
+    from attnspec.targets import ConstructorAdapter, Target
+
+    example, inv = HALF_ROPE_EXAMPLE.replace(dtype=dtype), BY_ID["rotary-relative-position"]
+    wrong = Target(KINDS["gqa"], "AnglesInInputDtype", ConstructorAdapter(_AnglesInInputDtype, KINDS["gqa"]))
+    result = check_invariant(inv, wrong, Options(), example=example)
+    assert result.status == "fail" and "shifted by" in result.reason, result
+    for spec in ("gqa=attnspec.impl:GroupedQueryAttention", "attnspec.adapters.transformers:LlamaAttention"):
+        if "transformers" in spec:
+            pytest.importorskip("transformers")
+        assert check_invariant(inv, resolve(spec), Options(), example=example).status == "pass", spec
