@@ -14,6 +14,7 @@ so a module that blocks or swallows the alarm is killed from outside.
 
 import _signal  # signal's C core: the same calls without the enum conversions (~10x faster per call)
 import contextlib
+import inspect
 import io
 import itertools
 import os
@@ -316,6 +317,13 @@ class Case:
     @cached_property
     def module(self):
         return self.build()
+
+    def takes_attention_mask(self):
+        """Whether the module's forward has an ``attention_mask`` parameter (the padding convention)."""
+        try:
+            return "attention_mask" in inspect.signature(self.module.forward).parameters
+        except (TypeError, ValueError):  # no signature to read: a C function or an odd callable
+            return False
 
     def input(self, salt=0, num_tokens=None, batch=None):
         return self.cfg.random_input(self.kind.input_shape(self.cfg, num_tokens, batch), salt)

@@ -1757,6 +1757,15 @@ class PaddingLeftOffByOne(GroupedQueryAttention):
         return super().padded(real | F.pad(real[:, 1:], (0, 1)), start)
 
 
+class PaddingMaskKept(GroupedQueryAttention):
+    def forward(self, x, use_cache=False, attention_mask=None):
+        if attention_mask is not None:
+            self.kept = attention_mask  # remembered "for the decoding steps", and applied to later unpadded calls
+        elif getattr(self, "kept", None) is not None and self.kept.shape == x.shape[:2]:
+            attention_mask = self.kept
+        return super().forward(x, use_cache=use_cache, attention_mask=attention_mask)
+
+
 CORPUS += [
     _bug(GQA, PaddingIgnored, "padding", ["padding-mask", "padding-weights"],
          "attention_mask accepted and ignored: real tokens attend the left padding"),
@@ -1768,4 +1777,6 @@ CORPUS += [
          "the padding mask inverted: padded positions taken for real tokens and real ones for padding"),
     _bug(GQA, PaddingLeftOffByOne, "padding", ["padding-mask", "padding-weights"],
          "left padding off by one: the last padded position is attended"),
+    _bug(GQA, PaddingMaskKept, "history", ["history-independent"],
+         "the last padding mask kept and applied to later calls of that shape without one"),
 ]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 ALL_KINDS = ("self-attention", "causal-attention", "mha-wrapper", "mha", "transformer-block", "gqa")
 CAUSAL_KINDS = ("causal-attention", "mha-wrapper", "mha", "transformer-block", "gqa")
 DROPOUT_KINDS = CAUSAL_KINDS
+PADDING_KINDS = ("gqa",)  # forward(x, attention_mask=m) is checked where the module takes it
 OBSERVES = {
     "forward": "black-box: calls forward only",
     "weights": "the attention weights, recorded by a softmax/dropout/matmul probe",

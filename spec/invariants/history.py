@@ -11,7 +11,7 @@ import math
 import torch
 
 from attnspec.errors import NotApplicable, Violation
-from attnspec.invariants.base import ALL_KINDS, DROPOUT_KINDS, invariant
+from attnspec.invariants.base import ALL_KINDS, DROPOUT_KINDS, PADDING_KINDS, invariant
 from attnspec.strategies import NONZERO_DROPOUTS
 from attnspec.tolerance import allowed_error, assert_close
 
@@ -38,17 +38,19 @@ def _other_shape(case):
 
 
 @invariant("history-independent",
-           "after calls at another shape and on another input of x's shape, in eval and train mode (or a first call "
-           "in bfloat16), forward(x) equals forward(x) of a fresh module with the same parameters and RNG state",
+           "after calls at another shape and on another input of x's shape, in eval and train mode (and with a padding "
+           "mask, or a first call in bfloat16), forward(x) equals forward(x) of a fresh module with the same parameters "
+           "and RNG state",
            ALL_KINDS, "forward")
 def history_independent(case):
     """Eval then train: eval calls at (1 token, batch + 1) and on another input x' of x's shape, then a
     train-mode call on x, compared with a fresh module's train-mode call on x from the same global RNG
     state (eval calls draw no random numbers, so even a private generator is where a fresh module's is).
     Train then eval: train calls at the other shape and on x', then eval on x, compared with the fresh
-    module's eval output. A cache keyed by shape (K/V, masks), a mask sized by the first call, a cache
-    not cleared when switching to train, or a dropout mask kept from train mode and reapplied in eval
-    shows as a difference; so does a state kept from a first call in bfloat16
+    module's eval output; a module that takes a padding mask also gets a left-padded eval call of x's shape
+    last (``_padded_call``). A cache keyed by shape (K/V, masks), a mask sized by the first call, a cache
+    not cleared when switching to train, a dropout mask kept from train mode and reapplied in eval, or a
+    padding mask kept shows as a difference; so does a state kept from a first call in bfloat16
     (``_after_a_lower_precision_call``)."""
     x = case.input()
     fresh = _fresh_with_parameters_of(case, case.module)
@@ -58,12 +60,13 @@ def history_independent(case):
     other, same_shape = case.input(salt=2, num_tokens=other_tokens, batch=other_batch), case.input(salt=3)
 
     def after(history, train):
-        for i, (before, before_train) in enumerate(history):
-            case.forward(before, train=before_train, seed_salt=i + 1)
-        calls = ", ".join(f"{'train' if t else 'eval'} {tuple(b.shape)}" for b, t in history)
+        for i, (before, before_train, mask) in enumerate(history):
+            case.forward(before, train=before_train, seed_salt=i + 1, attention_mask=mask)
+        calls = ", ".join(f"{'train' if t else 'eval'} {tuple(b.shape)}{'' if m is None else ' left-padded'}"
+                          for b, t, m in history)
         return case.forward(x, train=train, seed_salt=9), f"after calls [{calls}]"
 
-    trained, calls = after([(other, False), (same_shape, False)], train=True)
+    trained, calls = after([(other, False, None), (same_shape, False, None)], train=True)
     try:
         assert_close(trained, expected_train, dtype=x.dtype, what=f"train-mode output {calls} vs a fresh module's")
     except Violation:
@@ -71,9 +74,20 @@ def history_independent(case):
         again = case.forward(x, train=True, module=_fresh_with_parameters_of(case, case.module), seed_salt=9)
         if torch.equal(again, expected_train):
             raise
-    evaluated, calls = after([(other, True), (same_shape, True)], train=False)
+    evaluated, calls = after([(other, True, None), (same_shape, True, None), *_padded_call(case, same_shape)], train=False)
     assert_close(evaluated, expected, dtype=x.dtype, what=f"eval output {calls} vs a fresh module's")
     _after_a_lower_precision_call(case, x)
+
+
+def _padded_call(case, x):
+    """[(x, eval, a left padding mask of half the tokens)] for a module that takes a padding mask
+    (``forward(x, attention_mask=m)``) and x of 2 tokens or more, else []: a mask cached by shape and then
+    combined with the padding in place keeps masking those keys in later calls without padding."""
+    T = x.shape[-2]
+    if T < 2 or case.kind.name not in PADDING_KINDS or not case.takes_attention_mask():
+        return []
+    real = torch.arange(T, device=x.device)[None].expand(x.shape[0], T) >= T // 2
+    return [(x, False, real)]
 
 
 def _after_a_lower_precision_call(case, x):

@@ -2,13 +2,11 @@
 windows. The features are a configuration's (spec.kinds.Config); the invariants here hold for the kinds
 that have them, and every other invariant of the catalogue applies to those kinds too."""
 
-import inspect
-
 import torch
 
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
-from attnspec.invariants.base import invariant
+from attnspec.invariants.base import PADDING_KINDS, invariant
 from attnspec.invariants.causality import _confirmed, _cuts, _magnitude, _replicas
 from attnspec.invariants.weights import _first, observed_and_reference_weights, stacked
 from attnspec.strategies import WIDE_SCALES
@@ -279,22 +277,11 @@ def kv_cache_decoding(case):
     case.guard("reset_cache()", module.reset_cache)
 
 
-PADDING_KINDS = ("gqa",)
-
-
-def _takes_attention_mask(module):
-    """Whether the module's forward has an ``attention_mask`` parameter (the padding convention)."""
-    try:
-        return "attention_mask" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # no signature to read: a C function or an odd callable
-        return False
-
-
 def _padding(case, x):
     """(real, left, pads): p_b in [0, T-1] padded positions per batch row (row 0: at least 1), drawn from the
     configuration's seed; on the left when seed // 2 is odd, else on the right; ``real`` (batch, T) bool, True at
     the real tokens."""
-    if not _takes_attention_mask(case.module):
+    if not case.takes_attention_mask():
         raise NotApplicable("forward takes no attention_mask: padding is checked as forward(x, attention_mask=m), m "
                             "(batch, num_tokens) bool, True at real tokens (Hugging Face's convention)")
     b, T = x.shape[0], x.shape[-2]
