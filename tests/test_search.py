@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
+from hypothesis import seed as hypothesis_seed
 
 from attnspec.invariants import BY_ID
 from attnspec.invariants.dropout import binomial_two_sided_p
@@ -23,17 +24,17 @@ HERE = Path(__file__).resolve().parent
 MHA = "mha=attnspec.impl:MultiHeadAttention"
 
 
-def _drawn(inv_id, spec=MHA, **options):
-    """The configurations a derandomized ci-sized search of ``inv_id`` draws."""
+def _drawn(inv_id, spec=MHA, seed=None, **options):
+    """The configurations a ci-sized search of ``inv_id`` draws: derandomized, or from ``seed``."""
     seen = []
     target = resolve(spec)
 
-    @settings(max_examples=25, derandomize=True, database=None, deadline=None)
+    @settings(max_examples=25, derandomize=seed is None, database=None, deadline=None)
     @given(strategy_for(BY_ID[inv_id], target, Options(**options)))
     def collect(cfg):
         seen.append(cfg)
 
-    collect()
+    (collect if seed is None else hypothesis_seed(seed)(collect))()
     return seen
 
 
@@ -44,22 +45,27 @@ def test_the_simplest_configuration_is_minimal():
 
 
 def test_a_ci_search_reaches_real_sizes_inputs_and_dtypes():
-    """Under the derandomized ci budget (25 examples) a meaningful share of one invariant's examples
-    crosses the boundaries real kernels branch on, with off-centre inputs and every dtype."""
-    seen = _drawn("oracle-float64")
-    count = {
-        "T>16": sum(c.num_tokens > 16 for c in seen),
-        "T>32": sum(c.num_tokens > 32 for c in seen),
-        "head_dim>=8": sum(c.head_dim >= 8 for c in seen),
-        "batch>=5 or heads>=5": sum(c.batch >= 5 or c.num_heads >= 5 for c in seen),
-        "small": sum(c.num_tokens <= 8 and c.head_dim <= 8 for c in seen),
-        "offset": sum(c.offset != 0 for c in seen),
+    """Under the ci budget (25 examples) a meaningful share of one invariant's examples crosses the boundaries
+    real kernels branch on, with off-centre inputs and every dtype: on average over 8 searches (one search's
+    counts vary: the derandomized ci search of a pair is one of them)."""
+    searches = [_drawn("oracle-float64", seed=s) for s in range(8)]
+    tests = {
+        "T>16": lambda c: c.num_tokens > 16,
+        "T>32": lambda c: c.num_tokens > 32,
+        "head_dim>=8": lambda c: c.head_dim >= 8,
+        "head_dim>=32 and heads>=2": lambda c: c.head_dim >= 32 and c.num_heads >= 2,
+        "batch>=5 or heads>=5": lambda c: c.batch >= 5 or c.num_heads >= 5,
+        "small": lambda c: c.num_tokens <= 8 and c.head_dim <= 8,
+        "offset": lambda c: c.offset != 0,
     }
-    assert count["T>16"] >= 5 and count["T>32"] >= 3, count
-    assert count["head_dim>=8"] >= 1 and count["batch>=5 or heads>=5"] >= 1 and count["small"] >= 3, count
-    assert count["offset"] >= 5, count
-    assert {c.dtype for c in seen} == {"float32", "float64", "float16", "bfloat16"}
-    assert max(c.num_tokens for c in seen) <= 130 and max(c.head_dim for c in seen) <= 64
+    mean = {name: sum(sum(map(test, seen)) for seen in searches) / len(searches) for name, test in tests.items()}
+    assert mean["T>16"] >= 5 and mean["T>32"] >= 3 and mean["head_dim>=8"] >= 4, mean
+    assert mean["head_dim>=32 and heads>=2"] >= 1 and mean["batch>=5 or heads>=5"] >= 3 and mean["small"] >= 3, mean
+    assert mean["offset"] >= 5, mean
+    assert sum(len({c.dtype for c in seen}) for seen in searches) / len(searches) >= 3.5
+    drawn = [c for seen in searches for c in seen]
+    assert {c.dtype for c in drawn} == {"float32", "float64", "float16", "bfloat16"}
+    assert max(c.num_tokens for c in drawn) <= 130 and max(c.head_dim for c in drawn) <= 64
 
 
 def test_causality_and_weights_are_searched_at_large_scales():
