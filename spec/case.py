@@ -75,8 +75,9 @@ def clean_text(text):
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def describe(exc, time_limit=None):
-    """``Type: message`` of an exception raised by module code, even if its ``__str__`` raises or hangs."""
+def describe(exc, time_limit=None, with_type=True):
+    """``Type: message`` (``with_type=False``: the message) of an exception raised by module code, even if its
+    ``__str__`` raises or hangs."""
     try:
         name = type(exc).__name__ if isinstance(type(exc).__name__, str) else "exception"
     except BaseException:
@@ -90,6 +91,8 @@ def describe(exc, time_limit=None):
         message = f"<its message did not format within {time_limit:g} s>"
     except BaseException:
         message = "<its message cannot be formatted>"
+    if not with_type:
+        return clean_text(message)
     return clean_text(f"{name}: {message}" if message else name)
 
 
@@ -97,12 +100,19 @@ def _default_device_context():
     return getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
 
 
+def _modes():
+    return torch._C._len_torch_function_stack(), torch._C._len_torch_dispatch_stack(), _default_device_context()
+
+
 def _restore_modes(saved):
-    """Pop the torch function modes a call left pushed (``set_default_device`` pushes one) and put
-    the default device back."""
-    depth, context = saved
-    while torch._C._len_torch_function_stack() > depth:
+    """Pop the torch function and dispatch modes a call left pushed (``set_default_device`` pushes one; an
+    entered ``TorchDispatchMode`` or ``FakeTensorMode`` would rewrite every later op, attnspec's comparisons
+    included) and put the default device back."""
+    functions, dispatch, context = saved
+    while torch._C._len_torch_function_stack() > functions:
         torch._C._pop_torch_function_stack()
+    while torch._C._len_torch_dispatch_stack() > dispatch:
+        torch._C._pop_torch_dispatch_stack(None)  # user modes first, then infra modes (fake, proxy)
     torch._GLOBAL_DEVICE_CONTEXT.device_context = context
 
 
@@ -155,8 +165,9 @@ def _set_streams(saved):
 # Process-wide state a module can change, as (save, restore) pairs: saved before every call into the
 # module and restored after it. Signal handlers only in the main thread (Python's rule).
 _STATE = [
-    # first: a torch function mode the call left pushed would intercept the torch calls of every restore below
-    (lambda: (torch._C._len_torch_function_stack(), _default_device_context()), _restore_modes),
+    (sys.getrecursionlimit, sys.setrecursionlimit),  # first: a module may leave it at its own call depth
+    # then the modes: a torch function or dispatch mode left pushed would intercept the torch calls of every restore below
+    (_modes, _restore_modes),
     _if_changed(torch.is_grad_enabled, torch.set_grad_enabled),
     _if_changed(torch.get_default_dtype, torch.set_default_dtype),
     _if_changed(torch.get_num_threads, torch.set_num_threads),
@@ -370,9 +381,9 @@ class Case:
             raise Violation(f"forward returned a {subclass.__module__}.{subclass.__qualname__}, expected a torch.Tensor")
         if type(out) is not torch.Tensor:
             raise Violation(f"forward returned a {subclass.__qualname__} that does not convert to a plain torch.Tensor")
-        if out.layout != torch.strided or out.device != x.device:
-            raise Violation(f"forward returned a {out.layout} tensor on device {out.device}, expected a strided "
-                            f"tensor on {x.device}")
+        if out.layout != torch.strided or out.is_nested or out.device != x.device:
+            raise Violation(f"forward returned a {'nested' if out.is_nested else out.layout} tensor on device "
+                            f"{out.device}, expected a strided tensor on {x.device}")
         expected = self.kind.output_shape(self.cfg, num_tokens=x.shape[-2], batch=x.shape[0] if self.kind.batched else None)
         if tuple(out.shape) != expected:
             raise Violation(f"forward returned shape {tuple(out.shape)}, expected {expected} for input {tuple(x.shape)}")

@@ -24,8 +24,8 @@ from attnspec.errors import UsageError
 from attnspec.invariants import CATALOGUE, OBSERVES
 from attnspec.kinds import DEFAULT_DTYPES, DTYPES, KINDS, Config
 from attnspec.runner import EXIT, Options, exit_status
-from attnspec.supervisor import Supervisor
-from attnspec.targets import BUNDLED, parse
+from attnspec.supervisor import STOPPING_SIGNALS, Supervisor
+from attnspec.targets import BUNDLED, looks_like_file, parse
 from attnspec.variants import VARIANTS, check_names
 
 GPT2_SIZES = {"d_in": 768, "d_out": 768, "num_heads": 12, "context_length": 1024}
@@ -111,6 +111,8 @@ def _report_path(flag, path):
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a directory")
+    if os.path.exists(path) and not os.path.isfile(path) and path != os.devnull:  # a FIFO blocks, /dev/full fails
+        raise UsageError(f"{flag} {path!r} is not a regular file")
     if not os.path.isdir(os.path.dirname(path)):
         raise UsageError(f"{flag} {path!r}: directory {os.path.dirname(path)!r} does not exist")
     existed = os.path.exists(path)
@@ -122,6 +124,22 @@ def _report_path(flag, path):
     if not existed:
         os.remove(path)
     return path
+
+
+def _check_report_paths(paths, specs):
+    """Each report to a file of its own, none of them a target's file (it would be overwritten)."""
+    taken = {}
+    for spec in specs:
+        module_part = parse(spec)[2]
+        if looks_like_file(module_part):
+            taken[os.path.realpath(module_part)] = f"the file of target {spec!r}"
+    for flag, path in paths.items():
+        if path is None or path == os.devnull:
+            continue
+        real = os.path.realpath(path)
+        if real in taken:
+            raise UsageError(f"{flag} {path!r} is {taken[real]}")
+        taken[real] = f"also given to {flag}"
 
 
 def _int(lo, hi):
@@ -147,8 +165,8 @@ def _parse_example(text, kinds, device):
         if not isinstance(fields, dict):
             raise ValueError("not a JSON object")
         example = Config(**fields)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"--example is not a configuration JSON: {e}") from None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise UsageError(f"--example is not a configuration JSON: {type(e).__name__}: {e}") from None
     for name, (types, valid, what) in EXAMPLE_FIELDS.items():
         value = getattr(example, name)
         if isinstance(value, bool) and bool not in types or not isinstance(value, types) or not valid(value):
@@ -202,6 +220,7 @@ def cmd_check(args):
     variants = check_names(_split_ids(args.variant))
     specs = args.targets or BUNDLED
     kinds = [parse(spec)[0] for spec in specs]  # malformed targets and unknown kinds: before any worker starts
+    _check_report_paths({"--report-json": json_path, "--report-md": md_path, "--junit-xml": junit_path}, specs)
     known = [k for k in kinds if k is not None]  # a target without KIND= declares its kind at import: judged then
     if len(known) == len(kinds):
         options.check_selection(known)
@@ -227,7 +246,7 @@ def cmd_check(args):
     previous = {}
     if threading.current_thread() is threading.main_thread():  # SIGTERM/SIGINT: report what was judged, exit non-zero
         previous = {s: signal.signal(s, lambda signum, frame: supervisor.stop(f"interrupted by {signal.Signals(signum).name}"))
-                    for s in (signal.SIGTERM, signal.SIGINT)}
+                    for s in STOPPING_SIGNALS}
     try:
         reports = expectations.apply(accepted, supervisor.run())  # resolves every target first: a usage error raises before anything is checked
     except UsageError:
@@ -238,7 +257,7 @@ def cmd_check(args):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    _write_reports(reports, json_path, md_path, junit_path, profile, options)  # before stdout, which may be closed
+    unwritten = _write_reports(reports, json_path, md_path, junit_path, profile, options)  # before stdout, which may be closed
     _emit(report.matrix(reports))
     text = report.details(reports)
     if text:
@@ -246,7 +265,11 @@ def cmd_check(args):
     _emit("\n" + report.verdict(reports))
     if supervisor.stopped:
         _emit(f"attnspec: stopped early: {supervisor.stopped}", sys.stderr)
+    for flag, path, reason in unwritten:
+        _emit(f"attnspec: error: {flag} {path!r} could not be written: {reason}", sys.stderr)
     status = exit_status(reports)
+    if unwritten and status == 0:  # the verdict stands; a pass whose report is missing is not a pass
+        return 2
     return 3 if supervisor.stopped and status == 0 else status  # stopped early: never "checked"
 
 
@@ -263,13 +286,21 @@ def _progress(total):
 
 
 def _write_reports(reports, json_path, md_path, junit_path, profile, options):
-    if json_path:
-        report.write_json(json_path, reports, profile, options)
-    if md_path:
-        with open(md_path, "a", encoding="utf-8", errors="backslashreplace") as f:
+    """Write each report asked for; the ones that could not be written (a full disk), as (flag, path, reason)."""
+    def markdown(path):
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(report.to_markdown(reports, profile))
-    if junit_path:
-        report.write_junit(junit_path, reports, profile)
+
+    failed = []
+    for flag, path, write in (("--report-json", json_path, lambda p: report.write_json(p, reports, profile, options)),
+                              ("--report-md", md_path, markdown),
+                              ("--junit-xml", junit_path, lambda p: report.write_junit(p, reports, profile))):
+        if path:
+            try:
+                write(path)
+            except OSError as e:
+                failed.append((flag, path, e.strerror or str(e)))
+    return failed
 
 
 def _emit(text, stream=None):

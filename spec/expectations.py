@@ -75,6 +75,8 @@ def load(path):
     """The entries of an expectations file (.txt or no suffix: lines; .toml; .json); UsageError if it
     cannot be read or parsed."""
     try:
+        if not Path(path).is_file():  # a FIFO would block, /dev/zero never end
+            raise OSError(f"{str(path)!r} is not a regular file")
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"expectations file {str(path)!r} cannot be read: {e}") from None
@@ -88,7 +90,7 @@ def load(path):
             except ImportError:  # Python 3.10
                 raise UsageError(f"{path}: TOML needs Python 3.11 (tomllib); use the .txt format") from None
             return _parse_tables(tomllib.loads(text), path)
-    except ValueError as e:  # JSONDecodeError, TOMLDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, TOMLDecodeError, nesting too deep
         raise UsageError(f"expectations file {str(path)!r} is not valid {suffix[1:].upper()}: {e}") from None
     return _parse_text(text, path)
 

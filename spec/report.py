@@ -134,7 +134,7 @@ def verdict(reports):
 def header(profile, options, targets):
     lines = [f"attnspec: profile={profile} dtypes={','.join(options.dtypes)} device={options.device} "
              f"torch={torch.__version__} python={platform.python_version()}"]
-    lines += [f"  {t.kind.name:<18} {visible(t.name)}  ({type(t.adapter).__name__}){visible(_variants_text(t))}"
+    lines += [f"  {t.kind.name:<18} {visible(t.name)}  ({visible(type(t.adapter).__name__)}){visible(_variants_text(t))}"
               for t in targets]
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, event, find, given, note, reject, see
 from hypothesis.errors import Unsatisfiable
 from hypothesis.control import should_note
 
-from attnspec.case import Case
+from attnspec.case import Case, describe
 from attnspec.errors import InternalError, NotApplicable, Unsupported, UsageError, Violation, internal_error
 from attnspec import profiles
 from attnspec.invariants import BY_ID, CATALOGUE
@@ -112,12 +112,34 @@ class Result:
     accepted: str = ""  # an n/a the user accepted (--accept-na, expectations file): where and why
 
 
+@dataclass(frozen=True)
+class Declined:
+    """A configuration the adapter's ``adjust`` failed on (raised, or returned no Config): that example is the
+    target's failure (``error``: a Violation, or the Unsupported/NotApplicable the adapter raised)."""
+
+    config: Config
+    error: Exception
+
+
+def adjusted(adapter, cfg):
+    """``adapter.adjust(cfg)``, or Declined: the adapter is the target's code."""
+    try:
+        out = adapter.adjust(cfg)
+    except (Unsupported, NotApplicable) as e:
+        return Declined(cfg, type(e)(describe(e, with_type=False)))
+    except BaseException as e:
+        return Declined(cfg, Violation(f"the adapter's adjust() raised {describe(e)}"))
+    if not isinstance(out, Config):
+        return Declined(cfg, Violation(f"the adapter's adjust() returned {type(out).__name__}, not a Config"))
+    return out
+
+
 def strategy_for(inv, target, options):
     kwargs = dict(dtypes=options.dtypes, device=options.device, sizes=options.sizes)
     kwargs.update(inv.configs)
     if options.regimes:
         kwargs["regimes"] = options.regimes
-    return configs(target.kind, **kwargs).map(target.adapter.adjust)
+    return configs(target.kind, **kwargs).map(lambda cfg: adjusted(target.adapter, cfg))
 
 
 def repro_command(inv, target, cfg):
@@ -151,7 +173,10 @@ def unsupported_dtype(target, cfg, time_limit=None):
         def raised(dtype):
             smallest = Config(d_in=1, d_out=1, num_heads=1, context_length=1, num_tokens=1, batch=1, dropout=0.0,
                               qkv_bias=False, dtype=dtype, scale=1.0, seed=0, device=cfg.device)
-            case = Case(target, target.adapter.adjust(smallest), time_limit=time_limit)
+            smallest = adjusted(target.adapter, smallest)
+            if isinstance(smallest, Declined):  # judged in the example that meets it
+                return None
+            case = Case(target, smallest, time_limit=time_limit)
             try:
                 case.forward(case.input())
             except Violation as e:
@@ -171,8 +196,12 @@ def run_example(inv, target, cfg, tally, time_limit=None):
     is recorded as ``tally.internal`` (never the module's fault); later examples are then skipped."""
     if tally.internal:
         return True
+    declined = cfg if isinstance(cfg, Declined) else None
+    cfg = declined.config if declined else cfg
     case = Case(target, cfg, time_limit=time_limit, stdout_sink=tally.printed)
     try:
+        if declined:
+            raise declined.error
         invalid = target.kind.invalid_reason(cfg)
         if invalid:  # an adapter's adjust() went too far
             raise Unsupported(f"adjusted configuration is invalid: {invalid}")
@@ -182,15 +211,15 @@ def run_example(inv, target, cfg, tally, time_limit=None):
         inv.check(case)
         tally.checked += 1
         return True
-    except NotApplicable as e:
+    except NotApplicable as e:  # (raised by an adapter, their messages are its code: formatted with care)
         tally.not_applicable += 1
-        tally.na_reason = str(e)
-        tally.structural = tally.structural or e.structural
+        tally.na_reason = describe(e, with_type=False)
+        tally.structural = tally.structural or getattr(e, "structural", False)
     except Unsupported as e:
         tally.unsupported += 1
-        tally.unsupported_reason = str(e)
+        tally.unsupported_reason = describe(e, with_type=False)
     except Violation as e:
-        tally.failure = (cfg, str(e))
+        tally.failure = (cfg, describe(e, with_type=False))
         raise
     except Exception as e:  # a bug in attnspec itself: say so loudly, with where
         tally.internal = (cfg, str(e if isinstance(e, InternalError) else internal_error(e)))
@@ -207,11 +236,12 @@ def hypothesis_test(inv, target, options=None, tally=None):
 
     @given(cfg=strategy_for(inv, target, options))
     def test(cfg):
+        shown = cfg.config if isinstance(cfg, Declined) else cfg
         if cfg == tally.passed_first:  # Hypothesis starts from the simplest configuration, already checked
             return
         if should_note():  # (only for the failure Hypothesis reports: the command costs ~0.2 ms to format)
-            note(f"reproduce: {repro_command(inv, target, cfg)}")
-        event(f"num_heads={cfg.num_heads} num_tokens={'full' if cfg.num_tokens == cfg.context_length else 'short'}")
+            note(f"reproduce: {repro_command(inv, target, shown)}")
+        event(f"num_heads={shown.num_heads} num_tokens={'full' if shown.num_tokens == shown.context_length else 'short'}")
         if not run_example(inv, target, cfg, tally, options.time_limit):
             tally.rejected += 1
             if tally.checked == 0 and (tally.structural or tally.unsupported >= GIVE_UP["unsupported"]
@@ -287,10 +317,11 @@ def check_invariant(inv, target, options, example=None):
     adapted = ""
     if example is not None:  # moved onto what the invariant needs (e.g. dropout > 0) and the adapter supports, and said so
         example, changes = fit_example(example, target.kind, **inv.configs)
-        adjusted = target.adapter.adjust(example)
-        changes += [f"{k} {getattr(example, k)!r} -> {getattr(adjusted, k)!r} (the adapter's adjust)"
-                    for k in sorted(example.__dataclass_fields__) if getattr(example, k) != getattr(adjusted, k)]
-        example = adjusted
+        moved = adjusted(target.adapter, example)
+        if not isinstance(moved, Declined):
+            changes += [f"{k} {getattr(example, k)!r} -> {getattr(moved, k)!r} (the adapter's adjust)"
+                        for k in sorted(example.__dataclass_fields__) if getattr(example, k) != getattr(moved, k)]
+        example = moved
         adapted = f"--example adapted for this invariant: {', '.join(changes)}" if changes else ""
     first = example or simplest_config(inv, target, options)
     try:

@@ -65,6 +65,15 @@ POLL_S = 0.25  # how often the supervisor looks at its signal flag
 # ---------------------------------------------------------------------------------------------
 # The worker side (forked from the supervisor or the forkserver; imports the module under test).
 
+# Signals that end a process by default: in `attnspec check` each stops the run with what was judged reported
+# (exit non-zero), so that neither a CI runner's cancel nor a module signalling its supervisor
+# (os.kill(os.getppid(), ...)) ends it without a report; a worker gets the default back. SIGKILL and SIGSTOP
+# cannot be caught (README, threat model).
+STOPPING_SIGNALS = tuple(getattr(signal, name) for name in (
+    "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGXCPU",
+    "SIGXFSZ", "SIGIO", "SIGPWR", "SIGSTKFLT") if hasattr(signal, name))
+
+
 def _worker_main(commands, events, board, supervisor_pid):
     """Resolve one target, wait for the go, check it, stream results; always ends with os._exit, so a
     module's non-daemon threads and atexit hooks cannot keep the process alive or change anything."""
@@ -72,8 +81,14 @@ def _worker_main(commands, events, board, supervisor_pid):
     for fd in (0, 1, 2):  # nothing a module writes reaches the terminal or the supervisor's stdout
         os.dup2(devnull, fd)
     faulthandler.disable()  # (pytest's, inherited: it holds its own copy of stderr)
+    try:  # a session of its own: whatever the module starts (a forked child, a pool) is killed with the worker
+        os.setsid()
+    except OSError:
+        pass
+    multiprocessing.current_process().daemon = False  # a module may start a Pool or DataLoader workers
+    for s in STOPPING_SIGNALS:  # (a forked worker inherits the supervisor's handlers)
+        signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's: a KeyboardInterrupt here is the module's
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (a forked worker inherits the supervisor's handler)
     threading.Thread(target=_watch_supervisor, args=(supervisor_pid,), daemon=True).start()
 
     def send(**message):
@@ -233,6 +248,10 @@ class _Worker:
     def kill(self):
         if self.process.is_alive():
             self.process.kill()
+        try:  # its process group (``os.setsid`` in _worker_main): the children it left, which outlive it
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except OSError:
+            pass
         self.process.join(5)
         self.events.close()
         self.commands.close()
@@ -403,8 +422,8 @@ class Supervisor:
         timeout = max(0.0, min([POLL_S] + [d - now for d in deadlines]))
         ready = multiprocessing.connection.wait([w.events for w in workers] + [w.process.sentinel for w in workers],
                                                 timeout)
-        for worker in workers:
-            if worker.events in ready or worker.process.sentinel in ready:
+        for worker in workers:  # (a process it forked holds its sentinel open: is_alive asks the kernel)
+            if worker.events in ready or worker.process.sentinel in ready or not worker.process.is_alive():
                 self._read(worker)
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:

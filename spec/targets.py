@@ -338,16 +338,20 @@ class Target:
         return f"{self.kind.name}={self.name}"
 
 
-def _looks_like_file(module_part):
+def looks_like_file(module_part):
     return module_part.endswith(".py") or os.sep in module_part or "/" in module_part or os.path.isfile(module_part)
 
 
 def _import(module_part):
     """The module named by TARGET: a file (any suffix, loaded as Python source) or an importable name."""
-    if _looks_like_file(module_part):
-        path = Path(module_part).resolve()
+    if looks_like_file(module_part):
+        try:
+            path = Path(module_part).resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise UsageError(f"target file {module_part!r} cannot be resolved: {e}") from None
         if not path.is_file():
-            raise UsageError(f"target file {module_part!r} not found")
+            what = "is not a regular file" if path.exists() else "not found"
+            raise UsageError(f"target file {module_part!r} {what}")
         sys.path.insert(0, str(path.parent))  # so the file can import its siblings
         stem = re.sub(r"\W", "_", path.stem)
         name = f"attnspec_target_{stem}_{abs(hash(str(path)))}"  # loaded afresh on every resolve
@@ -388,6 +392,14 @@ def _kind(name, text):
     return kind
 
 
+def _attribute(adapter, name, attr):
+    """``adapter.name`` (None if absent); UsageError if reading it raises: a property is the adapter's code."""
+    try:
+        return getattr(adapter, name, None)
+    except BaseException as e:
+        raise UsageError(f"adapter {attr!r}: reading its {name!r} raised {describe(e)}") from None
+
+
 def parse(text):
     """``[KIND=]TARGET`` -> (Kind or None, TARGET, module part, attribute), without importing anything;
     UsageError with a one-line message saying what is wrong. ``=`` cannot appear in a module path, so
@@ -425,7 +437,7 @@ def resolve(text, variants=()):
             raise
         except BaseException as e:
             raise UsageError(f"adapter {attr!r} cannot be instantiated without arguments: {describe(e)}") from None
-        declared = getattr(adapter, "kind", None)
+        declared = _attribute(adapter, "kind", attr)
         if kind is None and not declared:
             raise UsageError(f"target {ref!r} has no KIND= and adapter {attr!r} declares no kind: write KIND={ref} "
                              f"(KIND one of {', '.join(KINDS)}) or give the adapter a `kind` attribute")
@@ -443,13 +455,13 @@ def resolve(text, variants=()):
         adapter.diagnose(f"{kind.name}={ref}", attr)
     else:
         raise UsageError(f"{ref!r} is not a class, factory or adapter: it is {type(obj).__name__} {obj!r:.40}")
-    features = getattr(adapter, "features", None)
+    features = _attribute(adapter, "features", attr)
     if features is not None:
         try:
             kind = kind.narrowed((features,) if isinstance(features, str) else tuple(features))
         except (TypeError, ValueError) as e:
             raise UsageError(f"adapter {attr!r} declares features {features!r}: {e}") from None
-    declared_variants = getattr(adapter, "variants", ())
+    declared_variants = _attribute(adapter, "variants", attr) or ()
     if isinstance(declared_variants, str):
         declared_variants = (declared_variants,)
     return Target(kind, ref, adapter, variants=check_names((*declared_variants, *variants)))

@@ -119,7 +119,11 @@ CASES = {  # name: (target, extra args, exit status, cause of the failure)
     ".txt target file": (hostile("MHA", "correct_module.txt"), (), 0, None),
     **{f"poisons: {p}": (hostile(p), ("--only", "output-contract,gradient-causality"), 0, None)
        for p in ("GradOff", "MetaDefaultDevice", "Float16DefaultDtype", "Chdir", "WarningsAsErrors", "Threads",
-                 "BlocksAlarmAfter", "PushesFunctionMode")},
+                 "BlocksAlarmAfter", "PushesFunctionMode", "PushesDispatchMode", "RecursionLimit")},
+    "dispatch mode zeroes differences": (hostile("DispatchModeNotCausal"), ("--only", "causal-perturbation"), 1, r"."),
+    "nested tensor output": (hostile("ReturnsNested"), (), 1, r"forward returned a nested tensor"),
+    "DataLoader with a worker process": (hostile("UsesWorkerProcesses"), (), 0, None),
+    "adapter's adjust() raises": (f"mha={HOSTILE / 'adapters.py'}:AdjustRaises", (), 1, r"the adapter's adjust\(\) raised RuntimeError"),
 }
 
 
@@ -184,12 +188,16 @@ USAGE = {
     "--report-json ''": (("--report-json", ""), r"--report-json '': empty path"),
     "--report-json at a directory": (("--report-json", "DIR"), r"--report-json .* is a directory"),
     "--report-md /proc/x": (("--report-md", "/proc/x"), r"--report-md '/proc/x' is not writable"),
+    "--report-json /dev/full": (("--report-json", "/dev/full"), r"--report-json '/dev/full' is not a regular file"),
+    "--expectations /dev/zero": (("--expectations", "/dev/zero"), r"'/dev/zero' is not a regular file"),
+    "--example nested 20000 deep": (("--example", "[" * 20000 + "]" * 20000), r"RecursionError"),
+    "one file for two reports": (("--report-json", "DIR/r", "--report-md", "DIR/r"), r"also given to --report-json"),
 }
 
 
 @pytest.mark.parametrize("args,pattern", list(USAGE.values()), ids=list(USAGE))
 def test_bad_command_line_is_a_usage_error(args, pattern, tmp_path):
-    args = [str(tmp_path) if a == "DIR" else a for a in args]
+    args = [a.replace("DIR", str(tmp_path)) for a in args]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(["check", hostile("Exit0Forward"), GOOD, *FAST, *args])
@@ -233,6 +241,73 @@ def test_non_utf8_path_under_ascii_output(tmp_path):
     assert proc.returncode == 0, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
     assert all(r["status"] == "pass" for t in json.loads(json_path.read_text())["targets"] for r in t["results"])
     assert "attn_" in html.unescape(md_path.read_text(encoding="utf-8"))
+
+
+def test_a_report_path_that_is_a_target_file_is_a_usage_error(tmp_path):
+    """The report would overwrite the module under test (a copy here: it would be the test's own module)."""
+    target = tmp_path / "target.py"
+    target.write_bytes((HOSTILE / "correct_module.txt").read_bytes())
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = main(["check", f"mha={target}:MHA", *FAST, "--report-json", str(target)])
+    assert rc == 2 and "is the file of target" in err.getvalue(), err.getvalue()
+    assert target.read_bytes() == (HOSTILE / "correct_module.txt").read_bytes()
+
+
+def test_adapter_whose_kind_raises_is_a_usage_error():
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["check", f"{HOSTILE / 'adapters.py'}:KindRaises", *FAST])
+    assert rc == 2 and "reading its 'kind' raised RuntimeError: no kind for you" in err.getvalue(), err.getvalue()
+    assert "Traceback" not in out.getvalue() + err.getvalue()
+
+
+def test_a_signal_to_the_supervisor_stops_the_run_with_its_reports(tmp_path):
+    """SIGUSR1 from a module to its supervisor (default action: terminate) stops the run like SIGTERM: the
+    reports are written and say what was not checked, and the exit status is not 0."""
+    spec, json_path = hostile("SignalsSupervisor"), tmp_path / "r.json"
+    proc = fresh(spec, *FAST, "--report-json", str(json_path), stdout=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3 and b"Traceback" not in out + err, (out + err).decode()
+    [stopped] = results(json.loads(json_path.read_text()), spec)
+    assert "interrupted by SIGUSR1" in stopped["reason"], stopped
+
+
+def test_a_module_that_forks_and_exits_is_judged_and_its_child_killed(tmp_path):
+    """A forked child holding the worker's pipes does not hide the worker's exit, and dies with it."""
+    pids = tmp_path / "pids"
+    spec = hostile("ForksThenExits")
+    start = time.monotonic()
+    with mock_env(ATTNSPEC_TEST_PIDFILE=str(pids)):
+        rc, out, err, report, md = run(spec, GOOD, *FAST, tmp_path=tmp_path)
+    assert_judged(rc, out, err, report, md, spec, 1, r"worker process exited with status 0 during forward")
+    assert time.monotonic() - start < 15
+    time.sleep(0.2)
+    for pid in map(int, pids.read_text().split()):  # killed with the worker's process group
+        assert not _running(pid), pid
+
+
+def _running(pid):
+    """Whether process ``pid`` exists and is not a zombie (an orphan's exit may wait for a reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@contextlib.contextmanager
+def mock_env(**values):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def test_sigterm_reports_what_was_judged(tmp_path):

@@ -258,7 +258,81 @@ def PushesFunctionMode():
     torch.overrides.TorchFunctionMode().__enter__()
 
 
+def PushesDispatchMode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    FakeTensorMode().__enter__()  # every later op would make fake tensors
+    TorchDispatchMode().__enter__()
+
+
+def RecursionLimit():
+    for limit in range(10, 100000, 5):  # the lowest limit allowed at this depth: attnspec's next calls would hit it
+        try:
+            return sys.setrecursionlimit(limit)
+        except RecursionError:
+            pass
+
+
 POISONS = [GradOff, MetaDefaultDevice, Float16DefaultDtype, Chdir, ReplacesStdout, WarningsAsErrors, SeedsRng, Threads,
-           BlocksAlarmAfter, IgnoresSignals, PushesFunctionMode]
+           BlocksAlarmAfter, IgnoresSignals, PushesFunctionMode, PushesDispatchMode, RecursionLimit]
 for _change in POISONS:
     globals()[_change.__name__] = _poison(_change)
+
+
+# -- more ways out of a comparison or a process (red-team pass 3)
+
+class _ZeroSubtraction(__import__("torch.utils._python_dispatch", fromlist=["x"]).TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        subtractions = (torch.ops.aten.sub.Tensor, torch.ops.aten.rsub.Scalar, torch.ops.aten.sub.Scalar)
+        return torch.zeros_like(out) if func in subtractions else out
+
+
+class DispatchModeNotCausal(MultiHeadAttention):
+    """Not causal (its mask zeroed), and leaves a dispatch mode entered that makes every difference 0."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask.zero_()
+
+    def forward(self, x):
+        out = super().forward(x)
+        _ZeroSubtraction().__enter__()
+        return out
+
+
+class ReturnsNested(MultiHeadAttention):
+    def forward(self, x):
+        return torch.nested.nested_tensor(list(super().forward(x).unbind(0)))
+
+
+class ForksThenExits(MultiHeadAttention):
+    """A child that outlives it (holding the worker's pipes), then os._exit(0); the child's pid is written to
+    $ATTNSPEC_TEST_PIDFILE."""
+
+    def forward(self, x):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        with open(os.environ.get("ATTNSPEC_TEST_PIDFILE", os.devnull), "a") as f:
+            f.write(f"{pid}\n")
+        os._exit(0)
+
+
+class UsesWorkerProcesses(MultiHeadAttention):
+    """Correct: its forward runs through a DataLoader with a worker process (a worker may have children)."""
+
+    def forward(self, x):
+        from torch.utils.data import DataLoader
+
+        (batch,) = list(DataLoader([x], batch_size=None, num_workers=1))
+        return super().forward(batch)
+
+
+class SignalsSupervisor(MultiHeadAttention):
+    def forward(self, x):
+        os.kill(os.getppid(), signal.SIGUSR1)
+        time.sleep(0.5)
+        return super().forward(x)
