@@ -78,6 +78,8 @@ NAMES = {
     "value": ("W_value", "v_proj", "value", "W_v", "to_v", "wv"),
     "qkv": ("c_attn", "qkv", "Wqkv", "qkv_proj", "to_qkv"),  # one projection to [q | k | v], in that order
     "out": ("out_proj", "o_proj", "output_proj", "to_out", "c_proj", "proj", "wo"),
+    # the output projection's bias kept as a parameter of its own (fused bias-add kernels, Megatron-style code)
+    "out_bias": ("out_bias", "out_proj_bias", "o_bias", "proj_bias", "output_bias", "bias_out"),
     "att": ("att", "attn", "attention", "self_attn"),
     "ff": ("ff", "mlp", "ffn", "feed_forward"),
     "norm1": ("norm1", "ln_1", "ln1"),
@@ -183,7 +185,13 @@ def find_projections(module):
             out_name = next((a for a in NAMES["out"] if _linear(getattr(module, a, None)) is not None), None)
             if out_name is None:
                 return parts, f"{layout}: {where}, no output projection"
-            return {**parts, "out": _linear(getattr(module, out_name))}, f"{layout}: {where} + {out_name}"
+            weight, bias = _linear(getattr(module, out_name))
+            bias_name = None if bias is not None else next(
+                (a for a in NAMES["out_bias"] if isinstance(getattr(module, a, None), nn.Parameter)
+                 and getattr(module, a).shape == weight.shape[:1]), None)
+            if bias_name is not None:
+                bias, out_name = getattr(module, bias_name), f"{out_name} (bias: {bias_name})"
+            return {**parts, "out": (weight, bias)}, f"{layout}: {where} + {out_name}"
     if isinstance(getattr(module, "heads", None), (nn.ModuleList, list)):
         heads = [find_projections(h) for h in module.heads]
         if not heads or any(parts is None for parts, _ in heads):

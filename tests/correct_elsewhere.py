@@ -620,6 +620,30 @@ class SDPASeedProjectionsMHA(nn.Module):
 MODULES += [("mha", "SDPASeedProjectionsMHA")]
 
 
+class SeparateOutBiasMHA(nn.Module):
+    """Every Linear without bias; the output bias an nn.Parameter of its own added after out_proj (Megatron-style
+    code keeps biases apart for fused bias-add kernels): found as out_proj's bias (targets.NAMES["out_bias"])."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.h, self.hd, self.d_out = num_heads, d_out // num_heads, d_out
+        self.W_query, self.W_key, self.W_value = (nn.Linear(d_in, d_out, bias=qkv_bias) for _ in range(3))
+        self.out_proj = nn.Linear(d_out, d_out, bias=False)
+        self.out_bias = nn.Parameter(torch.empty(d_out).uniform_(-d_out ** -0.5, d_out ** -0.5))
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.ones(context_length, context_length, dtype=torch.bool).triu(1))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.h, self.hd).transpose(1, 2) for w in (self.W_query, self.W_key, self.W_value))
+        s = (q @ k.transpose(-1, -2)).masked_fill(self.mask[:t, :t], -torch.inf)
+        w = self.dropout(torch.softmax(s / self.hd ** 0.5, dim=-1))
+        return self.out_proj((w @ v).transpose(1, 2).reshape(b, t, self.d_out)) + self.out_bias
+
+
+MODULES += [("mha", "SeparateOutBiasMHA")]
+
+
 
 # --- issue 13: modern attention (kind gqa) --------------------------------------------------------
 
