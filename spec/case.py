@@ -394,7 +394,8 @@ class Case:
             index = tuple(int(i) for i in bad.nonzero()[0])
             mode = ("train" if train else "eval") + (", torch.no_grad()" if self.inference(train, needs_grad) else "")
             raise Violation(f"forward returned output[{index}] = {out[index].item()} for a finite input "
-                            f"(scale {self.cfg.scale:g}, {mode} mode)")
+                            f"(scale {self.cfg.scale:g}, offset {self.cfg.offset:g}, {mode} mode; every invariant "
+                            f"requires a finite output, as finite-output states)")
         return out
 
     def observe(self, x, train=False, module=None, attention_mask=None):

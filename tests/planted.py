@@ -610,6 +610,17 @@ class ResidualDropoutInEval(TransformerBlock):
         return x + F.dropout(self.ff(self.norm2(x)), p, training=True)
 
 
+class BranchDropoutNotRescaled(TransformerBlock):
+    """Found by red-team pass 4: the branch dropout keeps with probability 1-p but never scales by 1/(1-p)."""
+
+    def forward(self, x):
+        def drop(h):
+            return h * (torch.rand_like(h) >= self.drop_shortcut.p) if self.training else h
+
+        x = x + drop(self.att(self.norm1(x)))
+        return x + drop(self.ff(self.norm2(x)))
+
+
 # --- input and state mutation --------------------------------------------------------------------
 
 
@@ -1173,6 +1184,8 @@ CORPUS = [
          "nn.GELU() (exact erf) instead of GPT-2's tanh approximation"),
     _bug(TB, ReLUFeedForward, "structure", ["feedforward-gelu-tanh", "oracle-float64"], "ReLU instead of GELU"),
     _bug(TB, FeedForward2x, "structure", ["feedforward-gelu-tanh"], "hidden width 2 * emb_dim instead of 4 * emb_dim"),
+    _bug(TB, BranchDropoutNotRescaled, "structure", ["block-branch-dropout-inverted"],
+         "the branch dropout keeps with probability 1-p, not scaled by 1/(1-p): biased in train mode"),
     _bug(TB, ResidualDropoutInEval, "structure", ["eval-deterministic"],
          "shortcut dropout with training=True: drops in eval mode",
          also=["oracle-float64", "prefix-consistency", "batch-independence", "layernorm-pre-sublayer"]),
@@ -1718,7 +1731,21 @@ class CropKeepsPosition(CacheResetKeepsPosition):
         self.position = 0
 
 
+class CropPastTheCachedTokens(GroupedQueryAttention):
+    """Found by red-team pass 4 (a static cache's write pointer set to n): crop_cache(n) with fewer than n tokens
+    cached fills the slots up to n with zeros, attended as tokens."""
+
+    def crop_cache(self, n):
+        if self.cache_k is not None and n > self.cache_k.shape[2]:
+            pad = (0, 0, 0, n - self.cache_k.shape[2])
+            self.cache_k, self.cache_v = F.pad(self.cache_k, pad), F.pad(self.cache_v, pad)
+        else:
+            super().crop_cache(n)
+
+
 CORPUS += [
+    _bug(GQA, CropPastTheCachedTokens, "kv cache", ["kv-cache-decoding"],
+         "crop_cache(n) past the cached tokens takes the slots up to n as written (zeros)"),
     _bug(GQA, CropKeepsLastTokens, "kv cache", ["kv-cache-decoding"],
          "crop_cache(n) keeps the last n cached tokens, not the first n"),
     _bug(GQA, CropKeepsPosition, "kv cache", ["kv-cache-decoding"],

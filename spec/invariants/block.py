@@ -11,13 +11,15 @@ import torch
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation, internal_error
 from attnspec.invariants.base import invariant
+from attnspec.invariants.dropout import FALSE_ALARM, binomial_two_sided_p
 from attnspec.strategies import NONZERO_DROPOUTS
-from attnspec.tolerance import assert_close
+from attnspec.tolerance import allowed_error, assert_close
 
 
 @contextlib.contextmanager
 def _hooked(case, replace_outputs=False):
-    """Record {name: (input, output)} of the block's sub-layers; optionally make them output zeros."""
+    """Record {name: (input, output)} of the block's sub-layers; optionally make them output zeros
+    (``replace_outputs=True``) or what ``replace_outputs[name](output)`` gives."""
     sublayers = case.guard("the adapter's sublayers()", case.target.adapter.sublayers, case.module)
     if sublayers is None:
         raise NotApplicable("the block's sub-layers are not found (no `att`/`ff`; an adapter can name them)")
@@ -54,8 +56,8 @@ def _record(seen, name, inputs, output, replace_outputs):
     seen[name] = (first.detach(), tensor.detach())
     if not replace_outputs:
         return None
-    zeros = torch.zeros_like(tensor)
-    return (zeros, *output[1:]) if isinstance(output, tuple) else zeros
+    replaced = torch.zeros_like(tensor) if replace_outputs is True else replace_outputs[name](tensor)
+    return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
 
 def _randomize_norms(case, parts):
@@ -139,3 +141,36 @@ def block_residual_identity(case):
         out = case.forward(x, train=True)
     assert_close(out, x, dtype=x.dtype, what=f"train-mode (p={p}) block output with zeroed sub-layers vs its input "
                                               f"(dropout applied to the residual stream?)")
+
+
+@invariant("block-branch-dropout-inverted",
+           "train mode, the attention sub-layer outputting c = 1 and the feed-forward 0: out - x is 1 everywhere "
+           "(dropout inside the sub-layers) or, elementwise, 0 or 1/(1-p), a fraction p of it 0 (inverted dropout "
+           "on the branch)",
+           ("transformer-block",), "structure", dropouts=NONZERO_DROPOUTS)
+def block_branch_dropout_inverted(case):
+    """Exact in the values; the fraction of zeros is an exact binomial test at false-alarm rate FALSE_ALARM.
+    The seed drops each branch's output before adding it (x + drop(att(LN(x)))); Hugging Face's GPT-2 drops
+    inside the sub-layers (resid_dropout), which the replaced output then bypasses. A dropout after the
+    sub-layer that keeps with probability 1-p but does not scale by 1/(1-p) (or scales by 1/p) fails."""
+    p, x = case.cfg.dropout, case.input()
+    x = x.repeat(max(1, math.ceil(64 / x.numel())), 1, 1)  # >= 64 elements: a shared mask or bias shows
+    replace = {"att": torch.ones_like, "ff": torch.zeros_like}
+    with _hooked(case, replace_outputs=replace):
+        out = case.forward(x, train=True)
+    branch, kept = (out - x).double(), 1 / (1 - p)
+    tol = allowed_error(x.dtype, x.abs().max().item() + kept)
+    ones, zeros, scaled = ((branch - v).abs() <= tol for v in (1.0, 0.0, kept))
+    if ones.all():
+        return
+    other = ~(zeros | scaled)
+    if other.any():
+        index = tuple(int(i) for i in other.nonzero()[0])
+        raise Violation(f"train mode (p={p}), the attention branch outputting 1 and the feed-forward 0: out - x = "
+                        f"{branch[index].item():.6g} at {index}, expected 0 or 1/(1-p) = {kept:.6g} (inverted dropout "
+                        f"on the branch), or 1 everywhere (dropout inside the sub-layers)"
+                        + (f"; the kept elements are 1: dropout not scaled by 1/(1-p)" if (branch - 1).abs()[other].max() <= tol else ""))
+    dropped, n = int(zeros.sum()), zeros.numel()
+    if binomial_two_sided_p(dropped, n, p) < FALSE_ALARM:
+        raise Violation(f"train mode: the attention branch was dropped at {dropped} of {n} elements "
+                        f"({dropped / n:.3f}), expected a fraction p={p} (exact binomial test, p-value < {FALSE_ALARM:g})")

@@ -228,7 +228,8 @@ def _chunks(num_tokens):
 @invariant("kv-cache-decoding",
            "decoding through the module's KV cache, forward(x[:, s:e], use_cache=True) piece by piece (token by "
            "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; a plain forward "
-           "midway neither reads nor writes the cache; after crop_cache(k), forward(x[:, k:], use_cache=True) gives forward(x)[:, k:]",
+           "midway neither reads nor writes the cache; after crop_cache(k), forward(x[:, k:], use_cache=True) gives forward(x)[:, k:] "
+           "(k at or past the cached tokens: a no-op)",
            CACHE_KINDS, "forward", min_tokens=2)
 def kv_cache_decoding(case):
     """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
@@ -241,7 +242,9 @@ def kv_cache_decoding(case):
     and the middle in one chunk (``_token_steps``). Not applicable to a module without
     ``reset_cache``. A module with ``crop_cache(n)`` (Hugging Face's ``DynamicCache.crop``: keep the first n
     tokens) is also cropped, after decoding all T tokens, to k = 1 + seed mod (T - 1) and decodes x[:, k:] in
-    one piece: a crop that keeps the wrong tokens or leaves the position at T shows."""
+    one piece: a crop that keeps the wrong tokens or leaves the position at T shows; and, after the first
+    chunk of the second pass, to n >= the tokens cached, which keeps them all (a static cache that moves its
+    write position to n shows)."""
     module = case.module
     if not callable(getattr(module, "reset_cache", None)):
         raise NotApplicable("the module has no KV cache (forward(x, use_cache=True) and reset_cache(), as "
@@ -270,6 +273,10 @@ def kv_cache_decoding(case):
                                   f"without use_cache=True neither reads nor writes the cache)")
             decode(start, size, label)
             start += size
+            if not first_pass and crop and i == 0 and start < T:  # a crop that keeps every cached token is a no-op
+                n = min(T, start + case.cfg.seed % 3)
+                case.guard(f"crop_cache({n}) with {start} tokens cached", module.crop_cache, n)
+                label = f"{label}, then crop_cache({n}) with {start} cached (a no-op)"
         if first_pass and crop:
             k = 1 + case.cfg.seed % (T - 1)
             case.guard(f"crop_cache({k})", module.crop_cache, k)
