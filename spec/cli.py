@@ -111,7 +111,7 @@ def _report_path(flag, path):
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a directory")
-    if os.path.exists(path) and not os.path.isfile(path) and path != os.devnull:  # a FIFO blocks, /dev/full fails
+    if os.path.exists(path) and not os.path.isfile(path) and not _stream(path):  # a FIFO blocks, /dev/full fails
         raise UsageError(f"{flag} {path!r} is not a regular file")
     if not os.path.isdir(os.path.dirname(path)):
         raise UsageError(f"{flag} {path!r}: directory {os.path.dirname(path)!r} does not exist")
@@ -126,15 +126,20 @@ def _report_path(flag, path):
     return path
 
 
-def _check_report_paths(paths, specs):
-    """Each report to a file of its own, none of them a target's file (it would be overwritten)."""
-    taken = {}
+def _stream(path):
+    """/dev/null, the process's own stdout/stderr or an open descriptor (process substitution): writable as is."""
+    return path in (os.devnull, "/dev/stdout", "/dev/stderr") or path.startswith(("/dev/fd/", "/proc/self/fd/"))
+
+
+def _check_report_paths(paths, specs, expectations_path=None):
+    """Each report to a file of its own, none of them a target's or the expectations file (it would be overwritten)."""
+    taken = {os.path.realpath(expectations_path): "the --expectations file"} if expectations_path else {}
     for spec in specs:
         module_part = parse(spec)[2]
         if looks_like_file(module_part):
             taken[os.path.realpath(module_part)] = f"the file of target {spec!r}"
     for flag, path in paths.items():
-        if path is None or path == os.devnull:
+        if path is None or _stream(path):
             continue
         real = os.path.realpath(path)
         if real in taken:
@@ -220,7 +225,8 @@ def cmd_check(args):
     variants = check_names(_split_ids(args.variant))
     specs = args.targets or BUNDLED
     kinds = [parse(spec)[0] for spec in specs]  # malformed targets and unknown kinds: before any worker starts
-    _check_report_paths({"--report-json": json_path, "--report-md": md_path, "--junit-xml": junit_path}, specs)
+    _check_report_paths({"--report-json": json_path, "--report-md": md_path, "--junit-xml": junit_path}, specs,
+                        args.expectations)
     known = [k for k in kinds if k is not None]  # a target without KIND= declares its kind at import: judged then
     if len(known) == len(kinds):
         options.check_selection(known)

@@ -125,8 +125,10 @@ def adjusted(adapter, cfg):
     """``adapter.adjust(cfg)``, or Declined: the adapter is the target's code."""
     try:
         out = adapter.adjust(cfg)
-    except (Unsupported, NotApplicable) as e:
-        return Declined(cfg, type(e)(describe(e, with_type=False)))
+    except NotApplicable as e:
+        return Declined(cfg, NotApplicable(describe(e, with_type=False), structural=getattr(e, "structural", True)))
+    except Unsupported as e:
+        return Declined(cfg, Unsupported(describe(e, with_type=False)))
     except BaseException as e:
         return Declined(cfg, Violation(f"the adapter's adjust() raised {describe(e)}"))
     if not isinstance(out, Config):

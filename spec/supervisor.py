@@ -162,12 +162,15 @@ def _read_board(board):
 
 
 def _watch_supervisor(pid):
-    """A worker outlives no supervisor (one killed with SIGKILL leaves no orphan spinning)."""
+    """A worker outlives no supervisor (one killed with SIGKILL leaves no orphan spinning): it kills its own
+    process group (``os.setsid`` made it the leader), so what the module started goes with it."""
     while True:
         time.sleep(1.0)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            if os.getpgid(0) == os.getpid():
+                os.killpg(0, signal.SIGKILL)
             os._exit(1)
         except OSError:
             pass

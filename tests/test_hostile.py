@@ -296,6 +296,42 @@ def _running(pid):
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def test_a_supervisor_killed_outright_takes_its_workers_and_their_children(tmp_path):
+    """SIGKILL to the supervisor (a CI runner's hard cancel): each worker notices within a second and kills its
+    process group, what the module started included."""
+    pids = tmp_path / "pids"
+    proc = fresh(hostile("SpawnsSleeper"), *FAST, "--max-examples", "1", stdout=subprocess.DEVNULL,
+                 env={"ATTNSPEC_TEST_PIDFILE": str(pids)})
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and pids.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=30)
+    time.sleep(3)
+    started = [int(p) for p in pids.read_text().split()]
+    assert started and not [pid for pid in started if _running(pid)], started
+
+
+def test_reports_to_the_process_own_streams_are_allowed():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["check", GOOD, *FAST, "--report-md", "/dev/stderr"]) == 0
+
+
+def test_an_adapter_declining_one_configuration_in_adjust_is_not_structural():
+    from attnspec.errors import NotApplicable
+    from attnspec.kinds import Config
+    from attnspec.runner import Declined, adjusted
+
+    class Declines:
+        def adjust(self, cfg):
+            raise NotApplicable("not this one", structural=False)
+
+    cfg = Config(d_in=1, d_out=1, num_heads=1, context_length=1, num_tokens=1, batch=1, dropout=0.0, qkv_bias=False,
+                 dtype="float32", scale=1.0, seed=0)
+    declined = adjusted(Declines(), cfg)
+    assert isinstance(declined, Declined) and declined.error.structural is False and "not this one" in str(declined.error)
+
+
 @contextlib.contextmanager
 def mock_env(**values):
     before = {k: os.environ.get(k) for k in values}

@@ -117,7 +117,11 @@ def rotary_relative_position(case):
     T = x.shape[-2]
     half = x.dtype in (torch.float16, torch.bfloat16)
     if half:  # (n/a for this example without the projections: another is drawn)
-        bound = oracle.score_magnitude(case.kind, case.cfg, case.projections(), x)
+        try:
+            parts = case.projections()
+        except NotApplicable as e:
+            raise NotApplicable(f"in {case.cfg.dtype}: {e}", structural=False) from None
+        bound = oracle.score_magnitude(case.kind, case.cfg, parts, x)
     _, seen = case.observe(x)
     full = stacked(case, x, seen, "scores").double()
     for k in sorted({1, T // 2} - {0}):

@@ -336,3 +336,15 @@ class SignalsSupervisor(MultiHeadAttention):
         os.kill(os.getppid(), signal.SIGUSR1)
         time.sleep(0.5)
         return super().forward(x)
+
+
+class SpawnsSleeper(MultiHeadAttention):
+    """Correct, but its constructor starts a long `sleep` (its pid written to $ATTNSPEC_TEST_PIDFILE)."""
+
+    def __init__(self, *args, **kwargs):
+        import subprocess
+
+        super().__init__(*args, **kwargs)
+        sleeper = subprocess.Popen(["sleep", "300"])
+        with open(os.environ.get("ATTNSPEC_TEST_PIDFILE", os.devnull), "a") as f:
+            f.write(f"{sleeper.pid}\n")
