@@ -387,7 +387,13 @@ class Case:
         expected = self.kind.output_shape(self.cfg, num_tokens=x.shape[-2], batch=x.shape[0] if self.kind.batched else None)
         if tuple(out.shape) != expected:
             raise Violation(f"forward returned shape {tuple(out.shape)}, expected {expected} for input {tuple(x.shape)}")
-        bad = ~torch.isfinite(out) if out.is_floating_point() else torch.zeros((), dtype=torch.bool)
+        if out.is_floating_point() and not torch.isfinite(out).all():  # (the details only then)
+            self._check_finite(out, x, train, needs_grad, attention_mask)
+        return out
+
+    def _check_finite(self, out, x, train, needs_grad, attention_mask):
+        """Violation if ``out`` has a non-finite value at a real token (``attention_mask``) for a finite ``x``."""
+        bad = ~torch.isfinite(out)
         if attention_mask is not None:  # outputs at real tokens only
             bad = bad & attention_mask.bool().reshape(*attention_mask.shape, *([1] * (out.dim() - 2)))
         if bad.any() and torch.isfinite(x).all():
@@ -396,7 +402,6 @@ class Case:
             raise Violation(f"forward returned output[{index}] = {out[index].item()} for a finite input "
                             f"(scale {self.cfg.scale:g}, offset {self.cfg.offset:g}, {mode} mode; every invariant "
                             f"requires a finite output, as finite-output states)")
-        return out
 
     def observe(self, x, train=False, module=None, attention_mask=None):
         """(output, Observation); NotApplicable if no attention softmax is seen."""

@@ -136,12 +136,17 @@ def adjusted(adapter, cfg):
     return out
 
 
-def strategy_for(inv, target, options):
+def _drawn_configs(inv, kind, options):
+    """The configurations ``inv`` draws for ``kind`` under ``options``, before any adapter's ``adjust``."""
     kwargs = dict(dtypes=options.dtypes, device=options.device, sizes=options.sizes)
     kwargs.update(inv.configs)
     if options.regimes:
         kwargs["regimes"] = options.regimes
-    return configs(target.kind, **kwargs).map(lambda cfg: adjusted(target.adapter, cfg))
+    return configs(kind, **kwargs)
+
+
+def strategy_for(inv, target, options):
+    return _drawn_configs(inv, target.kind, options).map(lambda cfg: adjusted(target.adapter, cfg))
 
 
 def repro_command(inv, target, cfg):
@@ -255,7 +260,7 @@ def hypothesis_test(inv, target, options=None, tally=None):
     test._hypothesis_internal_add_digest = f"{inv.id}|{target.spec}".encode(errors="surrogateescape")
     # the seed ignores a target file's directory: the same verdict from any checkout (CI clones elsewhere)
     pair = f"{inv.id}|{re.sub(r'[^=:]*/', '', target.spec)}".encode(errors="surrogateescape")
-    overrides = {} if options.max_examples is None else {"max_examples": options.max_examples}
+    overrides = {"max_examples": budget(options, inv)}
     base = settings.get_profile(profiles.resolve(options.profile)) if options.profile else settings.default
     if options.seed is None and base.derandomize:  # derandomized from the pair alone, not from this file's
         seed = int.from_bytes(hashlib.sha256(pair).digest()[:8], "little")  # source: a verdict survives a refactor
@@ -268,25 +273,42 @@ def hypothesis_test(inv, target, options=None, tally=None):
     return settings(base, **overrides)(test)
 
 
-def budget(options):
-    """max_examples of a search under ``options``."""
+def budget(options, inv=None):
+    """max_examples of ``inv``'s search under ``options``: --max-examples, else the profile's (a costly
+    invariant's under the profiles of ``profiles.COSTLY_EXAMPLES``)."""
     if options.max_examples is not None:
         return options.max_examples
-    return (settings.get_profile(profiles.resolve(options.profile)) if options.profile else settings.default).max_examples
+    name = profiles.resolve(options.profile) if options.profile else None
+    examples = (settings.get_profile(name) if name else settings.default).max_examples
+    if inv is not None and inv.costly and name in profiles.COSTLY_EXAMPLES:
+        return min(examples, profiles.COSTLY_EXAMPLES[name])
+    return examples
 
 
-_SIMPLEST = {}
+_SIMPLEST = {}  # repr of an unadjusted strategy -> its simplest configuration
 
 
 def simplest_config(inv, target, options):
-    """The strategy's simplest configuration (Hypothesis tries the all-zero choice sequence first); the
-    same for every invariant that draws alike, so found once per target and strategy."""
-    strategy = strategy_for(inv, target, options)
-    key = (id(target.adapter), repr(strategy))
+    """The strategy's simplest configuration (Hypothesis tries the all-zero choice sequence first),
+    adjusted by the target's adapter. The unadjusted one is found once per kind and strategy arguments
+    (``prepare_simplest`` finds them before workers fork)."""
+    return adjusted(target.adapter, _unadjusted_simplest(_drawn_configs(inv, target.kind, options)))
+
+
+def _unadjusted_simplest(strategy):
+    key = repr(strategy)
     if key not in _SIMPLEST:
-        _SIMPLEST[key] = (target.adapter, find(strategy, lambda cfg: True,
-                                               settings=settings(database=None, max_examples=1, phases=[Phase.generate])))
-    return _SIMPLEST[key][1]
+        _SIMPLEST[key] = find(strategy, lambda cfg: True,
+                              settings=settings(database=None, max_examples=1, phases=[Phase.generate]))
+    return _SIMPLEST[key]
+
+
+def prepare_simplest(kind, options):
+    """Find the simplest configuration of every selected invariant of ``kind`` (a few ms each), so that
+    processes forked afterwards have them."""
+    for inv in options.selected():
+        if inv.applies_to(kind):
+            _unadjusted_simplest(_drawn_configs(inv, kind, options))
 
 
 def check_invariant(inv, target, options, example=None):
@@ -297,7 +319,7 @@ def check_invariant(inv, target, options, example=None):
     def result(status, **kw):
         return Result(inv.id, status, examples=tally.checked, unsupported=tally.unsupported, rejected=tally.rejected,
                       layout=tally.layout,
-                      budget=0 if example is not None else budget(options),
+                      budget=0 if example is not None else budget(options, inv),
                       seconds=round(time.perf_counter() - start, 3), printed=sum(map(len, tally.printed)), **kw)
 
     def internal():

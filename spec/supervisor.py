@@ -32,6 +32,7 @@ an import that raises is a usage error (exit 2), as before.
 
 import dataclasses
 import faulthandler
+import gc
 import importlib
 import json
 import multiprocessing
@@ -47,7 +48,7 @@ import traceback
 from attnspec.case import CALL_TIME_LIMIT_S, change_dir, clean_text, describe
 from attnspec.errors import UsageError
 from attnspec.kinds import KINDS
-from attnspec.runner import Options, Result, TargetReport, warm_up
+from attnspec.runner import Options, Result, TargetReport, prepare_simplest, warm_up
 from attnspec.targets import Target, parse
 
 # The kind of a target given without KIND= until its worker imports it (the adapter declares it).
@@ -77,6 +78,7 @@ STOPPING_SIGNALS = tuple(getattr(signal, name) for name in (
 def _worker_main(commands, events, board, supervisor_pid):
     """Resolve one target, wait for the go, check it, stream results; always ends with os._exit, so a
     module's non-daemon threads and atexit hooks cannot keep the process alive or change anything."""
+    gc.freeze()  # what the fork copied is never collected here: collections neither scan it nor copy its pages
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # nothing a module writes reaches the terminal or the supervisor's stdout
         os.dup2(devnull, fd)
@@ -344,6 +346,8 @@ class Supervisor:
     def run(self):
         try:
             self._preload()
+            for kind in {job.target.kind for job in self.jobs if job.target.kind is not UNRESOLVED}:
+                prepare_simplest(kind, self.options)  # (before the forks: every worker starts with them)
             self._resolve_all()
             if self.on_resolved:
                 self.on_resolved([job.target for job in self.jobs])

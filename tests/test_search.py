@@ -14,10 +14,11 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import seed as hypothesis_seed
 
+from attnspec import profiles
 from attnspec.invariants import BY_ID
 from attnspec.invariants.dropout import binomial_two_sided_p
 from attnspec.kinds import KINDS, Config
-from attnspec.runner import Options, check_invariant, check_target, simplest_config, strategy_for
+from attnspec.runner import Options, budget, check_invariant, check_target, simplest_config, strategy_for
 from attnspec.targets import resolve
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +43,20 @@ def test_the_simplest_configuration_is_minimal():
     cfg = simplest_config(BY_ID["oracle-float64"], resolve(MHA), Options())
     assert (cfg.num_heads, cfg.d_out, cfg.d_in, cfg.num_tokens, cfg.batch) == (1, 1, 1, 1, 1)
     assert (cfg.dtype, cfg.scale, cfg.offset, cfg.dropout, cfg.qkv_bias) == ("float32", 1.0, 0.0, 0.0, False)
+
+
+def test_the_ci_profile_gives_costly_invariants_their_smaller_budget():
+    """Under ci a costly invariant searches profiles.COSTLY_EXAMPLES examples, the others the profile's 25;
+    --max-examples sets every invariant's budget; dev and thorough give costly invariants the full budget."""
+    target, costly, cheap = resolve(MHA), BY_ID["gradient-oracle"], BY_ID["weights-rows-sum-to-one"]
+    assert costly.costly and not cheap.costly
+    ci = Options(profile="ci", only=(costly.id, cheap.id))
+    results = {r.invariant: r for r in check_target(target, ci).results}
+    assert results[costly.id].budget == results[costly.id].examples == profiles.COSTLY_EXAMPLES["attnspec-ci"] == 12
+    assert results[cheap.id].budget == results[cheap.id].examples == 25
+    explicit = check_invariant(costly, target, Options(profile="ci", max_examples=3))
+    assert explicit.budget == explicit.examples == 3
+    assert budget(Options(profile="thorough"), costly) == 500 and budget(Options(profile="dev"), costly) == 10
 
 
 def test_a_ci_search_reaches_real_sizes_inputs_and_dtypes():

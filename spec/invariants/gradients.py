@@ -160,7 +160,7 @@ def _oracle_vjp(case, parts, x, c, dtype, jitter=0.0, angles=torch.float64):
 @invariant("gradient-oracle",
            "train mode, dropout 0: the gradients of <c, forward(x)> w.r.t. x and every projection parameter "
            "equal the float64 oracle's on the module's own parameters (c a random cotangent)",
-           ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=st.just(0.0))
+           ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=st.just(0.0), costly=True)
 def gradient_oracle(case):
     """Tolerance (spec/tolerance.py), per gradient tensor: |module - oracle64| <= max(RTOL[dtype] * magnitude,
     10 * measured), measured the error of the same reference computed in the module's dtype; in float64,
@@ -204,7 +204,7 @@ def gradient_oracle(case):
 @invariant("gradient-finite-differences",
            "float64, train mode: the analytic directional derivative of <c, forward> along a random direction of x, "
            "and of all parameters, equals the central difference (with dropout, every call drops the same positions)",
-           ALL_KINDS, "forward", dtypes=("float64",))
+           ALL_KINDS, "forward", dtypes=("float64",), costly=True)
 def gradient_finite_differences(case):
     """Black-box: needs no projections. phi(s) = <c, forward(theta + s u)> for theta = x, then theta = all
     parameters at once (u ~ rms(t) N(0, 1) per tensor t; a wrong gradient of any one tensor shows,

@@ -41,7 +41,7 @@ def _other_shape(case):
            "after calls at another shape and on another input of x's shape, in eval and train mode (and with a padding "
            "mask, or a first call in bfloat16), forward(x) equals forward(x) of a fresh module with the same parameters "
            "and RNG state",
-           ALL_KINDS, "forward")
+           ALL_KINDS, "forward", costly=True)
 def history_independent(case):
     """Eval then train: eval calls at (1 token, batch + 1) and on another input x' of x's shape, then a
     train-mode call on x, compared with a fresh module's train-mode call on x from the same global RNG
@@ -121,7 +121,7 @@ def _after_a_lower_precision_call(case, x):
 @invariant("parameter-update-respected",
            "after its parameters change in place (load_state_dict, an optimizer step), forward equals a fresh "
            "module's given the same parameters",
-           ALL_KINDS, "forward")
+           ALL_KINDS, "forward", costly=True)
 def parameter_update_respected(case):
     """The module is called (eval and train) first, so anything computed lazily at the first call exists;
     then (1) ``load_state_dict`` of a module built from another seed, (2) an in-place step
