@@ -9,7 +9,8 @@ cheap (an invariant may loop over cuts, batch elements or 1024 dropout draws):
 * ``long``: num_tokens and context_length up to 130, around 16, 32, 64 and 128; 1-2 heads of <= 4 dims;
 * ``wide``: head_dim 8, 16, 32 or 64 (d_in up to 64), 1-2 heads, <= 17 tokens or a length around 32 and
   64 (fused paths branch on head_dim and length together: SDPA-style kernels for head_dim % 8 == 0, T >= 32);
-* ``many``: 5-8 heads, batch 5-8, <= 8 tokens of <= 4 dims per head.
+* ``many``: 5-8 heads, batch 5-8, <= 8 tokens of <= 4 dims per head;
+* ``longest`` (only where an invariant names it): 257-520 tokens, where positions rounded in bfloat16 differ.
 
 ``REGIMES`` lists ``long`` three times in eight (tiling bugs need many tokens) and ``wide`` twice (fused paths
 branch on head_dim and on it together with the number of heads); Hypothesis draws the first entry more often
@@ -28,6 +29,9 @@ MAX_BATCH = 3
 
 REGIMES = ("small", "long", "wide", "many", "long", "wide", "many", "long")  # sampled_from shrinks to the first
 LONG_LENGTHS = (17, 33, 65, 129, 16, 32, 64, 128, 15, 31, 63, 127, 130)  # tile edges and their neighbours
+# Past 256 and 512 tokens: integer positions computed in bfloat16 round there (spacing 2, then 4). Drawn only
+# by invariants that name the "longest" regime (one forward pass at a few hundred tokens is cheap, a loop is not).
+LONGEST_LENGTHS = (300, 257, 520)
 WIDE_HEAD_DIMS = (8, 16, 32, 64)
 MAX_WIDE_CONTEXT = 17
 WIDE_LENGTHS = (33, 65, 32, 64, 31, 63)  # wide and long at once (after the short contexts)
@@ -71,7 +75,7 @@ def _wide_contexts(low):
 
 def _sizes(draw, kind, regime, min_tokens, min_batch):
     """(num_heads, head_dim, d_in, context_length, num_tokens, batch) of ``regime``."""
-    heads = {"small": (1, MAX_HEADS), "long": (1, 2), "wide": (1, 2), "many": MANY_HEADS}[regime]
+    heads = {"small": (1, MAX_HEADS), "long": (1, 2), "longest": (1, 2), "wide": (1, 2), "many": MANY_HEADS}[regime]
     num_heads = draw(_ints(*heads), label="num_heads") if kind.multi_head else 1
     if regime == "wide":
         head_dim = draw(_pick(WIDE_HEAD_DIMS), label="head_dim")
@@ -84,9 +88,10 @@ def _sizes(draw, kind, regime, min_tokens, min_batch):
         head_dim = draw(_ints(1, top), label="head_dim")
         d_in = draw(_ints(1, MAX_DIM), label="d_in")
     low = max(1, min_tokens)
-    if regime == "long":
-        context_length = draw(_pick(LONG_LENGTHS), label="context_length")
-        shorter = tuple(t for t in LONG_LENGTHS if low <= t < context_length)
+    if regime in ("long", "longest"):
+        lengths = LONG_LENGTHS if regime == "long" else LONGEST_LENGTHS
+        context_length = draw(_pick(lengths), label="context_length")
+        shorter = tuple(t for t in lengths if low <= t < context_length)
         num_tokens = draw(st.one_of(st.just(context_length), _pick(shorter)) if shorter else st.just(context_length),
                           label="num_tokens")
     elif regime == "wide":

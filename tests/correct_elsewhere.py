@@ -764,3 +764,36 @@ MODULES += [
     ("gqa", "HFLlamaStyleSDPA"),
     ("gqa", "MetaLlamaStyle"),
 ]
+
+
+class SlicedAttentionMHA(nn.Module):
+    """diffusers' SlicedAttnProcessor style (written by an outside red team): heads folded into the batch,
+    (B * H, T, head_dim), attention computed in slices of 4 rows of that folded axis (baddbmm, softmax and
+    dropout per slice). Its slices once were stacked as heads of each batch element by the probe: a false
+    alarm of scaling-sqrt-head-dim at batch 2 with 3 heads (6 rows: slices of 4 and 2)."""
+
+    slice_size = 4
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.h, self.hd, self.d_out = num_heads, d_out // num_heads, d_out
+        self.to_q, self.to_k, self.to_v = (nn.Linear(d_in, d_out, bias=qkv_bias) for _ in range(3))
+        self.to_out = nn.Linear(d_out, d_out)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.register_buffer("causal", torch.ones(context_length, context_length, dtype=torch.bool).triu(1),
+                             persistent=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (m(x).view(B, T, self.h, self.hd).transpose(1, 2).reshape(B * self.h, T, self.hd)
+                   for m in (self.to_q, self.to_k, self.to_v))
+        out = torch.empty_like(q)
+        for i in range(0, B * self.h, self.slice_size):
+            j = min(B * self.h, i + self.slice_size)
+            s = torch.baddbmm(q.new_zeros(j - i, T, T), q[i:j], k[i:j].transpose(1, 2), beta=0.0, alpha=self.hd ** -0.5)
+            w = self.attn_dropout(s.masked_fill(self.causal[:T, :T], float("-inf")).softmax(dim=-1))
+            out[i:j] = torch.bmm(w, v[i:j])
+        return self.to_out(out.view(B, self.h, T, self.hd).transpose(1, 2).reshape(B, T, self.d_out))
+
+
+MODULES += [("mha", "SlicedAttentionMHA")]

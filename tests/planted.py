@@ -621,6 +621,14 @@ class BranchDropoutNotRescaled(TransformerBlock):
         return x + drop(self.ff(self.norm2(x)))
 
 
+class FeedForwardNeverDropped(TransformerBlock):
+    """Found by red-team pass 5: the feed-forward branch is added undropped (and its sub-layer has no dropout)."""
+
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.ff(self.norm2(x))
+
+
 # --- input and state mutation --------------------------------------------------------------------
 
 
@@ -748,6 +756,33 @@ class HandWrittenBackwardNoScale(MHASteps):
         return self.out(self.merge(ctx, b, T))  # (no dropout: a bug of its own, not this one)
 
 
+class _SoftmaxDropoutForgetsScaleInBackward(torch.autograd.Function):
+    """softmax then inverted dropout, fused; the backward multiplies by the keep mask but not by 1/(1-p)."""
+
+    @staticmethod
+    def forward(ctx, s, p):
+        w = torch.softmax(s, dim=-1)
+        keep = (torch.rand_like(w) >= p).to(w.dtype) if p > 0 else torch.ones_like(w)
+        ctx.save_for_backward(w, keep)
+        return w * keep / (1 - p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, keep = ctx.saved_tensors
+        g = grad * keep  # should be grad * keep / (1 - p)
+        return w * (g - (w * g).sum(-1, keepdim=True)), None
+
+
+class FusedSoftmaxDropoutBackwardUnscaled(MHASteps):
+    """Found by red-team pass 5: right forward, gradients through the scores too small by (1-p) in train mode."""
+
+    def normalize(self, s, d_k):
+        return s / d_k**0.5
+
+    def drop(self, s):
+        return _SoftmaxDropoutForgetsScaleInBackward.apply(s, self.dropout.p if self.training else 0.0)
+
+
 # --- call history: right on the first call, wrong on a later one ----------------------------------
 
 
@@ -783,12 +818,33 @@ class LazyFusedQK(SelfAttention_v1):
         return torch.softmax(scores / self.W_key.shape[-1] ** 0.5, dim=-1) @ (x @ self.W_value)
 
 
+class FusedQKVWatchesQueryOnly(MHASteps):
+    def project(self, x):
+        version = self.W_query.weight._version  # the fused weight is rebuilt when W_query changes, not W_key or W_value
+        if self.__dict__.get("_fused_version") != version:
+            self._fused = torch.cat([self.W_query.weight, self.W_key.weight, self.W_value.weight]).detach().clone()
+            self._fused_version = version
+        biases = [m.bias for m in (self.W_query, self.W_key, self.W_value)]
+        bias = None if biases[0] is None else torch.cat(biases)
+        return F.linear(x, self._fused, bias).chunk(3, dim=-1) if not torch.is_grad_enabled() else super().project(x)
+
+
 class ReseededDropout(CausalSteps):
     def drop(self, w):
         if not self.training:
             return w
         generator = torch.Generator(device=w.device).manual_seed(0)  # reseeded in every call: same positions
         keep = torch.rand(w.shape, generator=generator, device=w.device) >= self.dropout.p
+        return w * keep / (1 - self.dropout.p)
+
+
+class PrivateGeneratorDropout(CausalSteps):
+    def drop(self, w):
+        if not self.training:
+            return w
+        if not hasattr(self, "generator"):  # seeded once: torch.manual_seed neither reproduces nor varies its masks
+            self.generator = torch.Generator(device=w.device).manual_seed(0)
+        keep = torch.rand(w.shape, generator=self.generator, device=w.device) >= self.dropout.p
         return w * keep / (1 - self.dropout.p)
 
 
@@ -1186,6 +1242,8 @@ CORPUS = [
     _bug(TB, FeedForward2x, "structure", ["feedforward-gelu-tanh"], "hidden width 2 * emb_dim instead of 4 * emb_dim"),
     _bug(TB, BranchDropoutNotRescaled, "structure", ["block-branch-dropout-inverted"],
          "the branch dropout keeps with probability 1-p, not scaled by 1/(1-p): biased in train mode"),
+    _bug(TB, FeedForwardNeverDropped, "structure", ["block-branch-dropout-inverted"],
+         "the feed-forward residual branch never dropped in train mode (only the attention branch is)"),
     _bug(TB, ResidualDropoutInEval, "structure", ["eval-deterministic"],
          "shortcut dropout with training=True: drops in eval mode",
          also=["oracle-float64", "prefix-consistency", "batch-independence", "layernorm-pre-sublayer"]),
@@ -1227,8 +1285,12 @@ CORPUS = [
          "the last train-mode dropout mask is reapplied in eval mode"),
     _bug(SA, LazyFusedQK, "history", ["parameter-update-respected"],
          "W_query W_key^T fused at the first call, stale after load_state_dict or an optimizer step"),
+    _bug(MHA, FusedQKVWatchesQueryOnly, "history", ["parameter-update-respected"],
+         "inference fuses q/k/v weights, rebuilt only when W_query changes: a W_key/W_value-only update is ignored"),
     _bug(CA, ReseededDropout, "history", ["train-masks-vary"],
          "dropout generator reseeded to 0 inside forward: every call drops the same positions"),
+    _bug(CA, PrivateGeneratorDropout, "history", ["train-masks-vary"],
+         "dropout masks from a private torch.Generator seeded once: torch.manual_seed does not reproduce them"),
     _bug(MHA, IgnoresDropout, "history", ["train-differs-from-eval", "train-masks-vary"],
          "the dropout module is built but never applied"),
     _bug(MHA, SDPANoDropout, "history", ["train-differs-from-eval"],
@@ -1240,6 +1302,8 @@ CORPUS = [
          "one dropout mask per batch element, shared by all heads"),
     _bug(MHA, DropoutMaskSharedAcrossBatchMHA, "dropout", ["dropout-masks-independent"],
          "one dropout mask per head, shared by all batch elements"),
+    _bug(MHA, FusedSoftmaxDropoutBackwardUnscaled, "gradients", ["gradient-finite-differences"],
+         "a fused softmax-dropout autograd.Function whose backward forgets 1/(1-p): score gradients too small"),
     _bug(MHA, HandWrittenBackwardNoScale, "gradients", ["gradient-oracle", "gradient-finite-differences"],
          "a hand-written attention autograd.Function whose backward forgets 1/sqrt(head_dim) in dQ, dK"),
     _bug(CA, GenerationCacheKeptInTrain, "history", ["history-independent"],
@@ -1583,6 +1647,26 @@ class RopeTableFirstDtype(GroupedQueryAttention):
         return rotate(t, cos[start:end].to(t.dtype), sin[start:end].to(t.dtype), self.rope_interleaved)
 
 
+class RopePositionsInInputDtype(GroupedQueryAttention):
+    """Found by red-team pass 5: frequencies and angles in float32, but the positions made as arange(..., dtype=x.dtype):
+    in bfloat16 positions past 256 round (257 -> 256), so the rotation no longer depends on i - j alone."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, num_kv_heads=None, qkv_bias=False,
+                 rope_base=None, rope_fraction=1.0, rope_interleaved=False, window=None):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, num_kv_heads, qkv_bias, rope_base,
+                         rope_fraction, rope_interleaved, window)
+        if self.cos is not None:
+            r = 2 * self.cos.shape[-1]
+            self.inverse = rope_base ** (-torch.arange(0, r, 2, dtype=torch.float32) / r)
+
+    def rope(self, t, start):
+        if self.cos is None:
+            return t
+        positions = torch.arange(start, start + t.shape[2], dtype=t.dtype, device=t.device).float()  # rounded in bf16
+        angles = positions[:, None] * self.inverse.to(t.device)
+        return rotate(t, angles.cos().to(t.dtype), angles.sin().to(t.dtype), self.rope_interleaved)
+
+
 class ForwardWritesCache(GroupedQueryAttention):
     """A plain forward(x) (use_cache=False) computes right but leaves x's keys and values in the cache."""
 
@@ -1793,6 +1877,17 @@ class PaddingMaskKept(GroupedQueryAttention):
         return super().forward(x, use_cache=use_cache, attention_mask=attention_mask)
 
 
+class PaddingMemoisedByShape(GroupedQueryAttention):
+    """Found by red-team pass 5: the padding mask memoised per shape (to build it once per layer and step), its
+    contents not in the key: a later call of that shape with another mask gets the first one."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        if attention_mask is not None:
+            memo = self.__dict__.setdefault("_memo", {})
+            attention_mask = memo.setdefault(tuple(attention_mask.shape), attention_mask)
+        return super().forward(x, use_cache=use_cache, attention_mask=attention_mask)
+
+
 CORPUS += [
     _bug(GQA, PaddingIgnored, "padding", ["padding-mask", "padding-weights"],
          "attention_mask accepted and ignored: real tokens attend the left padding"),
@@ -1806,4 +1901,6 @@ CORPUS += [
          "left padding off by one: the last padded position is attended"),
     _bug(GQA, PaddingMaskKept, "history", ["history-independent"],
          "the last padding mask kept and applied to later calls of that shape without one"),
+    _bug(GQA, PaddingMemoisedByShape, "history", ["padding-mask"],
+         "the padding mask memoised by shape: a later call with another mask of that shape gets the first"),
 ]

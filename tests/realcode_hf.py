@@ -5,9 +5,11 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block
 from attnspec import Adapter, Unsupported
 
 
-def _config(cfg, impl):
+def _config(cfg, impl, resid_pdrop=0.0):
+    """GPT-2's config; the attention alone (mha) without its residual dropout, the block with it (GPT-2's resid_pdrop:
+    the seed's drop_shortcut)."""
     c = GPT2Config(n_embd=cfg.d_out, n_head=cfg.num_heads, n_positions=cfg.context_length, attn_pdrop=cfg.dropout,
-                   resid_pdrop=0.0, embd_pdrop=0.0, n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5)
+                   resid_pdrop=resid_pdrop, embd_pdrop=0.0, n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5)
     c._attn_implementation = impl
     return c
 
@@ -56,7 +58,7 @@ class _B(Adapter):
     def build(self, cfg):
         if not cfg.qkv_bias:
             raise Unsupported("GPT-2 biases")
-        return Blk(_config(cfg, self.impl))
+        return Blk(_config(cfg, self.impl, resid_pdrop=cfg.dropout))
     def adjust(self, cfg):
         return cfg.replace(qkv_bias=True)
 

@@ -61,3 +61,18 @@ def test_numerical_limit_is_reported(name):
     inv_id, text = NUMERICAL_LIMITS[name]
     (result,) = check_target(resolve(f"{kind}={FILE}:{name}"), Options(only=(inv_id,))).results
     assert result.status == "fail" and text in result.reason.lower(), result
+
+
+def test_heads_folded_into_the_batch_and_sliced_are_stacked_per_batch_element():
+    """SlicedAttentionMHA at the red team's counterexample: batch 2, 3 heads, softmax calls of 4 and 2 rows of
+    the folded (B * H) axis; every weight invariant must stack them as (B, H, T, T)."""
+    from attnspec.invariants import BY_ID
+    from attnspec.kinds import Config
+    from attnspec.runner import check_invariant
+
+    target = resolve(f"mha={FILE}:SlicedAttentionMHA")
+    cfg = Config(d_in=1, d_out=3, num_heads=3, context_length=2, num_tokens=2, batch=2, dropout=0.0, qkv_bias=False,
+                 dtype="float32", scale=1.0, seed=0)
+    for inv in ("scaling-sqrt-head-dim", "weights-rows-sum-to-one", "dropout-on-weights"):
+        result = check_invariant(BY_ID[inv], target, Options(), example=cfg)
+        assert result.status == "pass", (inv, result.reason)

@@ -204,3 +204,19 @@ def test_rotary_angles_rounded_to_a_half_precision_are_rejected_by_relative_posi
         if "transformers" in spec:
             pytest.importorskip("transformers")
         assert check_invariant(inv, resolve(spec), Options(), example=example).status == "pass", spec
+
+
+def test_positions_rounded_in_bfloat16_past_256_tokens_are_rejected_by_relative_position():
+    """The "longest" regime (257-520 tokens, drawn by rotary-relative-position): positions made as arange(...,
+    dtype=bfloat16) round past 256 (red-team pass 5); exact below, so only these lengths show it. The bundled
+    gqa passes at the same example."""
+    from attnspec.invariants import BY_ID
+    from attnspec.runner import check_invariant
+
+    example = HALF_ROPE_EXAMPLE.replace(context_length=300, num_tokens=300, rope_base=10000.0)
+    inv = BY_ID["rotary-relative-position"]
+    result = check_invariant(inv, resolve("gqa=tests/planted.py:RopePositionsInInputDtype"), Options(), example=example)
+    assert result.status == "fail" and "shifted by" in result.reason, result
+    assert check_invariant(inv, resolve("gqa=attnspec.impl:GroupedQueryAttention"), Options(), example=example).status == "pass"
+    short = example.replace(context_length=129, num_tokens=129)
+    assert check_invariant(inv, resolve("gqa=tests/planted.py:RopePositionsInInputDtype"), Options(), example=short).status == "pass"

@@ -203,7 +203,7 @@ def gradient_oracle(case):
 
 @invariant("gradient-finite-differences",
            "float64, train mode: the analytic directional derivative of <c, forward> along a random direction of x, "
-           "and of all parameters, equals the central difference (with dropout, every call drops the same positions)",
+           "of all parameters and of one parameter alone, equals the central difference (with dropout, every call drops the same positions)",
            ALL_KINDS, "forward", dtypes=("float64",), costly=True)
 def gradient_finite_differences(case):
     """Black-box: needs no projections. phi(s) = <c, forward(theta + s u)> for theta = x, then theta = all
@@ -214,7 +214,9 @@ def gradient_finite_differences(case):
     over the points evaluated: an output dropped to 0 at s = 0 is not at s = h), so
     |D(h) error| <= RTOL[float64] * S / h (the magnitude S / h); truncation, measured as |D(h) - D(2h)|
     (= 3 h^2 |phi3| / 6, three times D(h)'s own). A failing parameter direction is then split per
-    tensor to name the culprit. One backward and 8 forwards per example. With dropout p > 0 every call is
+    tensor to name the culprit; one tensor, chosen by the seed, is also checked alone (a wrong backward on one path,
+    say the scores' through a fused softmax-dropout, is a small part of the joint derivative where the
+    softmax is flat). One backward and 12 forwards per example. With dropout p > 0 every call is
     seeded alike, so the same positions drop and phi is the smooth function of one mask: a backward that
     recomputes forward with another mask (activation checkpointing without preserve_rng_state) or that
     ignores the mask shows. Every call runs with autograd on, so that the module takes one path. A module
@@ -266,6 +268,9 @@ def gradient_finite_differences(case):
             frozen = "" if p.requires_grad else ", which does not require grad"
             check(f"parameter {name!r}{frozen}", [p], [g], case.cfg.seed + 1 + i)
         raise joint
+    i = case.cfg.seed % len(params)  # one tensor alone: its error is not diluted by the others' derivatives
+    (name, p), g = params[i], grads[1 + i]
+    check(f"parameter {name!r} alone", [p], [g], case.cfg.seed + 1 + i)
 
 
 @invariant("gradient-reaches-parameters",

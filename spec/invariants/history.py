@@ -119,14 +119,16 @@ def _after_a_lower_precision_call(case, x):
 
 
 @invariant("parameter-update-respected",
-           "after its parameters change in place (load_state_dict, an optimizer step), forward equals a fresh "
-           "module's given the same parameters",
+           "after its parameters change in place (load_state_dict, an optimizer step on every parameter, then on one "
+           "alone), forward equals a fresh module's given the same parameters",
            ALL_KINDS, "forward", costly=True)
 def parameter_update_respected(case):
     """The module is called (eval and train) first, so anything computed lazily at the first call exists;
     then (1) ``load_state_dict`` of a module built from another seed, (2) an in-place step
-    p += 0.5 rms(p) N(0, 1) on every parameter, as an optimizer does. After each, forward(x) must equal
-    that of a module built afresh with those parameters (set before its first call)."""
+    p += 0.5 rms(p) N(0, 1) on every parameter, as an optimizer does, (3) the same step on one parameter
+    tensor only, chosen by the seed (a LoRA merge into the value projection, ``load_state_dict(strict=False)``
+    of a part: a fused-weight cache that watches some parameters' versions only). After each, forward(x)
+    must equal that of a module built afresh with those parameters (set before its first call)."""
     x, module = case.input(), case.module
     case.forward(x)
     case.forward(x, train=True)
@@ -135,14 +137,20 @@ def parameter_update_respected(case):
     assert_close(case.forward(x), case.forward(x, module=other), dtype=x.dtype,
                  what="output after load_state_dict of another module's state vs that module's output")
     generator = torch.Generator().manual_seed(case.cfg.seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.is_floating_point():
+    floating = [(name, p) for name, p in module.named_parameters() if p.is_floating_point()]
+
+    def step(params, what):
+        with torch.no_grad():
+            for _, p in params:
                 rms = p.double().pow(2).mean().sqrt().item() if p.numel() else 0.0
-                step = torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.5 * (rms or 1.0)
-                p.add_(step.to(device=p.device, dtype=p.dtype))
-    assert_close(case.forward(x), case.forward(x, module=_fresh_with_parameters_of(case, module)), dtype=x.dtype,
-                 what="output after an in-place step on every parameter vs a fresh module given those parameters")
+                p.add_((torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.5 * (rms or 1.0)).to(p))
+        assert_close(case.forward(x), case.forward(x, module=_fresh_with_parameters_of(case, module)), dtype=x.dtype,
+                     what=f"output after an in-place step on {what} vs a fresh module given those parameters")
+
+    step(floating, "every parameter")
+    if len(floating) > 1:
+        name, p = floating[case.cfg.seed % len(floating)]
+        step([(name, p)], f"{name!r} alone")
 
 
 def _replicated(case, needed):
@@ -196,13 +204,16 @@ def train_differs_from_eval(case):
 
 
 @invariant("train-masks-vary",
-           "two train-mode calls at dropout p > 0 (different RNG states) give different outputs: new masks each call",
+           "two train-mode calls at dropout p > 0 give different outputs from different RNG states (new masks each "
+           "call) and the same output from the same state (masks drawn from torch's RNG)",
            DROPOUT_KINDS, "forward", dropouts=NONZERO_DROPOUTS, dtypes=("float32", "float64"))
 def train_masks_vary(case):
     """Case.forward seeds the global RNG from cfg.seed + salt, so the two calls see different RNG states.
     Two independent masks agree on a weight with probability p^2 + (1-p)^2; on the max weight of each of
     n rows, with (p^2 + (1-p)^2)^n <= FALSE_ALARM (batch replicas). Dropping a row's max weight (>= 1/T)
-    changes the row by far more than rounding. A generator reseeded to a fixed seed in forward fails."""
+    changes the row by far more than rounding. A generator reseeded to a fixed seed in forward fails. A third
+    call from the first call's RNG state must repeat its output: a private torch.Generator (masks that
+    torch.manual_seed neither reproduces nor varies; activation checkpointing recomputes another mask) fails."""
     p = case.cfg.dropout
     if p == 0:
         raise NotApplicable("needs dropout > 0")
@@ -216,3 +227,8 @@ def train_masks_vary(case):
         raise Violation(f"two train-mode calls at dropout={p} with different RNG states give the same output "
                         f"(input of {tuple(x.shape)}, {rows} attention rows; a correct module does so with "
                         f"probability < {FALSE_ALARM:g}): every call drops the same positions")
+    again = case.forward(x, train=True, seed_salt=1)
+    if (again - first).abs().max().item() > allowed_error(x.dtype, _droppable(case, x, case.forward(x))):
+        raise Violation(f"two train-mode calls at dropout={p} from the same global RNG state (torch.manual_seed) give "
+                        f"different outputs: dropout does not draw from torch's RNG (a private generator?), so a "
+                        f"seed does not reproduce a run and activation checkpointing recomputes another mask")

@@ -104,7 +104,7 @@ def rotary_embedding(case):
            "scores depend on positions only through i - j: dropping the first k tokens leaves the scores among the "
            "others unchanged, S(x[k:])[i, j] = S(x)[k + i, k + j]",
            ROTARY_KINDS, "weights", require=("rotary",), min_tokens=2,
-           regimes=("small", "long", "wide", "long", "long"))  # positions far from 0: where angles round
+           regimes=("small", "long", "wide", "longest", "long"))  # positions far from 0: where angles round
 def rotary_relative_position(case):
     """Black-box on the scores (the softmax input): with rotary embeddings (R_a q).(R_b k) = q.(R_{b-a} k), so
     the same tokens at positions shifted by k score the same. Compared on the attended positions
@@ -311,7 +311,8 @@ def _described(left, pads):
 @invariant("padding-mask",
            "with a padding mask m (batch, T), True at real tokens, left or right: outputs at real tokens do not depend "
            "on the padded positions' contents; with right padding they equal forward of each row's real prefix; "
-           "decoded through a KV cache after a prefill, they equal the masked forward's",
+           "decoded through a KV cache after a prefill, they equal the masked forward's; a mask of all real tokens "
+           "after them gives forward(x)",
            PADDING_KINDS, "forward", min_tokens=2, scales=WIDE_SCALES)
 def padding_mask(case):
     """Black-box: padded keys get zero weight at every real query i (softmax over the real keys j <= i of the
@@ -320,8 +321,9 @@ def padding_mask(case):
     forward(x[:, :n]) at its real tokens (the same positions, no padded key attended), and (c) a module with a
     KV cache (``reset_cache``) that prefills x[:, :k] with m[:, :k] and then decodes x[:, k:] with m (cached and
     new tokens) gives the outputs at real tokens of the masked forward (k = T // 2): generation from a padded
-    batch. Outputs at padded positions are not constrained. Not applicable to a module whose forward takes no
-    ``attention_mask``."""
+    batch; (d) then forward(x) with a mask of all real tokens equals forward(x) without one (a mask memoised by
+    shape, not by contents, is reused). Outputs at padded positions are not constrained. Not applicable to a
+    module whose forward takes no ``attention_mask``."""
     x = case.input()
     real, left, pads = _padding(case, x)
     what = _described(left, pads)
@@ -332,6 +334,8 @@ def padding_mask(case):
     magnitude = _magnitude(torch.where(keep, out, 0.0), x)
     assert_close(torch.where(keep, changed, 0.0), torch.where(keep, out, 0.0), dtype=x.dtype, magnitude=magnitude,
                  what=f"{what}: outputs at real tokens after changing the padded positions' contents")
+    assert_close(case.forward(x, attention_mask=torch.ones_like(real)), case.forward(x), dtype=x.dtype,
+                 magnitude=magnitude, what=f"after calls with {what}: forward with a mask of all real tokens vs without a mask")
     if callable(getattr(case.module, "reset_cache", None)):
         _padded_decoding(case, x, real, out, magnitude, what)
     if left:

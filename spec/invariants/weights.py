@@ -62,8 +62,14 @@ def masked_softmax_renormalized(case):
 def stack_heads(tensors, lead, T):
     """``tensors`` (one per softmax call, e.g. (B, H, T, T), or (B, T, T) per head) stacked as (*lead, H, T, T);
     NotApplicable unless each holds whole (T x T) matrices for every batch element (a module computing one
-    softmax per batch element is observed so)."""
+    softmax per batch element is observed so). Calls of shape (n, T, T) with n > 1 not the batch size are
+    slices of heads folded into the batch, (B * H, T, T) batch-major (diffusers' sliced attention): they are
+    concatenated first."""
     whole = math.prod(lead) * T * T
+    if lead and any(t.dim() == 3 and t.shape[0] not in (1, lead[0]) for t in tensors):
+        folded = torch.cat([t.reshape(-1, T, T) for t in tensors])
+        if folded.numel() % whole == 0:
+            return folded.reshape(*lead, -1, T, T)
     if not tensors or any(t.numel() % whole or not t.numel() for t in tensors):
         raise NotApplicable(f"the attention weights are not observed as (num_tokens x num_tokens) matrices for "
                             f"each of the {math.prod(lead)} batch elements", structural=False)
