@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import io
 import itertools
+import math
 import os
 import signal
 import sys
@@ -413,6 +414,13 @@ class Case:
         if not probe.observation.heads:
             raise NotApplicable("attention weights are not observable (no softmax over num_tokens keys, no "
                                 "scaled_dot_product_attention or multi_head_attention_forward call)", structural=False)
+        T, heads = x.shape[-2], self.kind.attention_heads(self.cfg)
+        expected = math.prod(x.shape[:-2]) * heads * T * T
+        seen = sum(h.raw_weights.numel() for h in probe.observation.heads)
+        if seen != expected:  # softmax calls over num_tokens keys that are not the whole attention (one per query row...)
+            raise NotApplicable(f"the softmax calls over {T} keys hold {seen} weights, not the {expected} of "
+                                f"(batch, {heads} heads, {T} queries, {T} keys): attention weights not observable as such",
+                                structural=False)
         return out, probe.observation
 
     def projections(self, module=None):

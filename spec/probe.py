@@ -166,6 +166,8 @@ class AttentionProbe(TorchFunctionMode):
         return (preferred or others[-1:] or [None])[0], dim if others else None
 
     def _record(self, func, args, kwargs, out):
+        if isinstance(out, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(out):
+            return  # inside torch.func.vmap/grad: a wrapped tensor may not escape the transform, so nothing is kept
         if func in SOFTMAX and isinstance(out, torch.Tensor):
             dim = _softmax_dim(args, kwargs, out.dim())
             query, key = self._attention_axes(out, dim) or (None, None)

@@ -346,8 +346,9 @@ class Supervisor:
     def run(self):
         try:
             self._preload()
-            for kind in {job.target.kind for job in self.jobs if job.target.kind is not UNRESOLVED}:
-                prepare_simplest(kind, self.options)  # (before the forks: every worker starts with them)
+            if _context(self.options.device).get_start_method() == "fork":  # (a forkserver's workers would not inherit them)
+                for kind in {job.target.kind for job in self.jobs if job.target.kind is not UNRESOLVED}:
+                    prepare_simplest(kind, self.options)  # before the forks: every worker starts with them
             self._resolve_all()
             if self.on_resolved:
                 self.on_resolved([job.target for job in self.jobs])

@@ -87,6 +87,14 @@ def rotated_score_rounding(dtype, score_magnitude):
     return ROTATED_SCORE_ROUNDINGS * torch.finfo(dtype).eps * float(score_magnitude)
 
 
+def residual_rounding(dtype, magnitude):
+    """The error of out - x for out = x + b computed by a correct module in ``dtype``, |x| + |b| <= ``magnitude``:
+    b (a dropout-scaled value, 1/(1-p) held in the held precision) and the sum each round by half an ulp,
+    so 2 eps * magnitude bounds it with room (exact values, not a kernel's reductions: RTOL would blur
+    0, 1 and 1/(1-p) together in bfloat16)."""
+    return 2 * torch.finfo(held_dtype(dtype)).eps * float(magnitude) + torch.finfo(dtype).tiny
+
+
 def ill_conditioned(dtype, score_magnitude, rotary=False):
     """Why scores of size ``score_magnitude`` make ``dtype``'s attention weights meaningless, or None."""
     rounding = softmax_rounding(dtype, score_magnitude, rotary)

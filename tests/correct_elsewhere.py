@@ -796,4 +796,60 @@ class SlicedAttentionMHA(nn.Module):
         return self.to_out(out.view(B, self.h, T, self.hd).transpose(1, 2).reshape(B, T, self.d_out))
 
 
-MODULES += [("mha", "SlicedAttentionMHA")]
+class HeadChunksMHA(SlicedAttentionMHA):
+    """Heads in chunks of 2 (to bound memory), each chunk folded batch-major, (B * 2, T, T) a bmm (an outside
+    review's module): per-call calls of the same shapes as the sliced module's, in another layout."""
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (m(x).view(B, T, self.h, self.hd).transpose(1, 2) for m in (self.to_q, self.to_k, self.to_v))
+        outs = []
+        for h0 in range(0, self.h, 2):
+            n = min(self.h, h0 + 2) - h0
+            qc, kc, vc = (t[:, h0:h0 + n].reshape(B * n, T, self.hd) for t in (q, k, v))
+            s = torch.bmm(qc, kc.transpose(1, 2)) * self.hd ** -0.5
+            w = self.attn_dropout(s.masked_fill(self.causal[:T, :T], float("-inf")).softmax(dim=-1))
+            outs.append(torch.bmm(w, vc).view(B, n, T, self.hd))
+        return self.to_out(torch.cat(outs, dim=1).transpose(1, 2).reshape(B, T, self.d_out))
+
+
+class BatchLoopMHA(SlicedAttentionMHA):
+    """One attention per batch element (ragged batches, packed sequences), (1, H, T, T) each (an outside review's
+    module): where H is a multiple of the batch, its calls also fit one call per group of heads."""
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (m(x).view(B, T, self.h, self.hd).transpose(1, 2) for m in (self.to_q, self.to_k, self.to_v))
+        outs = []
+        for b in range(B):
+            s = q[b:b + 1] @ k[b:b + 1].transpose(-2, -1) * self.hd ** -0.5
+            w = self.attn_dropout(s.masked_fill(self.causal[:T, :T], float("-inf")).softmax(dim=-1))
+            outs.append(w @ v[b:b + 1])
+        return self.to_out(torch.cat(outs).transpose(1, 2).reshape(B, T, self.d_out))
+
+
+MODULES += [("mha", "SlicedAttentionMHA"), ("mha", "HeadChunksMHA"), ("mha", "BatchLoopMHA")]
+
+
+class CheckpointedBlock(nn.Module):
+    """The bundled GPT-2 block with activation checkpointing of each sub-layer (use_reentrant=False; the RNG state
+    preserved, so the recomputation redraws the same dropout masks): written by red-team pass 6. Once a false
+    alarm of gradient-finite-differences: attnspec switched the module to eval mode between forward and backward,
+    so the recomputation dropped nothing."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from attnspec.impl.gpt import TransformerBlock
+
+        block = TransformerBlock(cfg)
+        self.att, self.ff, self.norm1, self.norm2, self.drop_shortcut = (block.att, block.ff, block.norm1, block.norm2,
+                                                                         block.drop_shortcut)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        x = x + self.drop_shortcut(checkpoint(lambda h: self.att(self.norm1(h)), x, use_reentrant=False))
+        return x + self.drop_shortcut(checkpoint(lambda h: self.ff(self.norm2(h)), x, use_reentrant=False))
+
+
+MODULES += [("transformer-block", "CheckpointedBlock")]

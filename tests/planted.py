@@ -756,6 +756,18 @@ class HandWrittenBackwardNoScale(MHASteps):
         return self.out(self.merge(ctx, b, T))  # (no dropout: a bug of its own, not this one)
 
 
+class QueryChunksMaskNotShifted(MHASteps):
+    """Found by red-team pass 6: past 256 tokens the queries go in chunks of 256, each chunk's causal mask taken
+    from the top-left of the buffer instead of shifted to the chunk's first query (exact up to 256 tokens)."""
+
+    def mask_scores(self, s, T):
+        if T <= 256:
+            return super().mask_scores(s, T)
+        chunks = [s[..., i:i + 256, :].masked_fill(self.mask.bool()[:min(256, T - i), :T], -torch.inf)
+                  for i in range(0, T, 256)]
+        return torch.cat(chunks, dim=-2)
+
+
 class _SoftmaxDropoutForgetsScaleInBackward(torch.autograd.Function):
     """softmax then inverted dropout, fused; the backward multiplies by the keep mask but not by 1/(1-p)."""
 
@@ -1302,6 +1314,8 @@ CORPUS = [
          "one dropout mask per batch element, shared by all heads"),
     _bug(MHA, DropoutMaskSharedAcrossBatchMHA, "dropout", ["dropout-masks-independent"],
          "one dropout mask per head, shared by all batch elements"),
+    _bug(MHA, QueryChunksMaskNotShifted, "size", ["oracle-float64"],
+         "past 256 tokens, query chunks of 256 get the first chunk's causal mask (not shifted to their position)"),
     _bug(MHA, FusedSoftmaxDropoutBackwardUnscaled, "gradients", ["gradient-finite-differences"],
          "a fused softmax-dropout autograd.Function whose backward forgets 1/(1-p): score gradients too small"),
     _bug(MHA, HandWrittenBackwardNoScale, "gradients", ["gradient-oracle", "gradient-finite-differences"],

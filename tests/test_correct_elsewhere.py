@@ -63,16 +63,20 @@ def test_numerical_limit_is_reported(name):
     assert result.status == "fail" and text in result.reason.lower(), result
 
 
-def test_heads_folded_into_the_batch_and_sliced_are_stacked_per_batch_element():
-    """SlicedAttentionMHA at the red team's counterexample: batch 2, 3 heads, softmax calls of 4 and 2 rows of
-    the folded (B * H) axis; every weight invariant must stack them as (B, H, T, T)."""
+@pytest.mark.parametrize("name,batch,heads", [("SlicedAttentionMHA", 2, 3), ("SlicedAttentionMHA", 2, 2),
+                                               ("HeadChunksMHA", 2, 4), ("BatchLoopMHA", 2, 4), ("BatchLoopMHA", 2, 2)])
+def test_softmax_calls_whose_shapes_fit_two_layouts_are_stacked_per_batch_element(name, batch, heads):
+    """Calls whose shapes fit both layouts (a slice of the folded B * H axis, a chunk of heads folded per batch,
+    one batch element's heads): the first batch element's input is changed to tell them apart
+    (weights.head_layout). Once a false alarm of scaling-sqrt-head-dim and of the dropout invariants."""
     from attnspec.invariants import BY_ID
     from attnspec.kinds import Config
     from attnspec.runner import check_invariant
 
-    target = resolve(f"mha={FILE}:SlicedAttentionMHA")
-    cfg = Config(d_in=1, d_out=3, num_heads=3, context_length=2, num_tokens=2, batch=2, dropout=0.0, qkv_bias=False,
-                 dtype="float32", scale=1.0, seed=0)
-    for inv in ("scaling-sqrt-head-dim", "weights-rows-sum-to-one", "dropout-on-weights"):
+    target = resolve(f"mha={FILE}:{name}")
+    cfg = Config(d_in=4, d_out=2 * heads, num_heads=heads, context_length=3, num_tokens=3, batch=batch, dropout=0.5,
+                 qkv_bias=False, dtype="float32", scale=1.0, seed=0)
+    for inv in ("scaling-sqrt-head-dim", "weights-rows-sum-to-one", "dropout-on-weights", "dropout-masks-independent",
+                "dropout-output-from-applied-weights"):
         result = check_invariant(BY_ID[inv], target, Options(), example=cfg)
         assert result.status == "pass", (inv, result.reason)

@@ -67,6 +67,7 @@ def test_a_ci_search_reaches_real_sizes_inputs_and_dtypes():
     tests = {
         "T>16": lambda c: c.num_tokens > 16,
         "T>32": lambda c: c.num_tokens > 32,
+        "T>256": lambda c: c.num_tokens > 256,  # oracle-float64 draws the longest regime (positions past bfloat16's 256)
         "head_dim>=8": lambda c: c.head_dim >= 8,
         "head_dim>=32 and heads>=2": lambda c: c.head_dim >= 32 and c.num_heads >= 2,
         "batch>=5 or heads>=5": lambda c: c.batch >= 5 or c.num_heads >= 5,
@@ -76,11 +77,11 @@ def test_a_ci_search_reaches_real_sizes_inputs_and_dtypes():
     mean = {name: sum(sum(map(test, seen)) for seen in searches) / len(searches) for name, test in tests.items()}
     assert mean["T>16"] >= 5 and mean["T>32"] >= 3 and mean["head_dim>=8"] >= 4, mean
     assert mean["head_dim>=32 and heads>=2"] >= 1 and mean["batch>=5 or heads>=5"] >= 3 and mean["small"] >= 3, mean
-    assert mean["offset"] >= 5, mean
+    assert mean["offset"] >= 5 and mean["T>256"] >= 1, mean
     assert sum(len({c.dtype for c in seen}) for seen in searches) / len(searches) >= 3.5
     drawn = [c for seen in searches for c in seen]
     assert {c.dtype for c in drawn} == {"float32", "float64", "float16", "bfloat16"}
-    assert max(c.num_tokens for c in drawn) <= 130 and max(c.head_dim for c in drawn) <= 64
+    assert max(c.num_tokens for c in drawn) <= 520 and max(c.head_dim for c in drawn) <= 64
 
 
 def test_causality_and_weights_are_searched_at_large_scales():

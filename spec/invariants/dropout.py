@@ -11,7 +11,7 @@ import torch
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import CAUSAL_KINDS, invariant
-from attnspec.invariants.weights import stack_heads
+from attnspec.invariants.weights import layout_of
 from attnspec.strategies import NONZERO_DROPOUTS
 from attnspec.tolerance import allowed_error, assert_close
 
@@ -133,7 +133,7 @@ def dropout_output_from_applied_weights(case):
         raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
     out, seen = case.observe(x, train=True)
     T, heads = x.shape[-2], case.kind.attention_heads(case.cfg)
-    applied = stack_heads(seen.applied_weights(), x.shape[:1], T)
+    applied = layout_of(case, x, seen, train=True)(seen.applied_weights())
     if applied.shape[-3] != heads:
         raise NotApplicable(f"the applied weights are not observed as {heads} (num_tokens x num_tokens) matrices "
                             f"per batch element", structural=False)
@@ -184,10 +184,11 @@ def dropout_masks_independent(case):
     replicas = _replicas_for_masks(p, x.shape[0] * T * (T + 1) // 2, heads)
     x = x.repeat(replicas, 1, 1)
     _, seen = case.observe(x, train=True)
-    kept = stack_heads([a != 0 for a in seen.applied_weights()], x.shape[:1], T).cpu()
+    layout = layout_of(case, x, seen, train=True)
+    kept = layout([a != 0 for a in seen.applied_weights()]).cpu()
     if kept.shape[-3] != heads:
         raise NotApplicable("the applied weights are not observed per head and batch element", structural=False)
-    positive = stack_heads([h.weights > 0 for h in seen.heads], x.shape[:1], T).cpu()
+    positive = layout([h.weights > 0 for h in seen.heads]).cpu()
     positive &= ~oracle.causal_mask(T)
     for dim, group in ((1, "heads"), (0, "batch elements")):
         k = kept.shape[dim]

@@ -63,13 +63,25 @@ def _vjp(case, x, tensors, unreached=None, train=None):
     """(output, c, [d<c, forward(x)>/dt for t in tensors]), None-free (zeros where no gradient flows or a
     tensor does not require grad; their indices are added to the set ``unreached`` if one is given).
     Violation if the output is cut off from autograd. ``train``: the mode, by default ``_train``."""
-    out = case.forward(x, train=_train(case) if train is None else train, needs_grad=True)
+    train = _train(case) if train is None else train
+    out = case.forward(x, train=train, needs_grad=True)
     c = cotangent(case, out.shape)
     wanted = [t for t in tensors if t.requires_grad]
     if wanted and not out.requires_grad:
         raise Violation("the output does not require grad although the input and parameters do: forward is cut "
                         "off from autograd (torch.no_grad, .detach(), .data?)")
-    grads = case.guard("backward", torch.autograd.grad, out, wanted, c, allow_unused=True) if wanted else []
+
+    def backward():  # as in training: a checkpointed sub-layer recomputes its forward now, in the mode forward ran in,
+        if train:  # with the RNG moved on since forward (its recomputation must restore forward's RNG state)
+            case.module.train()
+            case.seed(case.cfg.seed + 7919)
+        try:
+            return torch.autograd.grad(out, wanted, c, allow_unused=True)
+        finally:
+            if train:
+                case.module.eval()
+
+    grads = case.guard("backward", backward) if wanted else []
     by_id = {id(t): g for t, g in zip(wanted, grads)}
     if unreached is not None:
         unreached.update(i for i, t in enumerate(tensors) if by_id.get(id(t)) is None)

@@ -369,7 +369,7 @@ def padding_weights(case):
     x = case.input()
     real, left, pads = _padding(case, x)
     _, seen = case.observe(x, attention_mask=real)
-    weights = stacked(case, x, seen)  # (batch, heads, T, T)
+    weights = stacked(case, x, seen, observe=lambda inputs: case.observe(inputs, attention_mask=real)[1])  # (batch, heads, T, T)
     leak = real[:, None, :, None] & ~real[:, None, None, :] & (weights != 0)
     if leak.any():
         index = _first(leak)

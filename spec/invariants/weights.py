@@ -59,28 +59,71 @@ def masked_softmax_renormalized(case):
                      what="applied weights vs tril(softmax(scores)) renormalized")
 
 
-def stack_heads(tensors, lead, T):
-    """``tensors`` (one per softmax call, e.g. (B, H, T, T), or (B, T, T) per head) stacked as (*lead, H, T, T);
-    NotApplicable unless each holds whole (T x T) matrices for every batch element (a module computing one
-    softmax per batch element is observed so). Calls of shape (n, T, T) with n > 1 not the batch size are
-    slices of heads folded into the batch, (B * H, T, T) batch-major (diffusers' sliced attention): they are
-    concatenated first."""
+def _layouts(tensors, lead, T):
+    """The ways ``tensors`` (one per softmax call) can hold (*lead, H, T, T): each call batch-major, (B, ...) —
+    one call for every head, one per head (B, T, T), or per group of heads (B * h, T, T) —, or every call a piece of
+    one batch-major (B * H) axis of matrices (diffusers' sliced attention; a loop over batch elements, (1, H, T, T)
+    each). Each is a function of the list of calls."""
     whole = math.prod(lead) * T * T
-    if lead and any(t.dim() == 3 and t.shape[0] not in (1, lead[0]) for t in tensors):
-        folded = torch.cat([t.reshape(-1, T, T) for t in tensors])
-        if folded.numel() % whole == 0:
-            return folded.reshape(*lead, -1, T, T)
-    if not tensors or any(t.numel() % whole or not t.numel() for t in tensors):
+    layouts = []
+    if tensors and all(t.numel() and t.numel() % whole == 0 for t in tensors):
+        layouts.append(lambda ts: torch.cat([t.reshape(*lead, -1, T, T) for t in ts], dim=-3))
+    if lead and len(tensors) > 1 and all(t.dim() >= 3 for t in tensors) and sum(t.numel() for t in tensors) % whole == 0:
+        layouts.append(lambda ts: torch.cat([t.reshape(-1, T, T) for t in ts]).reshape(*lead, -1, T, T))
+    return layouts
+
+
+def head_layout(tensors, lead, T, perturbed=None):
+    """The function stacking the calls' tensors as (*lead, H, T, T); NotApplicable unless they hold whole (T x T)
+    matrices for every batch element. Where the calls' shapes fit two layouts that stack them differently (say,
+    calls of (B, T, T): one per head, or slices of a (B * H) axis), ``perturbed()`` — the same calls observed
+    with the first batch element's input changed — tells them apart: the matrices that change are that
+    element's. Still ambiguous (or no ``perturbed``): NotApplicable, never a guess."""
+    layouts = _layouts(tensors, lead, T)
+    if not layouts:
         raise NotApplicable(f"the attention weights are not observed as (num_tokens x num_tokens) matrices for "
                             f"each of the {math.prod(lead)} batch elements", structural=False)
-    return torch.cat([t.reshape(*lead, -1, T, T) for t in tensors], dim=-3)
+    stacks = [f(tensors) for f in layouts]
+    if all(torch.allclose(stacks[0], other, rtol=0, atol=0, equal_nan=True) for other in stacks[1:]):
+        return layouts[0]
+    other = perturbed() if perturbed is not None else None
+    if other is not None and [t.shape for t in other] == [t.shape for t in tensors]:
+        changed, start = set(), 0
+        for before, after in zip(tensors, other):
+            n = before.numel() // (T * T)
+            moved = (before.reshape(n, -1) != after.reshape(n, -1)).any(-1)
+            changed |= {start + int(k) for k in moved.nonzero().flatten()}
+            start += n
+        ids, start = [], 0
+        for t in tensors:
+            n = t.numel() // (T * T)
+            ids.append(torch.arange(start, start + n).reshape(n, 1, 1).expand(n, T, T))
+            start += n
+        fits = [f for f in layouts if set(f(ids)[(0,) * len(lead)][:, 0, 0].tolist()) == changed]
+        if len(fits) == 1:
+            return fits[0]
+    raise NotApplicable("the layout of the observed softmax calls is ambiguous (heads or batch elements in the "
+                        "same positions of several calls)", structural=False)
 
 
-def stacked(case, x, seen, attribute="weights"):
+def stacked(case, x, seen, attribute="weights", observe=None, train=False):
     """The observed softmax outputs (or ``attribute``: "scores"), heads stacked as (..., H, T, T) whether
-    computed in one softmax call or one call per head."""
+    computed in one softmax call or one call per head (``head_layout``; ``observe(x)`` re-observes, by default
+    ``case.observe(x, train=train)``)."""
+    return layout_of(case, x, seen, observe, train)([getattr(h, attribute) for h in seen.heads])
+
+
+def layout_of(case, x, seen, observe=None, train=False):
+    """``head_layout`` of ``seen``'s softmax outputs for input ``x``."""
     lead = (x.shape[0],) if case.kind.batched else ()
-    return stack_heads([getattr(h, attribute) for h in seen.heads], lead, x.shape[-2])
+    observe = observe or (lambda inputs: case.observe(inputs, train=train)[1])
+
+    def perturbed():
+        changed = x.clone()
+        changed[0] = case.input(salt=11, num_tokens=x.shape[-2], batch=x.shape[0])[0]
+        return [h.weights for h in observe(changed).heads]
+
+    return head_layout([h.weights for h in seen.heads], lead, x.shape[-2], perturbed if lead else None)
 
 
 def observed_and_reference_weights(case, parts, x):
