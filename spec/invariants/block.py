@@ -175,7 +175,7 @@ def block_branch_dropout_inverted(case):
         ones, zeros, scaled = ((branch - v).abs() <= tol for v in (1.0, 0.0, kept))
         if ones.all():
             if branch_name == "feed-forward":
-                _feed_forward_dropped_inside(case, x, p)
+                _feed_forward_dropped_inside(case, x, p, needed)
             continue
         other = ~(zeros | scaled)
         if other.any():
@@ -190,12 +190,12 @@ def block_branch_dropout_inverted(case):
                             f"({dropped / n:.3f}), expected a fraction p={p} (exact binomial test, p-value < {FALSE_ALARM / 3:g})")
 
 
-def _feed_forward_dropped_inside(case, x, p):
+def _feed_forward_dropped_inside(case, x, p, needed):
     """The feed-forward branch is not dropped after the sub-layer: the sub-layer must drop inside (Hugging Face's
     GPT-2: resid_dropout after c_proj; fairseq: dropout after the activation). With the attention sub-layer
     outputting 0 its input is the same in train and eval mode, so its output, recorded by the hooks, must differ
-    between the two where at least log(FALSE_ALARM / 3) / log(1-p) outputs are larger than rounding (fewer:
-    nothing to conclude)."""
+    between the two where at least ``needed`` = log(FALSE_ALARM / 3) / log(1-p) outputs are larger than rounding
+    (fewer: nothing to conclude)."""
     outputs = []
     for train in (True, False):
         with _hooked(case, replace_outputs={"att": torch.zeros_like, "ff": lambda t: t}) as seen:
@@ -205,7 +205,7 @@ def _feed_forward_dropped_inside(case, x, p):
         outputs.append(seen["ff"][1].double())
     trained, evaluated = outputs
     tol = allowed_error(x.dtype, evaluated.abs().max().item())
-    if trained.shape != evaluated.shape or int((evaluated.abs() > tol).sum()) < math.log(FALSE_ALARM / 3) / math.log(1 - p):
+    if trained.shape != evaluated.shape or int((evaluated.abs() > tol).sum()) < needed:
         return
     if (trained - evaluated).abs().max().item() <= tol:
         raise Violation(f"train mode (p={p}): the feed-forward path is never dropped, neither on its branch (its output "

@@ -88,15 +88,11 @@ def head_layout(tensors, lead, T, perturbed=None):
         return layouts[0]
     other = perturbed() if perturbed is not None else None
     if other is not None and [t.shape for t in other] == [t.shape for t in tensors]:
-        changed, start = set(), 0
+        changed, ids, start = set(), [], 0  # matrices numbered across the calls; those the change moved
         for before, after in zip(tensors, other):
             n = before.numel() // (T * T)
             moved = (before.reshape(n, -1) != after.reshape(n, -1)).any(-1)
             changed |= {start + int(k) for k in moved.nonzero().flatten()}
-            start += n
-        ids, start = [], 0
-        for t in tensors:
-            n = t.numel() // (T * T)
             ids.append(torch.arange(start, start + n).reshape(n, 1, 1).expand(n, T, T))
             start += n
         fits = [f for f in layouts if set(f(ids)[(0,) * len(lead)][:, 0, 0].tolist()) == changed]
@@ -106,15 +102,15 @@ def head_layout(tensors, lead, T, perturbed=None):
                         "same positions of several calls)", structural=False)
 
 
-def stacked(case, x, seen, attribute="weights", observe=None, train=False):
+def stacked(case, x, seen, attribute="weights", observe=None):
     """The observed softmax outputs (or ``attribute``: "scores"), heads stacked as (..., H, T, T) whether
-    computed in one softmax call or one call per head (``head_layout``; ``observe(x)`` re-observes, by default
-    ``case.observe(x, train=train)``)."""
-    return layout_of(case, x, seen, observe, train)([getattr(h, attribute) for h in seen.heads])
+    computed in one softmax call or one call per head (``layout_of``)."""
+    return layout_of(case, x, seen, observe)([getattr(h, attribute) for h in seen.heads])
 
 
 def layout_of(case, x, seen, observe=None, train=False):
-    """``head_layout`` of ``seen``'s softmax outputs for input ``x``."""
+    """``head_layout`` of ``seen``'s softmax outputs for input ``x``; ``observe(inputs)`` re-observes (by default
+    ``case.observe(inputs, train=train)``: the call that gave ``seen``)."""
     lead = (x.shape[0],) if case.kind.batched else ()
     observe = observe or (lambda inputs: case.observe(inputs, train=train)[1])
 
