@@ -191,7 +191,9 @@ def _context(device):
     an OpenMP pool, so a worker starts in ~20 ms. With other threads (e.g. cli.main inside
     pytest-xdist), or CUDA (which a forked child cannot re-initialize), workers come from a
     forkserver that imports torch and attnspec once (~3 s, then ~20 ms a worker). Either parent is
-    warmed once before its first fork (``runner.warm_up``; ``attnspec._warm`` in the forkserver)."""
+    warmed once before its first fork (``runner.warm_up``; ``attnspec._warm`` in the forkserver), except
+    for CUDA: warming runs a backward pass, autograd's engine then counts the CUDA devices, which
+    initializes the driver, and a child forked after that fails its first CUDA call ("initialization error")."""
     global _forkserver, _warm
     if threading.active_count() == 1 and device == "cpu":
         if not _warm:
@@ -201,7 +203,7 @@ def _context(device):
     if _forkserver is None:
         _forkserver = multiprocessing.get_context("forkserver")
         _forkserver.set_forkserver_preload(["torch", "attnspec.runner", "attnspec.invariants", "attnspec.impl",
-                                            "attnspec._warm"])
+                                            *(["attnspec._warm"] if device == "cpu" else [])])
     return _forkserver
 
 

@@ -728,11 +728,11 @@ class MetaLlamaStyle(nn.Module):
                                          torch.outer(torch.arange(context_length).double(), freqs))
 
     def rope(self, x):
-        T, r = x.shape[1], self.r
+        T, r = x.shape[1], self.r  # (freqs_cis is a plain attribute, as Meta's: .to() leaves it on the CPU)
         rot = x[..., :r].double()
         pairs = rot.reshape(*rot.shape[:-1], -1, 2) if self.rope_interleaved else \
             torch.stack((rot[..., : r // 2], rot[..., r // 2:]), dim=-1)
-        out = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * self.freqs_cis[:T, None, :])
+        out = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * self.freqs_cis[:T, None, :].to(x.device))
         out = out.flatten(-2) if self.rope_interleaved else torch.cat((out[..., 0], out[..., 1]), dim=-1)
         return torch.cat((out.to(x.dtype), x[..., r:]), dim=-1)
 

@@ -411,3 +411,26 @@ def test_a_broken_contract_stops_the_target_before_its_second_worker_checks_anyt
     (report,) = supervisor.run()
     assert [r.status for r in report.results] == ["fail"] + ["not-applicable"] * 3
     assert all("output-contract fails" in r.reason for r in report.results[1:])  # none was handed out
+
+
+def test_cuda_workers_come_from_a_forkserver_that_never_ran_a_backward_pass(monkeypatch):
+    """A backward pass makes autograd's engine count the CUDA devices, which initializes the driver, and a
+    child forked after that fails its first CUDA call: on an H200, every invariant of every target was an
+    internal error ("CUDA error: initialization error"). So a CUDA run's forkserver is not warmed
+    (``attnspec._warm`` checks an example, backward included); a CPU run's is."""
+    from attnspec import supervisor
+
+    preloads = []
+
+    class Context:
+        def set_forkserver_preload(self, names):
+            preloads.append(names)
+
+    monkeypatch.setattr(supervisor, "_forkserver", None)
+    monkeypatch.setattr(supervisor.multiprocessing, "get_context", lambda method: Context())
+    supervisor._context("cuda:0")
+    assert "torch" in preloads[0] and "attnspec._warm" not in preloads[0]
+    monkeypatch.setattr(supervisor.threading, "active_count", lambda: 2)  # (a CPU run takes the forkserver then)
+    monkeypatch.setattr(supervisor, "_forkserver", None)
+    supervisor._context("cpu")
+    assert "attnspec._warm" in preloads[1]

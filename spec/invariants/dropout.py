@@ -150,7 +150,7 @@ def dropout_output_from_applied_weights(case):
         if not case.kind.head_split:
             raise
         scaled = expected / (1 - p)  # the output after an inverted dropout of the output itself
-        got = out.detach().double().cpu()
+        got = out.detach().to(scaled)  # (float64, on the module's device)
         err = torch.minimum(got.abs(), (got - scaled).abs())
         if (err > allowed_error(x.dtype, scaled.abs().max().item(), measured / (1 - p))).any():
             raise Violation(f"{mismatch}; nor is it an inverted dropout of that output (0 or expected / (1 - p)): "

@@ -46,7 +46,7 @@ def grouped_query_kv_shared(case):
         groups = cfg.kv_heads
         if 1 < groups < cfg.num_heads:
             tiled = per_head(torch.float64, kv_head=lambda h: h % groups)
-            if (out.double().cpu() - tiled).abs().max() <= allowed_error(x.dtype, magnitude, measured):
+            if (out.double() - tiled).abs().max().item() <= allowed_error(x.dtype, magnitude, measured):
                 raise Violation(f"{mismatch}; the output matches query head h using K/V head h mod {groups}: the "
                                 f"K/V heads are tiled (repeat/expand), expected each repeated for its group of "
                                 f"{cfg.num_heads // groups} consecutive query heads (repeat_interleave)") from None
