@@ -251,6 +251,11 @@ def _plain_copy(t):
         return t.clone()
 
 
+# Case.inference's modes: the context each forward runs in.
+AUTOGRAD_MODES = {None: contextlib.nullcontext, "torch.no_grad()": torch.no_grad,
+                  "torch.inference_mode()": torch.inference_mode}
+
+
 class Case:
     """A target and a configuration; ``module`` is built on first use (eval mode, seeded)."""
 
@@ -341,16 +346,19 @@ class Case:
         return self.cfg.random_input(self.kind.input_shape(self.cfg, num_tokens, batch), salt)
 
     def inference(self, train=False, needs_grad=False):
-        """Whether a forward runs under torch.no_grad(), as inference does: for odd seeds, unless the
-        caller differentiates the output; in train mode too (Monte Carlo dropout samples train-mode
-        forwards without autograd). Real code branches on autograd (PyTorch's own nn.MultiheadAttention
-        takes a fused fast path only without it; a dropout gated on torch.is_grad_enabled() is
-        skipped), and both paths must agree."""
-        return not needs_grad and self.cfg.seed % 2 == 1
+        """The autograd mode a forward runs in, as inference runs it: for odd seeds, unless the caller
+        differentiates the output, ``torch.no_grad()`` (seed % 4 == 1) or ``torch.inference_mode()``
+        (seed % 4 == 3); in train mode too (Monte Carlo dropout samples train-mode forwards without
+        autograd). None: autograd on. Real code branches on autograd (PyTorch's own nn.MultiheadAttention
+        takes a fused fast path only without it; a dropout gated on torch.is_grad_enabled() is skipped; a
+        serving path checks torch.is_inference_mode_enabled()), and every path must agree."""
+        if needs_grad or self.cfg.seed % 2 == 0:
+            return None
+        return "torch.no_grad()" if self.cfg.seed % 4 == 1 else "torch.inference_mode()"
 
     def forward(self, x, train=False, module=None, seed_salt=0, needs_grad=False, attention_mask=None):
-        """module(x) in eval or train mode (under torch.no_grad() for odd seeds: ``inference``);
-        must be a plain strided Tensor of the kind's output shape on x's device (a tensor subclass is
+        """module(x) in eval or train mode (for odd seeds under torch.no_grad() or torch.inference_mode():
+        ``inference``); must be a plain strided Tensor of the kind's output shape on x's device (a tensor subclass is
         copied into a plain tensor first). The global RNG is seeded from the config first, so every
         call is reproducible (even a module that draws random numbers in eval mode). Returns a copy: a
         module may reuse its output buffer. ``attention_mask`` (batch, num_tokens) bool, True at real tokens:
@@ -358,7 +366,7 @@ class Case:
         module = self.module if module is None else module
         self.seed(self.cfg.seed + seed_salt)
         step = _Step("forward")
-        autograd = contextlib.nullcontext() if not self.inference(train, needs_grad) else torch.no_grad()
+        autograd = AUTOGRAD_MODES[self.inference(train, needs_grad)]()
 
         def call():  # one guarded call (each costs ~0.1 ms): the mode switches and forward
             step.now = "module.train()"
@@ -399,7 +407,8 @@ class Case:
             bad = bad & attention_mask.bool().reshape(*attention_mask.shape, *([1] * (out.dim() - 2)))
         if bad.any() and torch.isfinite(x).all():
             index = tuple(int(i) for i in bad.nonzero()[0])
-            mode = ("train" if train else "eval") + (", torch.no_grad()" if self.inference(train, needs_grad) else "")
+            inference = self.inference(train, needs_grad)
+            mode = ("train" if train else "eval") + (f", {inference}" if inference else "")
             raise Violation(f"forward returned output[{index}] = {out[index].item()} for a finite input "
                             f"(scale {self.cfg.scale:g}, offset {self.cfg.offset:g}, {mode} mode; every invariant "
                             f"requires a finite output, as finite-output states)")

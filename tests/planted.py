@@ -1784,6 +1784,20 @@ class FusedPathWhenWideAndLong(MultiHeadAttention):
         return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
 
 
+class InferenceModeMergeNoTranspose(MultiHeadAttention):
+    """Found by red-team pass 6: a serving path taken only under torch.inference_mode() merges the heads
+    with reshape(b, t, d_out) without transposing (b, H, t, hd) first, mixing tokens and heads."""
+
+    def forward(self, x):
+        if not torch.is_inference_mode_enabled():
+            return super().forward(x)
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        context = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(context.reshape(b, t, self.d_out))
+
+
 class DropoutOnlyWithGrad(MultiHeadAttention):
     """Dropout gated on autograd: none in train mode under torch.no_grad(), where Monte Carlo dropout
     samples train-mode forwards."""
@@ -1809,6 +1823,8 @@ CORPUS += [
          "eval under torch.no_grad() takes a fused path without the causal mask"),
     _bug(MHA, NoGradFastPathUnscaled, "inference path", ["oracle-float64"],
          "eval under torch.no_grad() takes a fused path with unscaled scores"),
+    _bug(MHA, InferenceModeMergeNoTranspose, "inference path", ["oracle-float64"],
+         "under torch.inference_mode() a serving path merges the heads without transposing them back"),
 ]
 
 
