@@ -436,7 +436,11 @@ class Case:
         module = self.module if module is None else module
         parts = self.guard("the adapter's projections()", self.target.adapter.projections, module)
         if parts is None:
-            raise NotApplicable("the projections are not found (no W_query/W_key/W_value; an adapter can name them)")
+            from attnspec.targets import projection_layout  # (targets imports this module)
+
+            why = projection_layout(self.target.adapter, module)
+            raise NotApplicable("the projections are not found (" + (why if why not in ("not found", "the adapter's "
+                                "projections()") else "no W_query/W_key/W_value") + "; an adapter can name them)")
         problem = self.kind.projection_problem(self.cfg, parts)
         if problem:
             raise NotApplicable(problem)

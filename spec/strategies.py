@@ -47,6 +47,7 @@ WIDE_SCALES = st.sampled_from([1.0, 0.1, 3.0, 1e-3, 1e2, 1e3])
 LARGE_SCALES = st.sampled_from([1e3, 1e2, 1e4])
 # The input is offset + scale * N(0, 1): off-centre input shows one-pass variances E[x^2] - E[x]^2.
 OFFSETS = st.sampled_from([0.0, 0.0, 10.0, -3.0, 100.0])
+ZERO_OFFSET = st.just(0.0)
 # Rates other than 0.5 show 1-p vs p mix-ups; a grid is as good as floats and cheaper to draw.
 RATES = (0.1, 0.25, 0.05, 0.9, 0.6, 0.333, 0.75, 0.2, 0.45, 0.8)
 DROPOUTS = st.one_of(st.just(0.0), st.sampled_from(RATES), st.just(0.5))

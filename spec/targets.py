@@ -202,6 +202,10 @@ def find_projections(module):
         att, where = find_projections(att)
         linears = [p for p in map(_leaf, ff.modules()) if p is not None]
         norms = [_norm(_named(module, NAMES[n], nn.Module)) for n in ("norm1", "norm2")]
+        if isinstance(att, dict) and "out" in att and len(linears) == 2 and None in norms:
+            which = " and ".join(n for n, norm in zip(("norm1", "norm2"), norms) if norm is None)
+            verb = "has" if norms.count(None) == 1 else "have"
+            return None, f"block: {which} {verb} no scale and shift (weight and bias) parameters, as GPT-2's LayerNorm has"
         if not isinstance(att, dict) or "out" not in att or len(linears) != 2 or None in norms:
             return None, ""
         return {"att": att, "norm1": norms[0], "norm2": norms[1], "ff": linears}, f"block; attention {where}"

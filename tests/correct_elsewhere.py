@@ -853,3 +853,29 @@ class CheckpointedBlock(nn.Module):
 
 
 MODULES += [("transformer-block", "CheckpointedBlock")]
+
+
+class OptionalQKNormMHA(nn.Module):
+    """nanoGPT-style attention with an optional QK-norm whose scale parameters exist whether or not the option is
+    on (off here): parameters outside the projections that do not move the output are not a deviation."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, qk_norm=False):
+        super().__init__()
+        self.n_head, self.head_dim, self.qk_norm = num_heads, d_out // num_heads, qk_norm
+        self.c_attn = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.c_proj = nn.Linear(d_out, d_out)
+        self.q_scale = nn.Parameter(torch.ones(self.head_dim))
+        self.k_scale = nn.Parameter(torch.ones(self.head_dim))
+        self.dropout = dropout
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in self.c_attn(x).chunk(3, dim=-1))
+        if self.qk_norm:
+            q = F.rms_norm(q, (self.head_dim,)) * self.q_scale.to(q.dtype)
+            k = F.rms_norm(k, (self.head_dim,)) * self.k_scale.to(k.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+MODULES += [("mha", "OptionalQKNormMHA")]

@@ -1784,6 +1784,48 @@ class FusedPathWhenWideAndLong(MultiHeadAttention):
         return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
 
 
+class LearnedTemperatureMHA(MultiHeadAttention):
+    """Found by red-team pass 6: a learned per-head score scale (a parameter initialised to 1, as in
+    learned-temperature experiments): the specification at initialisation, not after a training step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logit_scale = nn.Parameter(torch.ones(self.num_heads))
+        self.W_query.register_forward_hook(  # scaling head h's queries scales its scores
+            lambda _, __, q: q * self.logit_scale.to(q.dtype).repeat_interleave(self.head_dim))
+
+
+class ZeroInitRelativeBiasCausal(CausalAttention):
+    """Found by red-team pass 6: a leftover learned relative-position bias (one scalar per offset i - j,
+    T5/Shaw style), initialised to zero and added to the scores."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, qkv_bias)
+        self.relative_bias = nn.Parameter(torch.zeros(context_length))
+
+    def forward(self, x):
+        t = x.shape[1]
+        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
+        offsets = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).clamp(min=0).to(x.device)
+        scores = queries @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5 + self.relative_bias.to(x.dtype)[offsets]
+        scores = scores.masked_fill(self.mask.bool()[:t, :t], -torch.inf)
+        return self.dropout(torch.softmax(scores, dim=-1)) @ values
+
+
+class MaskValueOfInputDtype(MultiHeadAttention):
+    """Found by red-team pass 6: the mask fill value is torch.finfo of the input's dtype, not the scores': under
+    torch.autocast the scores are bfloat16 or float16 and masked_fill raises (the value overflows them)."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        scores = (q @ k.transpose(2, 3) / self.head_dim ** 0.5).masked_fill(self.mask.bool()[:t, :t],
+                                                                            torch.finfo(x.dtype).min)
+        context = self.dropout(torch.softmax(scores, dim=-1)) @ v
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
 class InferenceModeMergeNoTranspose(MultiHeadAttention):
     """Found by red-team pass 6: a serving path taken only under torch.inference_mode() merges the heads
     with reshape(b, t, d_out) without transposing (b, H, t, hd) first, mixing tokens and heads."""
@@ -1823,6 +1865,12 @@ CORPUS += [
          "eval under torch.no_grad() takes a fused path without the causal mask"),
     _bug(MHA, NoGradFastPathUnscaled, "inference path", ["oracle-float64"],
          "eval under torch.no_grad() takes a fused path with unscaled scores"),
+    _bug(MHA, LearnedTemperatureMHA, "projections", ["weight-transfer"],
+         "a learned per-head score scale initialised to 1: equal to the specification only before training"),
+    _bug(CA, ZeroInitRelativeBiasCausal, "projections", ["weight-transfer"],
+         "a learned relative-position score bias initialised to 0: equal to the specification only before training"),
+    _bug(MHA, MaskValueOfInputDtype, "dtypes", ["autocast-mixed-precision"],
+         "the mask value is finfo(x.dtype).min: under torch.autocast it overflows the half-precision scores"),
     _bug(MHA, InferenceModeMergeNoTranspose, "inference path", ["oracle-float64"],
          "under torch.inference_mode() a serving path merges the heads without transposing them back"),
 ]
@@ -1873,6 +1921,15 @@ CORPUS += [
 class PaddingIgnored(GroupedQueryAttention):
     def padded(self, attention_mask, start):
         return torch.zeros((), dtype=torch.bool, device=attention_mask.device)  # the mask is accepted, not applied
+
+
+class PaddingMasksPaddedQueries(GroupedQueryAttention):
+    """Found by red-team pass 6: every padded key masked for every query, padded queries included. With left
+    padding a padded query then attends nothing: softmax 0/0 = NaN at an output nobody reads, and NaN in every
+    gradient of a loss on the real tokens (training on a left-padded batch)."""
+
+    def padded(self, attention_mask, start):
+        return ~attention_mask.bool()[:, None, None, :]
 
 
 class PaddingOnQueries(GroupedQueryAttention):
@@ -1931,6 +1988,8 @@ CORPUS += [
          "left padding off by one: the last padded position is attended"),
     _bug(GQA, PaddingMaskKept, "history", ["history-independent"],
          "the last padding mask kept and applied to later calls of that shape without one"),
+    _bug(GQA, PaddingMasksPaddedQueries, "padding", ["padding-gradients"],
+         "padded keys masked for padded queries too: NaN rows with left padding, NaN gradients when training"),
     _bug(GQA, PaddingMemoisedByShape, "history", ["padding-mask"],
          "the padding mask memoised by shape: a later call with another mask of that shape gets the first"),
 ]

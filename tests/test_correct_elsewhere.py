@@ -80,3 +80,18 @@ def test_softmax_calls_whose_shapes_fit_two_layouts_are_stacked_per_batch_elemen
                 "dropout-output-from-applied-weights"):
         result = check_invariant(BY_ID[inv], target, Options(), example=cfg)
         assert result.status == "pass", (inv, result.reason)
+
+
+def test_a_layout_told_by_the_softmax_weights_alone_must_also_fit_the_dropped_weights():
+    """At one token every softmax weight is 1, so both layouts of BatchLoopMHA's calls (one batch element's five
+    heads, or five heads' slices of the batch) stack them alike, but not the weights dropout left: once a false
+    alarm of dropout-output-from-applied-weights, which took the first layout. Now they are told apart, or n/a."""
+    from attnspec.invariants import BY_ID
+    from attnspec.kinds import Config
+    from attnspec.runner import check_invariant
+
+    cfg = Config(d_in=1, d_out=5, num_heads=5, context_length=1, num_tokens=1, batch=5, dropout=0.5, qkv_bias=False,
+                 dtype="float32", scale=1.0, seed=0)
+    result = check_invariant(BY_ID["dropout-output-from-applied-weights"], resolve(f"mha={FILE}:BatchLoopMHA"),
+                             Options(), example=cfg)
+    assert result.status in ("pass", "not-applicable"), result.reason

@@ -142,6 +142,20 @@ def test_block_whose_attention_returns_a_tuple_passes():
     assert {i: r.status for i, r in results.items()} == dict.fromkeys(results, "pass"), results
 
 
+class ShiftlessNormBlock(TupleBlock):
+    """nanoGPT's LayerNorm(bias=False): no shift to find, so the parameter-level invariants are n/a, saying why."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg["emb_dim"], bias=False), nn.LayerNorm(cfg["emb_dim"], bias=False)
+
+
+def test_a_block_whose_norms_have_no_shift_is_not_applicable_saying_so():
+    result = _check(f"transformer-block={Path(__file__)}:ShiftlessNormBlock", only=("oracle-float64",))["oracle-float64"]
+    assert result.status == "not-applicable", result
+    assert "norm1 and norm2 have no scale and shift (weight and bias) parameters" in result.reason, result.reason
+
+
 # --- the float64 rule ----------------------------------------------------------------------------------
 
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from attnspec.errors import Violation
+from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import ALL_KINDS, DROPOUT_KINDS, invariant
-from attnspec.strategies import LARGE_SCALES, NONZERO_DROPOUTS, ZERO_DROPOUT
+from attnspec.strategies import LARGE_SCALES, NONZERO_DROPOUTS, ZERO_DROPOUT, ZERO_OFFSET
 from attnspec.tolerance import assert_close
 
 
@@ -66,3 +66,31 @@ def eval_deterministic(case):
 def train_p0_equals_eval(case):
     x = case.input()
     assert_close(case.forward(x, train=True), case.forward(x), dtype=x.dtype, what="train (p=0) vs eval output")
+
+
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)  # an example's: (seed // 2) % 2 picks
+
+
+@invariant("autocast-mixed-precision",
+           "a float32 module that runs in bfloat16 (float16) also runs under torch.autocast to it, and agrees with its "
+           "float32 forward to that dtype's precision",
+           ALL_KINDS, "forward", costly=True, dtypes=("float32",), offsets=ZERO_OFFSET)
+def autocast_mixed_precision(case):
+    """Mixed-precision training runs attention under torch.autocast: float32 parameters and input, matmuls in the
+    low dtype, softmax and norms in float32. A mask value taken from the input's dtype (torch.finfo(float32).min)
+    overflows the low-precision scores there. Asked only of modules that run in that dtype (a copy moved to it);
+    the allowed error is the low dtype's, or FUDGE times the error that copy makes on x in the low dtype."""
+    low = AUTOCAST_DTYPES[(case.cfg.seed // 2) % 2]
+    name = str(low).replace("torch.", "")
+    x = case.input()
+    expected = case.forward(x)
+    copy = case.build()
+    try:
+        copy = case.guard(f"module.to({name})", copy.to, low)
+        in_low = case.forward(x.to(low), module=copy)
+    except Violation:
+        raise NotApplicable(f"the module does not run in {name}") from None
+    with torch.autocast(x.device.type, dtype=low):
+        mixed = case.forward(x)
+    assert_close(mixed, expected, dtype=low, measured=(in_low.double() - expected.double()).abs().max().item(),
+                 what=f"float32 forward under torch.autocast({name}) vs without autocast")

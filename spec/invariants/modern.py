@@ -362,6 +362,35 @@ def _padded_decoding(case, x, real, out, magnitude, what):
     case.guard("reset_cache()", module.reset_cache)
 
 
+@invariant("padding-gradients",
+           "with a padding mask (left or right), a loss on the outputs at real tokens has finite gradients with respect "
+           "to the input and every parameter",
+           PADDING_KINDS, "forward", costly=True, min_tokens=2, dtypes=("float32", "bfloat16", "float16"))
+def padding_gradients(case):
+    """Training on a padded batch: L = sum over real tokens t of c_t . out_t (c ~ N(0, 1)). The outputs at padded
+    positions are not constrained (NaN included) and get no cotangent, but backward still passes through them: a
+    query row with every key masked by -inf is softmax 0/0 = NaN, and its zero cotangent times that NaN is NaN in
+    every parameter's gradient. A correct module keeps such rows finite (a finite fill, or rows zeroed). In the
+    dtypes training runs in (Hugging Face's eager attention fills float64 masks with finfo(float64).min, which
+    its float32 softmax turns into -inf: NaN there, harmless to anyone training in float32 or less)."""
+    from attnspec.invariants.gradients import cotangent
+
+    x = case.input().requires_grad_()
+    real, left, pads = _padding(case, x)
+    out = case.forward(x, attention_mask=real, needs_grad=True)
+    named = [(n, p) for n, p in case.module.named_parameters() if p.requires_grad]
+    if not out.requires_grad:
+        raise NotApplicable("the output does not require grad (gradient-reaches-parameters checks that)")
+    loss = (torch.where(real[..., None], out, 0.0) * cotangent(case, out.shape)).sum()
+    grads = case.guard("backward", torch.autograd.grad, loss, [x, *(p for _, p in named)], allow_unused=True)
+    for name, g in zip(["the input", *(n for n, _ in named)], grads):
+        if g is not None and not torch.isfinite(g).all():
+            index = tuple(int(i) for i in (~torch.isfinite(g)).nonzero()[0])
+            raise Violation(f"{_described(left, pads)}: the gradient of a loss on the real tokens' outputs with respect "
+                            f"to {name} is {g[index].item()} at {index}: a fully masked row's NaN (softmax over keys "
+                            f"that are all -inf) reaches backward")
+
+
 @invariant("padding-weights",
            "with a padding mask (left or right), w[b, h, i, j] == 0 exactly for every padded key j of a real query i",
            PADDING_KINDS, "weights", min_tokens=2, scales=WIDE_SCALES)

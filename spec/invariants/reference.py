@@ -62,15 +62,57 @@ def qkv_bias(case):
                         f"{'has no bias' if wanted else 'has a bias'} ({rule})")
 
 
+LAYERS = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Conv1d)  # (and Hugging Face's Conv1D, by name)
+
+
+def _in_layer(module, name):
+    """Whether parameter ``name`` belongs to a projection or norm layer: a projection attnspec did not
+    recognise (an output projection named ``out``), not a parameter the specification lacks."""
+    owner = module.get_submodule(name.rpartition(".")[0])
+    return isinstance(owner, LAYERS) or type(owner).__name__ in ("Conv1D", "RMSNorm")
+
+
+def _outside_parameters_inert(case, names, x):
+    """Violation if the output moves when the parameters ``names`` (in no projection or norm layer)
+    take a random step of half their rms (of 1/2 where they are all zero): the specification's attention has no
+    such parameter, so a learned temperature or a zero-initialised score bias, equal to it at initialisation,
+    makes every trained module differ."""
+    params = dict(case.module.named_parameters())
+    before = case.forward(x)
+    generator = torch.Generator().manual_seed(case.cfg.seed)
+    with torch.no_grad():
+        saved = {n: params[n].detach().clone() for n in names}
+        for n in names:
+            p = params[n]
+            rms = p.double().pow(2).mean().sqrt().item() if p.numel() else 0.0
+            step = torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.5 * (rms or 1.0)
+            p.add_(step.to(device=p.device, dtype=p.dtype))
+    try:
+        assert_close(case.forward(x), before, dtype=x.dtype, what="")
+    except Violation:
+        raise Violation(f"the output depends on parameters outside the specification's projections "
+                        f"({', '.join(names[:4])}): after a random step of them it changes, and the specification's "
+                        f"attention has no such parameter (a learned score scale or bias equals it only at "
+                        f"initialisation)") from None
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+
+
 @invariant("weight-transfer",
-           "the seed's weight transfer: a module built from another seed, given these projections, computes the same output",
+           "the seed's weight transfer: a module built from another seed, given these projections, computes the same "
+           "output (and no other parameter moves the output)",
            ALL_KINDS, "params")
 def weight_transfer(case):
-    source = case.projections()
+    source, x = case.projections(), case.input()
     covered = {t.data_ptr() for t in _tensors(source)}
     outside = [n for n, p in case.module.named_parameters() if p.data_ptr() not in covered]
+    in_layers = [n for n in outside if _in_layer(case.module, n)]
+    if in_layers:
+        raise NotApplicable(f"parameters outside the projections cannot be transferred: {', '.join(in_layers[:4])}")
     if outside:
-        raise NotApplicable(f"parameters outside the projections cannot be transferred: {', '.join(outside[:4])}")
+        _outside_parameters_inert(case, outside, x)
     other = case.build(seed=case.cfg.seed + 1)
     destination = case.projections(other)
     pairs = list(zip(_tensors(destination), _tensors(source)))
@@ -79,6 +121,9 @@ def weight_transfer(case):
     with torch.no_grad():
         for d, s in pairs:
             d.copy_(s)
-    x = case.input()
+        mine = dict(case.module.named_parameters())  # inert (above), copied so they cannot blur the comparison
+        for name, p in other.named_parameters():
+            if name in outside and p.shape == mine[name].shape:
+                p.copy_(mine[name])
     assert_close(case.forward(x, module=other), case.forward(x), dtype=x.dtype,
                  what="output of a module given this module's projections vs this module")

@@ -73,18 +73,20 @@ def _layouts(tensors, lead, T):
     return layouts
 
 
-def head_layout(tensors, lead, T, perturbed=None):
+def head_layout(tensors, lead, T, perturbed=None, also=()):
     """The function stacking the calls' tensors as (*lead, H, T, T); NotApplicable unless they hold whole (T x T)
     matrices for every batch element. Where the calls' shapes fit two layouts that stack them differently (say,
     calls of (B, T, T): one per head, or slices of a (B * H) axis), ``perturbed()`` — the same calls observed
     with the first batch element's input changed — tells them apart: the matrices that change are that
-    element's. Still ambiguous (or no ``perturbed``): NotApplicable, never a guess."""
+    element's. Still ambiguous (or no ``perturbed``): NotApplicable, never a guess. Layouts that stack
+    ``tensors`` and every list in ``also`` (the same calls' other tensors the caller will stack: the weights
+    dropout left) identically are one."""
     layouts = _layouts(tensors, lead, T)
     if not layouts:
         raise NotApplicable(f"the attention weights are not observed as (num_tokens x num_tokens) matrices for "
                             f"each of the {math.prod(lead)} batch elements", structural=False)
-    stacks = [f(tensors) for f in layouts]
-    if all(torch.allclose(stacks[0], other, rtol=0, atol=0, equal_nan=True) for other in stacks[1:]):
+    if all(torch.allclose(f(ts), layouts[0](ts), rtol=0, atol=0, equal_nan=True) for f in layouts[1:]
+           for ts in (tensors, *also)):
         return layouts[0]
     other = perturbed() if perturbed is not None else None
     if other is not None and [t.shape for t in other] == [t.shape for t in tensors]:
@@ -119,7 +121,8 @@ def layout_of(case, x, seen, observe=None, train=False):
         changed[0] = case.input(salt=11, num_tokens=x.shape[-2], batch=x.shape[0])[0]
         return [h.weights for h in observe(changed).heads]
 
-    return head_layout([h.weights for h in seen.heads], lead, x.shape[-2], perturbed if lead else None)
+    also = [seen.applied_weights()] if train else []  # (train: the dropped weights are stacked too)
+    return head_layout([h.weights for h in seen.heads], lead, x.shape[-2], perturbed if lead else None, also)
 
 
 def observed_and_reference_weights(case, parts, x):
