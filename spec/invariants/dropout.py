@@ -73,6 +73,9 @@ def dropout_on_weights(case):
                         f"expected a fraction p={p} (exact binomial test, p-value < {FALSE_ALARM:g})")
 
 
+MAX_CALL_BATCH = 1024  # dropout-unbiased: batch rows of one forward call
+
+
 @invariant("dropout-unbiased",
            f"train mode is unbiased: the mean of {DRAWS} (up to 10000 at high p) dropout draws of forward(x) matches eval forward(x)",
            ("causal-attention", "mha-wrapper", "mha", "gqa"), "forward", dropouts=NONZERO_DROPOUTS, dtypes=("float64",),
@@ -82,8 +85,10 @@ def dropout_unbiased(case):
     with torch.no_grad():  # a draw's autograd graph is ~336 MiB at GPT-2 size: keep none
         expected = case.forward(x).double().cpu()
         # Replicas along the batch are independent draws; chunked so T x T weights fit in memory at real
-        # sizes; their statistics are merged chunk by chunk (Chan et al.), never stacked.
-        chunk = max(1, min(draws_needed, 2**22 // (x.numel() * x.shape[-2] * case.cfg.num_heads)))
+        # sizes and a call's batch stays <= MAX_CALL_BATCH rows (a module looping over batch elements in Python
+        # would otherwise spend seconds on one call); the statistics are merged chunk by chunk (Chan et al.).
+        rows = x.shape[0] if x.dim() == 3 else 1
+        chunk = max(1, min(draws_needed, 2**22 // (x.numel() * x.shape[-2] * case.cfg.num_heads), MAX_CALL_BATCH // rows))
         count, mean, m2 = 0, torch.zeros_like(expected), torch.zeros_like(expected)
         for start in range(0, draws_needed, chunk):
             n = min(chunk, draws_needed - start)
