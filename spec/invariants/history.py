@@ -37,10 +37,15 @@ def _other_shape(case):
     return (1 if T > 1 else min(2, case.cfg.context_length)), case.cfg.batch + 1
 
 
+# Calls of one shape after which history-independent calls again: real code switches paths once a shape is warm
+# (an autotuner's pick after timing trials, a captured CUDA graph, a compiled region), mostly within a few dozen calls.
+WARM_CALLS = 32
+
+
 @invariant("history-independent",
            "after calls at another shape and on another input of x's shape, in eval and train mode (and with a padding "
-           "mask, or a first call in bfloat16), forward(x) equals forward(x) of a fresh module with the same parameters "
-           "and RNG state",
+           "mask, many calls of x's shape, or a first call in bfloat16), forward(x) equals forward(x) of a fresh module "
+           "with the same parameters and RNG state",
            ALL_KINDS, "forward", costly=True)
 def history_independent(case):
     """Eval then train: eval calls at (1 token, batch + 1) and on another input x' of x's shape, then a
@@ -50,8 +55,8 @@ def history_independent(case):
     module's eval output; a module that takes a padding mask also gets a left-padded eval call of x's shape
     last (``_padded_call``). A cache keyed by shape (K/V, masks), a mask sized by the first call, a cache
     not cleared when switching to train, a dropout mask kept from train mode and reapplied in eval, or a
-    padding mask kept shows as a difference; so does a state kept from a first call in bfloat16
-    (``_after_a_lower_precision_call``)."""
+    padding mask kept shows as a difference; so does a path taken only after WARM_CALLS calls of a shape (of <= 32 tokens, <= 64 in all), and a
+    state kept from a first call in bfloat16 (``_after_a_lower_precision_call``)."""
     x = case.input()
     fresh = _fresh_with_parameters_of(case, case.module)
     expected = case.forward(x, module=fresh)
@@ -76,6 +81,13 @@ def history_independent(case):
             raise
     evaluated, calls = after([(other, True, None), (same_shape, True, None), *_padded_call(case, same_shape)], train=False)
     assert_close(evaluated, expected, dtype=x.dtype, what=f"eval output {calls} vs a fresh module's")
+    if x.shape[-2] <= 32 and x.numel() // x.shape[-1] <= 64:  # then many calls of x's shape (up to 64 tokens in all:
+        # cheap), where a path taken once it is warm shows
+        with torch.no_grad():  # (the calls' outputs are not used: no graphs)
+            for _ in range(WARM_CALLS):
+                case.forward(x)
+        assert_close(case.forward(x), expected, dtype=x.dtype, what=f"eval output after {WARM_CALLS} more calls of x's "
+                                                                     f"shape vs a fresh module's (a path taken once a shape is warm)")
     _after_a_lower_precision_call(case, x)
 
 
