@@ -7,9 +7,9 @@ paths for head_dim >= 8, micro-batches), one dimension large at a time so that e
 cheap (an invariant may loop over cuts, batch elements or 1024 dropout draws):
 
 * ``long``: num_tokens and context_length up to 130, around 16, 32, 64 and 128; 1-2 heads of <= 4 dims;
-* ``wide``: head_dim 8, 16, 32 or 64 (d_in up to 64), 1-2 heads, <= 17 tokens or a length around 32 and
+* ``wide``: head_dim 8, 16, 32, 64 or 128 (d_in up to 64), 1-2 heads, <= 17 tokens or a length around 32 and
   64 (fused paths branch on head_dim and length together: SDPA-style kernels for head_dim % 8 == 0, T >= 32);
-* ``many``: 5-8 heads, batch 5-8, <= 8 tokens of <= 4 dims per head;
+* ``many``: 5-16 heads, batch 5-8, <= 8 tokens of <= 4 dims per head;
 * ``longest`` (only where an invariant names it): 257-520 tokens, where positions rounded in bfloat16 differ.
 
 ``REGIMES`` lists ``long`` three times in eight (tiling bugs need many tokens) and ``wide`` twice (fused paths
@@ -32,10 +32,10 @@ LONG_LENGTHS = (17, 33, 65, 129, 16, 32, 64, 128, 15, 31, 63, 127, 130)  # tile 
 # Past 256 and 512 tokens: integer positions computed in bfloat16 round there (spacing 2, then 4). Drawn only
 # by invariants that name the "longest" regime (one forward pass at a few hundred tokens is cheap, a loop is not).
 LONGEST_LENGTHS = (300, 257, 520)
-WIDE_HEAD_DIMS = (8, 16, 32, 64)
+WIDE_HEAD_DIMS = (8, 16, 32, 64, 128)
 MAX_WIDE_CONTEXT = 17
 WIDE_LENGTHS = (33, 65, 32, 64, 31, 63)  # wide and long at once (after the short contexts)
-MANY_HEADS, MANY_BATCH = (5, 8), (5, 8)
+MANY_HEADS, MANY_BATCH = (5, 16), (5, 8)  # past 8 heads: GPT-2's 12, kernels' groups of 8
 
 # Input magnitudes where float32 comparisons are well conditioned (tiny included: LayerNorm's eps).
 MODERATE_SCALES = st.sampled_from([1.0, 0.1, 3.0, 1e-3])

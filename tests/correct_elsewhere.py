@@ -879,3 +879,32 @@ class OptionalQKNormMHA(nn.Module):
 
 
 MODULES += [("mha", "OptionalQKNormMHA")]
+
+
+class EvalSDPATrainEagerMHA(nn.Module):
+    """Inference through F.scaled_dot_product_attention(is_causal=True), training with dropout through an eager
+    softmax (as Hugging Face falls back to eager attention when a feature needs it): written by red-team pass 7.
+    Once a false alarm of dropout-on-weights, which compared the two paths' weights as if one were exact (at
+    off-centre input each float32 path is ~1e-4 from the exact weights)."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.h, self.hd, self.d_out = num_heads, d_out // num_heads, d_out
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d_in, d_out, bias=qkv_bias) for _ in range(3))
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("causal", torch.ones(context_length, context_length, dtype=torch.bool).triu(1),
+                             persistent=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (m(x).view(b, t, self.h, self.hd).transpose(1, 2) for m in (self.q_proj, self.k_proj, self.v_proj))
+        if self.training and self.dropout.p > 0:
+            s = (q @ k.transpose(-2, -1) / self.hd ** 0.5).masked_fill(self.causal[:t, :t], float("-inf"))
+            context = self.dropout(s.softmax(dim=-1)) @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+MODULES += [("mha", "EvalSDPATrainEagerMHA")]

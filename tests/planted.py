@@ -1842,6 +1842,68 @@ class PathSwitchedWhenWarm(MultiHeadAttention):
         return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
 
 
+class HeadsInGroupsOfEight(MultiHeadAttention):
+    """Found by red-team pass 7: heads processed in groups of 8 (a kernel's limit), ``num_heads // 8 or 1`` groups:
+    past 8 heads the remainder (GPT-2's heads 8-11) outputs zeros."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        context = torch.zeros_like(q)
+        for g in range(self.num_heads // 8 or 1):
+            heads = slice(8 * g, 8 * g + 8)
+            scores = (q[:, heads] @ k[:, heads].transpose(2, 3)).masked_fill(self.mask.bool()[:t, :t], -torch.inf)
+            context[:, heads] = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1)) @ v[:, heads]
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+class _LinearInputGradWithWeightGrad(torch.autograd.Function):
+    """A fused linear whose backward computes the input's gradient inside the weight-gradient branch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_w = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            grad_x = g @ weight  # only when the weight needs a gradient
+        if ctx.needs_input_grad[2]:
+            grad_b = g.reshape(-1, g.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class FrozenWeightsStopInputGrad(MHASteps):
+    """Found by red-team pass 7: q/k/v through a fused linear whose backward gives the input a gradient only when the
+    weight needs one: fine-tuning around frozen weights (LoRA) stops every earlier layer from learning."""
+
+    def project(self, x):
+        return tuple(_LinearInputGradWithWeightGrad.apply(x, w.weight, w.bias)
+                     for w in (self.W_query, self.W_key, self.W_value))
+
+
+class MaskMemoisedInInferenceMode(MultiHeadAttention):
+    """Found by red-team pass 7: causal masks built lazily and memoised per length; a first call under
+    torch.inference_mode() (a validation pass before training) stores an inference tensor, and the next training
+    step raises "Inference tensors cannot be saved for backward"."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        masks = self.__dict__.setdefault("_masks", {})
+        if t not in masks:
+            masks[t] = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        scores = (q @ k.transpose(2, 3)).masked_fill(masks[t], -torch.inf)
+        context = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1)) @ v
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
 class InferenceModeMergeNoTranspose(MultiHeadAttention):
     """Found by red-team pass 6: a serving path taken only under torch.inference_mode() merges the heads
     with reshape(b, t, d_out) without transposing (b, H, t, hd) first, mixing tokens and heads."""
@@ -1889,6 +1951,12 @@ CORPUS += [
          "the mask value is finfo(x.dtype).min: under torch.autocast it overflows the half-precision scores"),
     _bug(MHA, PathSwitchedWhenWarm, "history", ["history-independent"],
          "after 20 calls of a shape an autotuned path without the causal mask takes over"),
+    _bug(MHA, HeadsInGroupsOfEight, "size", ["oracle-float64"],
+         "heads in groups of 8, num_heads // 8 or 1 of them: past 8 heads the remainder outputs zeros"),
+    _bug(MHA, FrozenWeightsStopInputGrad, "gradients", ["gradient-oracle"],
+         "a fused linear's backward gives the input a gradient only when the weight needs one (frozen weights)"),
+    _bug(MHA, MaskMemoisedInInferenceMode, "history", ["gradient-oracle"],
+         "a mask memoised under torch.inference_mode() breaks the next training step"),
     _bug(MHA, InferenceModeMergeNoTranspose, "inference path", ["oracle-float64"],
          "under torch.inference_mode() a serving path merges the heads without transposing them back"),
 ]

@@ -64,7 +64,13 @@ def _vjp(case, x, tensors, unreached=None, train=None):
     tensor does not require grad; their indices are added to the set ``unreached`` if one is given).
     Violation if the output is cut off from autograd. ``train``: the mode, by default ``_train``."""
     train = _train(case) if train is None else train
-    out = case.forward(x, train=train, needs_grad=True)
+    validated = case.inference() == "torch.inference_mode()"
+    if validated:  # a validation pass before the training step (Lightning's sanity check): what it caches must not
+        case.forward(x.detach(), train=train)  # break training ("Inference tensors cannot be saved for backward")
+    try:
+        out = case.forward(x, train=train, needs_grad=True)
+    except Violation as e:
+        raise Violation(f"{e} (after a first call under torch.inference_mode())" if validated else str(e)) from None
     c = cotangent(case, out.shape)
     wanted = [t for t in tensors if t.requires_grad]
     if wanted and not out.requires_grad:
@@ -171,7 +177,8 @@ def _oracle_vjp(case, parts, x, c, dtype, jitter=0.0, angles=torch.float64):
 
 @invariant("gradient-oracle",
            "train mode, dropout 0: the gradients of <c, forward(x)> w.r.t. x and every projection parameter "
-           "equal the float64 oracle's on the module's own parameters (c a random cotangent)",
+           "equal the float64 oracle's on the module's own parameters (c a random cotangent); also with every "
+           "parameter frozen (x's alone) and with x constant (the parameters' alone)",
            ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=st.just(0.0), costly=True)
 def gradient_oracle(case):
     """Tolerance (spec/tolerance.py), per gradient tensor: |module - oracle64| <= max(RTOL[dtype] * magnitude,
@@ -182,7 +189,10 @@ def gradient_oracle(case):
     backward and the sums over tokens of a weight's gradient cancel). Drawn in float32 and float64, on
     centred inputs: in float16/bfloat16, or off-centre (near-identical tokens), the softmax is near
     uniform and its gradients are made of rounding, which another correct kernel (SDPA) rounds otherwise.
-    The forward invariants cover off-centre inputs and half dtypes."""
+    The forward invariants cover off-centre inputs and half dtypes. The seed picks the setting: x and every
+    parameter require grad; or every parameter is frozen (fine-tuning around frozen weights); or x does not
+    require grad (the first layer): a hand-written backward that skips a gradient when another input needs
+    none shows."""
     parts, x = case.projections(), case.input()
     if case.kind.head_split and case.kind.structure == "attention" and "out" not in parts:
         raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
@@ -191,23 +201,29 @@ def gradient_oracle(case):
                             "behind it cancel to rounding noise", structural=False)
     labelled = _labelled(parts)
     params = [p for _, p in case.module.named_parameters()]
-    x = x.requires_grad_(True)
+    frozen, constant = case.cfg.seed % 3 == 1, case.cfg.seed % 3 == 2  # else both x and the parameters require grad
+    if frozen:  # fine-tuning with frozen weights (LoRA, adapters): the input's gradient alone
+        for p in params:
+            p.requires_grad_(False)
+    x = x.requires_grad_(not constant)  # constant: the first layer, fed data: the parameters' gradients alone
     out, c, grads = _vjp(case, x, [x, *params])
-    got = [("the input x", grads[0])]
-    for label, t in labelled:
+    setting = " (every parameter frozen)" if frozen else " (x does not require grad)" if constant else ""
+    got = [] if constant else [(f"the input x{setting}", grads[0])]
+    for label, t in [] if frozen else labelled:
         found = _parameter_grad_view(case.module, grads[1:], t)
         if found is None:
             raise NotApplicable(f"the {label} projection is not (a view of) a parameter of the module")
         name, g = found
         owner = dict(case.module.named_parameters())[name]
-        got.append((f"{label} ({name}{'' if owner.requires_grad else ', requires_grad=False'})", g))
+        got.append((f"{label} ({name}{'' if owner.requires_grad else ', requires_grad=False'}){setting}", g))
     expected, magnitudes = _oracle_vjp(case, parts, x, c, torch.float64)
     magnitudes = gradient_magnitudes(magnitudes)
     if x.dtype == torch.float64:
         low, _ = _oracle_vjp(case, parts, x, c, torch.float64, jitter=RTOL[torch.float64], angles=ROPE_ANGLES)
     else:
         low, _ = _oracle_vjp(case, parts, x, c, x.dtype, angles=ROPE_ANGLES)
-    for (label, g), e, m, lo in zip(got, expected, magnitudes, low):
+    compared = slice(1, None) if constant else slice(0, 1) if frozen else slice(None)  # (oracle: x first)
+    for (label, g), e, m, lo in zip(got, expected[compared], magnitudes[compared], low[compared]):
         measured = (lo.double() - e).abs().max().item() if e.numel() else 0.0
         assert_close(g, e, dtype=x.dtype, magnitude=m, measured=measured,
                      what=f"gradient w.r.t. {label} vs the float64 oracle's")
