@@ -373,7 +373,11 @@ class Case:
             if train or any(m.training for m in module.modules()):  # (train() sets every submodule's flag)
                 module.train(train)
             step.now = "forward"
-            out = module(x) if attention_mask is None else module(x, attention_mask=attention_mask)
+            try:
+                out = module(x) if attention_mask is None else module(x, attention_mask=attention_mask)
+            except Unsupported as e:  # an adapter's build() may decline a configuration; forward may not skip inputs
+                raise RuntimeError(f"attnspec's Unsupported ({e}): only an adapter's build() may decline a "
+                                   f"configuration") from None
             if train:  # back to eval mode, where a module is kept between calls
                 step.now = "module.eval()"
                 module.eval()
@@ -385,6 +389,9 @@ class Case:
         if subclass is torch.Tensor:  # a copy: a module may reuse its output buffer
             out = out.clone()
         elif isinstance(out, torch.Tensor):  # the subclass's own code runs here: guarded
+            if subclass.__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:  # (values: whatever each op says)
+                raise Violation(f"forward returned a {subclass.__qualname__}, a tensor subclass with its own "
+                                f"__torch_dispatch__: its values cannot be read as a plain tensor's")
             out = self.guard("copying forward's output", _plain_copy, out)
         if not isinstance(out, torch.Tensor):
             raise Violation(f"forward returned a {subclass.__module__}.{subclass.__qualname__}, expected a torch.Tensor")

@@ -122,6 +122,7 @@ def configs(
     sizes=None,
     regimes=REGIMES,
     require=(),
+    longest_dtype=None,
 ):
     """A valid Config for ``kind``.
 
@@ -129,7 +130,10 @@ def configs(
     while tokens, batch, dropout, dtype and seed are still drawn. ``regimes`` restricts the size
     regimes (an invariant whose cost grows with every dimension at once may leave one out). ``require``
     names optional features (spec.kinds.OPTIONAL) drawn always on: "rotary", "sliding_window", and "grouped_kv",
-    groups that show, 1 < num_kv_heads < num_heads, where num_heads has such a divisor."""
+    groups that show, 1 < num_kv_heads < num_heads, where num_heads has such a divisor. ``longest_dtype``: the
+    dtype of every longest-regime example (an invariant that checks positions there: "bfloat16", which rounds
+    them past 256)."""
+    regime = None
     if sizes:
         num_heads, d_out, d_in, context_length = (sizes[k] for k in ("num_heads", "d_out", "d_in", "context_length"))
         if not kind.multi_head:
@@ -151,7 +155,8 @@ def configs(
         batch=batch,
         dropout=draw(dropouts, label="dropout") if kind.has_dropout else 0.0,
         qkv_bias=draw(BOOLEANS, label="qkv_bias") if qkv_bias is None else qkv_bias,
-        dtype=draw(_pick(tuple(dtypes)), label="dtype"),
+        dtype=(longest_dtype if regime == "longest" and longest_dtype in dtypes
+               else draw(_pick(tuple(dtypes)), label="dtype")),
         scale=draw(scales, label="scale"),
         offset=draw(offsets, label="offset"),
         seed=draw(SEEDS, label="seed"),

@@ -72,7 +72,9 @@ POLL_S = 0.25  # how often the supervisor looks at its signal flag
 # cannot be caught (README, threat model).
 STOPPING_SIGNALS = tuple(getattr(signal, name) for name in (
     "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGXCPU",
-    "SIGXFSZ", "SIGIO", "SIGPWR", "SIGSTKFLT") if hasattr(signal, name))
+    "SIGXFSZ", "SIGIO", "SIGPWR", "SIGSTKFLT", "SIGABRT", "SIGSYS", "SIGTRAP") if hasattr(signal, name))
+# Not caught: SIGSEGV, SIGBUS, SIGFPE and SIGILL (a handler that returns from a real fault re-runs the faulting
+# instruction forever), and SIGTSTP (Ctrl-Z must still suspend a run).
 
 
 def _worker_main(commands, events, board, supervisor_pid):
@@ -124,7 +126,8 @@ def _run(job, commands, send, board):
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     try:
-        target = resolve(job["target"], tuple(job["variants"]))
+        with case.restored_state():  # what the import changed process-wide (a mode entered, grad disabled) is undone
+            target = resolve(job["target"], tuple(job["variants"]))
     except UsageError as e:
         return send(ev="usage", message=str(e))
     send(ev="resolved", adapter=type(target.adapter).__name__, kind=target.kind.name, variants=list(target.variants),

@@ -1465,7 +1465,7 @@ CORPUS += [
     _bug(MHA, SlidingWindow8, "size", ["oracle-float64"], "an unrequested sliding window of 8 keys"),
     _bug(MHA, FastPathDropoutInEval, "size", ["eval-deterministic"],
          "a fused fast path for head_dim >= 8 that applies dropout in eval mode"),
-    _bug(CA, MicroBatchWrongIndex, "size", ["batch-independence"],
+    _bug(CA, MicroBatchWrongIndex, "size", ["oracle-float64"],
          "micro-batches of 4 read x[step:], not x[start:]: wrong from batch element 5 on"),
     # inputs and dtypes (issue 9)
     _bug(TB, LayerNormOnePassVariance, "inputs", ["layernorm-pre-sublayer"],
@@ -1904,6 +1904,29 @@ class MaskMemoisedInInferenceMode(MultiHeadAttention):
         return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
 
 
+class InputFlattenedAsStrided(MultiHeadAttention):
+    """Found by red-team pass 7: the input flattened with as_strided((b * t, d), (d, 1)), reading its memory as if
+    contiguous: a transposed or sliced activation hands over other values."""
+
+    def forward(self, x):
+        b, t, d = x.shape
+        return super().forward(x.as_strided((b * t, d), (d, 1)).view(b, t, d))
+
+
+class CausalMaskFromPositionsInInputDtype(MultiHeadAttention):
+    """Found by red-team pass 7: the causal mask compares positions made in x's dtype: in bfloat16, past 256
+    tokens neighbouring positions round together and a query sees the key after it."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        positions = torch.arange(t, device=x.device).to(x.dtype)
+        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        scores = (q @ k.transpose(2, 3)).masked_fill(positions[None, :] > positions[:, None], -torch.inf)
+        context = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1)) @ v
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
+
+
 class InferenceModeMergeNoTranspose(MultiHeadAttention):
     """Found by red-team pass 6: a serving path taken only under torch.inference_mode() merges the heads
     with reshape(b, t, d_out) without transposing (b, H, t, hd) first, mixing tokens and heads."""
@@ -1957,7 +1980,11 @@ CORPUS += [
          "a fused linear's backward gives the input a gradient only when the weight needs one (frozen weights)"),
     _bug(MHA, MaskMemoisedInInferenceMode, "history", ["gradient-oracle"],
          "a mask memoised under torch.inference_mode() breaks the next training step"),
-    _bug(MHA, InferenceModeMergeNoTranspose, "inference path", ["oracle-float64"],
+    _bug(MHA, InputFlattenedAsStrided, "inputs", ["eval-deterministic"],
+         "the input read with as_strided as if contiguous: a non-contiguous input gives other values"),
+    _bug(MHA, CausalMaskFromPositionsInInputDtype, "size", ["weights-future-zero"],
+         "causal mask from positions in x's dtype: in bfloat16 past 256 tokens a query sees the next key"),
+    _bug(MHA, InferenceModeMergeNoTranspose, "inference path", ["head-split-equivalence"],
          "under torch.inference_mode() a serving path merges the heads without transposing them back"),
 ]
 

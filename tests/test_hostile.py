@@ -124,6 +124,9 @@ CASES = {  # name: (target, extra args, exit status, cause of the failure)
     "nested tensor output": (hostile("ReturnsNested"), (), 1, r"forward returned a nested tensor"),
     "DataLoader with a worker process": (hostile("UsesWorkerProcesses"), (), 0, None),
     "adapter's adjust() raises": (f"mha={HOSTILE / 'adapters.py'}:AdjustRaises", (), 1, r"the adapter's adjust\(\) raised RuntimeError"),
+    "function mode entered at import": (hostile("MHA", "mode_at_import.py"), (), 1, r"= nan for a finite input"),
+    "subclass whose dispatch lies to copies": (hostile("ReturnsTwoFacedSubclass"), (), 1, r"its own __torch_dispatch__"),
+    "raises attnspec's Unsupported": (hostile("RaisesUnsupported"), (), 1, r"only an adapter's build\(\) may decline"),
 }
 
 
@@ -262,15 +265,16 @@ def test_adapter_whose_kind_raises_is_a_usage_error():
     assert "Traceback" not in out.getvalue() + err.getvalue()
 
 
-def test_a_signal_to_the_supervisor_stops_the_run_with_its_reports(tmp_path):
-    """SIGUSR1 from a module to its supervisor (default action: terminate) stops the run like SIGTERM: the
-    reports are written and say what was not checked, and the exit status is not 0."""
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGABRT"])
+def test_a_signal_to_the_supervisor_stops_the_run_with_its_reports(tmp_path, name):
+    """SIGUSR1 or SIGABRT from a module to its supervisor (default action: terminate) stops the run like SIGTERM:
+    the reports are written and say what was not checked, and the exit status is not 0."""
     spec, json_path = hostile("SignalsSupervisor"), tmp_path / "r.json"
-    proc = fresh(spec, *FAST, "--report-json", str(json_path), stdout=subprocess.PIPE)
+    proc = fresh(spec, *FAST, "--report-json", str(json_path), stdout=subprocess.PIPE, env={"ATTNSPEC_TEST_SIGNAL": name})
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3 and b"Traceback" not in out + err, (out + err).decode()
     [stopped] = results(json.loads(json_path.read_text()), spec)
-    assert "interrupted by SIGUSR1" in stopped["reason"], stopped
+    assert f"interrupted by {name}" in stopped["reason"], stopped
 
 
 def test_a_module_that_forks_and_exits_is_judged_and_its_child_killed(tmp_path):

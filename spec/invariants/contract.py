@@ -52,13 +52,22 @@ def state_unchanged(case):
                 raise Violation(f"forward ({'train' if train else 'eval'}) changed {name!r}")
 
 
-@invariant("eval-deterministic", "in eval mode forward is a function: two calls on the same x agree",
+@invariant("eval-deterministic", "in eval mode forward is a function: two calls on the same x agree, and so does "
+                                  "a call on x laid out in memory otherwise (float64: a non-contiguous view of its values)",
            ALL_KINDS, "forward", dropouts=NONZERO_DROPOUTS)  # p > 0: where an eval path that drops shows
 def eval_deterministic(case):
+    """The second call runs from another RNG state (eval must not use it). The third gets x's values with its last
+    two dimensions' strides swapped, as a transposed activation or a slice hands them over: code that reads the
+    input's memory as if contiguous (as_strided, data_ptr, a raw kernel) computes on other values. In float64
+    only, where another layout's kernels round far below the tolerance."""
     x = case.input()
     first = case.forward(x)
-    second = case.forward(x, seed_salt=1)  # a different RNG state: eval must not use it
+    second = case.forward(x, seed_salt=1)
     assert_close(second, first, dtype=x.dtype, what="second eval forward vs first")
+    if x.dtype == torch.float64:  # (in the lower precisions another layout takes kernels that round otherwise)
+        strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert_close(case.forward(strided), first, dtype=x.dtype,
+                     what=f"eval forward of x non-contiguous (strides {strided.stride()}) vs contiguous")
 
 
 @invariant("train-p0-equals-eval", "with dropout=0, train-mode forward equals eval-mode forward",

@@ -9,7 +9,7 @@ from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import PADDING_KINDS, invariant
 from attnspec.invariants.causality import _confirmed, _cuts, _magnitude, _replicas
 from attnspec.invariants.weights import _first, observed_and_reference_weights, stacked
-from attnspec.strategies import WIDE_SCALES
+from attnspec.strategies import REGIMES, WIDE_SCALES
 from attnspec.tolerance import (ROPE_ANGLES, allowed_error, assert_close, held_dtype, ill_conditioned,
                                 rotary_angle_rounding, rotated_score_rounding, softmax_rounding)
 
@@ -234,7 +234,8 @@ def _chunks(num_tokens):
            "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; a plain forward "
            "midway neither reads nor writes the cache; after crop_cache(k), forward(x[:, k:], use_cache=True) gives forward(x)[:, k:] "
            "(k at or past the cached tokens: a no-op)",
-           CACHE_KINDS, "forward", min_tokens=2)
+           CACHE_KINDS, "forward", min_tokens=2, regimes=REGIMES[:-1] + ("longest",),
+           longest_dtype="bfloat16")  # (bfloat16 positions past 256)
 def kv_cache_decoding(case):
     """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
     x's keys and values to the cache and attends over every cached token, x's tokens taking the positions

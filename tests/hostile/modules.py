@@ -332,10 +332,42 @@ class UsesWorkerProcesses(MultiHeadAttention):
 
 
 class SignalsSupervisor(MultiHeadAttention):
+    """Sends $ATTNSPEC_TEST_SIGNAL (default SIGUSR1) to its supervisor."""
+
     def forward(self, x):
-        os.kill(os.getppid(), signal.SIGUSR1)
+        os.kill(os.getppid(), getattr(signal, os.environ.get("ATTNSPEC_TEST_SIGNAL", "SIGUSR1")))
         time.sleep(0.5)
         return super().forward(x)
+
+
+class _TwoFaced(torch.Tensor):
+    """Copies see the right values, arithmetic sees NaN: a wrapper subclass whose __torch_dispatch__ lies."""
+
+    @staticmethod
+    def __new__(cls, good):
+        t = torch.Tensor._make_wrapper_subclass(cls, good.shape, dtype=good.dtype, device=good.device)
+        t.good = good
+        return t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        copy = func.__name__.split(".")[0] in ("clone", "_to_copy", "copy_", "detach", "alias", "view")
+        unwrap = lambda a: (a.good if copy else a.good * float("nan")) if isinstance(a, _TwoFaced) else a  # noqa: E731
+        return func(*map(unwrap, args), **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+
+class ReturnsTwoFacedSubclass(MultiHeadAttention):
+    def forward(self, x):
+        return _TwoFaced(super().forward(x).detach())
+
+
+class RaisesUnsupported(MultiHeadAttention):
+    """Declines the inputs it fails on by raising attnspec's Unsupported from forward (only an adapter's build() may)."""
+
+    def forward(self, x):
+        from attnspec.errors import Unsupported
+
+        raise Unsupported("not this input")
 
 
 class SpawnsSleeper(MultiHeadAttention):
