@@ -58,15 +58,20 @@ def state_unchanged(case):
 def eval_deterministic(case):
     """The second call runs from another RNG state (eval must not use it). The third gets x's values with its last
     two dimensions' strides swapped, as a transposed activation or a slice hands them over: code that reads the
-    input's memory as if contiguous (as_strided, data_ptr, a raw kernel) computes on other values. In float64
-    only, where another layout's kernels round far below the tolerance."""
+    input's memory as if contiguous (as_strided, data_ptr, a raw kernel) computes on other values; one that raises
+    on it (a .view of the input) is let be. In float64 only, where another layout's kernels round far below the
+    tolerance."""
     x = case.input()
     first = case.forward(x)
     second = case.forward(x, seed_salt=1)
     assert_close(second, first, dtype=x.dtype, what="second eval forward vs first")
     if x.dtype == torch.float64:  # (in the lower precisions another layout takes kernels that round otherwise)
         strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)
-        assert_close(case.forward(strided), first, dtype=x.dtype,
+        try:
+            out = case.forward(strided)
+        except Violation:  # a module may require a contiguous input (Hugging Face's Conv1D views it): not wrong
+            return
+        assert_close(out, first, dtype=x.dtype,
                      what=f"eval forward of x non-contiguous (strides {strided.stride()}) vs contiguous")
 
 
