@@ -356,6 +356,11 @@ class Case:
             return None
         return "torch.no_grad()" if self.cfg.seed % 4 == 1 else "torch.inference_mode()"
 
+    def autograd_mode(self):
+        """The context of ``inference()``'s mode, for calls beside forward (reset_cache, load_state_dict): a
+        buffer a forward made under torch.inference_mode() can be changed in place only under it."""
+        return AUTOGRAD_MODES[self.inference()]()
+
     def forward(self, x, train=False, module=None, seed_salt=0, needs_grad=False, attention_mask=None):
         """module(x) in eval or train mode (for odd seeds under torch.no_grad() or torch.inference_mode():
         ``inference``); must be a plain strided Tensor of the kind's output shape on x's device (a tensor subclass is

@@ -908,3 +908,26 @@ class EvalSDPATrainEagerMHA(nn.Module):
 
 
 MODULES += [("mha", "EvalSDPATrainEagerMHA")]
+
+
+class WeightNormFrozenMaskCausal(nn.Module):
+    """Causal attention whose projections are weight-normalized (torch.nn.utils.parametrizations.weight_norm: the
+    parameters live in W_query.parametrizations) and whose mask is a frozen nn.Parameter, a buffer in all but name
+    (a review of the seventh session: weight-transfer once stepped both as parameters the specification lacks)."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        self.W_query, self.W_key, self.W_value = (weight_norm(nn.Linear(d_in, d_out, bias=qkv_bias)) for _ in range(3))
+        self.dropout = nn.Dropout(dropout)
+        self.mask = nn.Parameter(torch.ones(context_length, context_length).triu(1), requires_grad=False)
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        scores = (q @ k.transpose(1, 2)).masked_fill(self.mask[:t, :t].bool(), -torch.inf)
+        return self.dropout(torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1)) @ v
+
+
+MODULES += [("causal-attention", "WeightNormFrozenMaskCausal")]

@@ -264,6 +264,14 @@ class DropoutNoRescale(CausalSteps):
         return w * (torch.rand_like(w) >= self.dropout.p) if self.training else w
 
 
+class DropoutNoRescaleFiniteMask(DropoutNoRescale):
+    """DropoutNoRescale with Hugging Face's mask fill, finfo(dtype).min: a fill is a score too, and once the
+    tolerance for rounding the scores counted it, it allowed anything (a review of the seventh session)."""
+
+    def mask_scores(self, s, T):
+        return s.masked_fill(self.mask.bool()[:T, :T], torch.finfo(s.dtype).min)
+
+
 class DropoutFixedHalf(MHASteps):
     def drop(self, w):
         return F.dropout(w, 0.5, self.training)  # ignores the dropout argument
@@ -1130,6 +1138,8 @@ CORPUS = [
                "masked-softmax-renormalized", "dropout-on-weights", "dropout-unbiased"]),
     _bug(CA, DropoutNoRescale, "dropout", ["dropout-on-weights", "dropout-unbiased"],
          "multiplies by a keep mask without the 1/(1-p) rescale"),
+    _bug(CA, DropoutNoRescaleFiniteMask, "dropout", ["dropout-on-weights"],
+         "kept weights not divided by 1 - p, the mask filled with finfo(dtype).min"),
     _bug(MHA, DropoutFixedHalf, "dropout", ["train-p0-equals-eval"],
          "hard-codes p=0.5, ignoring the dropout argument (unbiased all the same)",
          also=["dropout-on-weights"]),

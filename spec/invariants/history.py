@@ -145,11 +145,13 @@ def parameter_update_respected(case):
     case.forward(x)
     case.forward(x, train=True)
     other = case.build(seed=case.cfg.seed + 1)
-    case.guard("load_state_dict", module.load_state_dict, other.state_dict())
+    with case.autograd_mode():  # (a buffer a forward made under inference mode is written only there)
+        case.guard("load_state_dict", module.load_state_dict, other.state_dict())
     assert_close(case.forward(x), case.forward(x, module=other), dtype=x.dtype,
                  what="output after load_state_dict of another module's state vs that module's output")
     generator = torch.Generator().manual_seed(case.cfg.seed)
-    floating = [(name, p) for name, p in module.named_parameters() if p.is_floating_point()]
+    floating = [(name, p) for name, p in module.named_parameters()  # what an optimizer steps (frozen: buffers)
+                if p.is_floating_point() and p.requires_grad]
 
     def step(params, what):
         with torch.no_grad():

@@ -229,6 +229,12 @@ def _chunks(num_tokens):
     return sizes + ([left] if left > 0 else [])
 
 
+def _in_mode(case, what, fn, *args):
+    """A guarded cache call in the autograd mode the forwards run in (Case.autograd_mode)."""
+    with case.autograd_mode():
+        return case.guard(what, fn, *args)
+
+
 @invariant("kv-cache-decoding",
            "decoding through the module's KV cache, forward(x[:, s:e], use_cache=True) piece by piece (token by "
            "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; a plain forward "
@@ -269,7 +275,7 @@ def kv_cache_decoding(case):
     plain = case.forward(other)
     for label, sizes, first_pass in (("decoding token by token", _token_steps(T), True),
                                      ("decoding in chunks after reset_cache()", _chunks(T), False)):
-        case.guard("reset_cache()", module.reset_cache)
+        _in_mode(case, "reset_cache()", module.reset_cache)
         start = 0
         for i, size in enumerate(sizes):
             if first_pass and i == len(sizes) // 2:  # the rest of the decoding shows a write to the cache
@@ -280,13 +286,13 @@ def kv_cache_decoding(case):
             start += size
             if not first_pass and crop and i == 0 and start < T:  # a crop that keeps every cached token is a no-op
                 n = min(T, start + case.cfg.seed % 3)
-                case.guard(f"crop_cache({n}) with {start} tokens cached", module.crop_cache, n)
+                _in_mode(case, f"crop_cache({n}) with {start} tokens cached", module.crop_cache, n)
                 label = f"{label}, then crop_cache({n}) with {start} cached (a no-op)"
         if first_pass and crop:
             k = 1 + case.cfg.seed % (T - 1)
-            case.guard(f"crop_cache({k})", module.crop_cache, k)
+            _in_mode(case, f"crop_cache({k})", module.crop_cache, k)
             decode(k, T - k, f"decoding after crop_cache({k}) of {T} cached tokens")
-    case.guard("reset_cache()", module.reset_cache)
+    _in_mode(case, "reset_cache()", module.reset_cache)
 
 
 def _padding(case, x):
@@ -353,14 +359,14 @@ def _padded_decoding(case, x, real, out, magnitude, what):
     """(c) of padding-mask: prefill x[:, :k] with m[:, :k], decode x[:, k:] with m; outputs at real tokens."""
     module, T = case.module, x.shape[-2]
     k = max(1, T // 2)
-    case.guard("reset_cache()", module.reset_cache)
+    _in_mode(case, "reset_cache()", module.reset_cache)
     for start, end, mask in ((0, k, real[:, :k]), (k, T, real)):
         got = _cached_call(case, x, start, end, out, f"with attention_mask=m[:, :{end}]", attention_mask=mask.contiguous())
         keep = real[:, start:end, None]
         assert_close(torch.where(keep, got, 0.0), torch.where(keep, out[:, start:end], 0.0), dtype=x.dtype,
                      magnitude=magnitude, what=f"{what}: outputs at real tokens {start}..{end - 1} decoded through the "
                                                f"KV cache (prefill of {k} tokens) vs the masked forward")
-    case.guard("reset_cache()", module.reset_cache)
+    _in_mode(case, "reset_cache()", module.reset_cache)
 
 
 @invariant("padding-gradients",

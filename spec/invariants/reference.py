@@ -67,10 +67,13 @@ LAYERS = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Conv1d)  # (and Hugging 
 
 
 def _in_layer(module, name):
-    """Whether parameter ``name`` belongs to a projection or norm layer: a projection attnspec did not
-    recognise (an output projection named ``out``), not a parameter the specification lacks."""
-    owner = module.get_submodule(name.rpartition(".")[0])
-    return isinstance(owner, LAYERS) or type(owner).__name__ in ("Conv1D", "RMSNorm")
+    """Whether parameter ``name`` belongs to a projection or norm layer (anywhere on its path: a parametrized
+    weight lives in the layer's ``parametrizations``): a projection attnspec did not recognise (an output
+    projection named ``out``), not a parameter the specification lacks."""
+    path = name.split(".")[:-1]
+    owners = [module.get_submodule(".".join(path[:i])) for i in range(1, len(path) + 1)]
+    return any(isinstance(o, LAYERS) or type(o).__name__ == "Conv1D" or type(o).__name__.endswith("RMSNorm")
+               for o in owners)
 
 
 def _outside_parameters_inert(case, names, x):
@@ -110,10 +113,11 @@ def weight_transfer(case):
     covered = {t.data_ptr() for t in _tensors(source)}
     outside = [n for n, p in case.module.named_parameters() if p.data_ptr() not in covered]
     in_layers = [n for n in outside if _in_layer(case.module, n)]
+    trained = [n for n, p in case.module.named_parameters() if n in outside and p.requires_grad]  # (frozen: buffers)
     if in_layers:
         raise NotApplicable(f"parameters outside the projections cannot be transferred: {', '.join(in_layers[:4])}")
-    if outside:
-        _outside_parameters_inert(case, outside, x)
+    if trained:
+        _outside_parameters_inert(case, trained, x)
     other = case.build(seed=case.cfg.seed + 1)
     destination = case.projections(other)
     pairs = list(zip(_tensors(destination), _tensors(source)))
