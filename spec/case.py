@@ -374,19 +374,19 @@ class Case:
         autograd = AUTOGRAD_MODES[self.inference(train, needs_grad)]()
 
         def call():  # one guarded call (each costs ~0.1 ms): the mode switches and forward
-            step.now = "module.train()"
-            if train or any(m.training for m in module.modules()):  # (train() sets every submodule's flag)
-                module.train(train)
-            step.now = "forward"
             try:
+                step.now = "module.train()"
+                if train or any(m.training for m in module.modules()):  # (train() sets every submodule's flag)
+                    module.train(train)
+                step.now = "forward"
                 out = module(x) if attention_mask is None else module(x, attention_mask=attention_mask)
-            except Unsupported as e:  # an adapter's build() may decline a configuration; forward may not skip inputs
+                if train:  # back to eval mode, where a module is kept between calls
+                    step.now = "module.eval()"
+                    module.eval()
+                return out
+            except Unsupported as e:  # an adapter's build() may decline a configuration; the module's calls may not
                 raise RuntimeError(f"attnspec's Unsupported ({e}): only an adapter's build() may decline a "
                                    f"configuration") from None
-            if train:  # back to eval mode, where a module is kept between calls
-                step.now = "module.eval()"
-                module.eval()
-            return out
 
         with autograd:  # outside the guard: its restore pops whatever mode the module pushed before no_grad exits
             out = self.guard(step, call)
