@@ -22,15 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-BUNDLED = [
-    "self-attention=attnspec.impl:SelfAttention_v1",
-    "self-attention=attnspec.impl:SelfAttention_v2",
-    "causal-attention=attnspec.impl:CausalAttention",
-    "mha-wrapper=attnspec.impl:MultiHeadAttentionWrapper",
-    "mha=attnspec.impl:MultiHeadAttention",
-    "transformer-block=attnspec.impl:TransformerBlock",
-    "gqa=attnspec.impl:GroupedQueryAttention",
-]
+from attnspec.targets import BUNDLED  # noqa: E402
+
 ADAPTERS = [
     *(f"attnspec.adapters.torch:{n}" for n in ("MultiheadAttention", "MultiheadAttentionOneBias", "SDPA", "SDPAMHA",
                                                 "TransformerEncoderLayer")),

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import ALL_KINDS, invariant
+from attnspec.strategies import ZERO_OFFSET
 from attnspec.tolerance import ROPE_ANGLES, RTOL, allowed_error, assert_close, gradient_magnitudes
 
 COTANGENT_SALT = 7919  # the cotangent's seed is cfg.seed + this: independent of the input's
@@ -179,7 +180,7 @@ def _oracle_vjp(case, parts, x, c, dtype, jitter=0.0, angles=torch.float64):
            "train mode, dropout 0: the gradients of <c, forward(x)> w.r.t. x and every projection parameter "
            "equal the float64 oracle's on the module's own parameters (c a random cotangent); also with every "
            "parameter frozen (x's alone) and with x constant (the parameters' alone)",
-           ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=st.just(0.0), costly=True)
+           ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=ZERO_OFFSET, costly=True)
 def gradient_oracle(case):
     """Tolerance (spec/tolerance.py), per gradient tensor: |module - oracle64| <= max(RTOL[dtype] * magnitude,
     10 * measured), measured the error of the same reference computed in the module's dtype; in float64,
