@@ -3,7 +3,7 @@ float32, the same at ``--size gpt2`` in bfloat16 and float16, the correct module
 tests/correct_elsewhere.py and the shipped adapters (false alarms), and the planted bugs of
 tests/planted.py (rejections) -- each target through ``attnspec check --device cuda`` as a user runs it.
 
-    python benchmarks/cuda.py --out DIR [--parallel 6] [--deadline 420] [--groups bundled,gpt2,correct,planted]
+    python benchmarks/on_cuda.py --out DIR [--parallel 6] [--deadline 420] [--groups bundled,gpt2,correct,planted]
 
 `attnspec check` processes run ``--parallel`` at a time (each with its two workers), each with
 ``--total-time-limit 120`` (at --size gpt2: 90). No new process starts after ``--deadline`` seconds; those not run are listed as such.
