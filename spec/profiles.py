@@ -24,7 +24,7 @@ PROFILES = ("attnspec-dev", "attnspec-ci", "attnspec-thorough")
 # Each is redundant with cheaper invariants on the bugs they catch: no wrong module needed a costly invariant's
 # example past the 5th (183 modules of earlier sessions) or the 6th (52 held-out ones) to be rejected
 # (benchmarks/RESULTS.md, sixth session). Applied where Options.profile names the profile (the CLI and the
-# pytest plugin always do; Options() under a globally loaded profile gets that profile's budget).
+# pytest plugin always do) or where it is the loaded one (Options() in the repository's tests and in benchmarks).
 COSTLY_EXAMPLES = {"attnspec-ci": 12}
 ALIASES = {name.removeprefix("attnspec-"): name for name in PROFILES}
 CHOICES = (*ALIASES, *PROFILES)

@@ -275,11 +275,12 @@ def hypothesis_test(inv, target, options=None, tally=None):
 
 def budget(options, inv=None):
     """max_examples of ``inv``'s search under ``options``: --max-examples, else the profile's (a costly
-    invariant's under the profiles of ``profiles.COSTLY_EXAMPLES``)."""
+    invariant's under the profiles of ``profiles.COSTLY_EXAMPLES``). The profile is ``options.profile``, else
+    the one loaded (the repository's tests, a user's script): either way the budget `attnspec check` gives."""
     if options.max_examples is not None:
         return options.max_examples
-    name = profiles.resolve(options.profile) if options.profile else None
-    examples = (settings.get_profile(name) if name else settings.default).max_examples
+    name = profiles.resolve(options.profile) if options.profile else settings.get_current_profile_name()
+    examples = (settings.get_profile(name) if options.profile else settings.default).max_examples
     if inv is not None and inv.costly and name in profiles.COSTLY_EXAMPLES:
         return min(examples, profiles.COSTLY_EXAMPLES[name])
     return examples

@@ -59,6 +59,19 @@ def test_the_ci_profile_gives_costly_invariants_their_smaller_budget():
     assert budget(Options(profile="thorough"), costly) == 500 and budget(Options(profile="dev"), costly) == 10
 
 
+def test_options_without_a_profile_get_the_loaded_profiles_budget():
+    """Options() (the repository's tests, benchmarks/bench.py) searches as `attnspec check --profile P` does when P
+    is loaded: a costly invariant that the CLI checks 12 times must not be checked 25 times in its tests."""
+    costly, loaded = BY_ID["gradient-oracle"], settings.get_current_profile_name()
+    try:
+        settings.load_profile("attnspec-ci")
+        assert budget(Options(), costly) == budget(Options(profile="ci"), costly) == 12
+        settings.load_profile("attnspec-dev")
+        assert budget(Options(), costly) == 10
+    finally:
+        settings.load_profile(loaded)
+
+
 def test_a_ci_search_reaches_real_sizes_inputs_and_dtypes():
     """Under the ci budget (25 examples) a meaningful share of one invariant's examples crosses the boundaries
     real kernels branch on, with off-centre inputs and every dtype: on average over 8 searches (one search's
