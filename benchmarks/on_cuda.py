@@ -4,6 +4,7 @@ tests/correct_elsewhere.py and the shipped adapters (false alarms), and the plan
 tests/planted.py (rejections) -- each target through ``attnspec check --device cuda`` as a user runs it.
 
     python benchmarks/on_cuda.py --out DIR [--parallel 6] [--deadline 420] [--groups bundled,gpt2,correct,planted]
+                                 [--gpt2-examples N]
 
 `attnspec check` processes run ``--parallel`` at a time (each with its two workers), each with
 ``--total-time-limit 120`` (at --size gpt2: 90). No new process starts after ``--deadline`` seconds; those not run are listed as such.
@@ -32,9 +33,11 @@ ADAPTERS = [
 ]
 
 
-def jobs(groups, batch=6):
+def jobs(groups, batch=6, gpt2_examples=None):
     """(group, label, argv) for each `attnspec check` to run: one bundled target a process (its time is
-    the verdict's), the correct and planted targets ``batch`` a process (as a user checks several)."""
+    the verdict's), the correct targets ``batch`` a process (as a user checks several), each planted bug alone with the
+    invariants its record names (``--only``). ``gpt2_examples``: every invariant at --size gpt2 with that many
+    examples (within 240 s), instead of the ci search cut at 90 s."""
     import correct_elsewhere
     import planted
 
@@ -44,7 +47,9 @@ def jobs(groups, batch=6):
 
     out = []
     if "gpt2" in groups:  # the slowest: start them first
-        out += [("gpt2", f"{t} {dt}", [t, "--size", "gpt2", "--dtype", dt, "--total-time-limit", "90"])
+        budget = ["--total-time-limit", "90"] if gpt2_examples is None else \
+            ["--max-examples", str(gpt2_examples), "--total-time-limit", "240"]
+        out += [("gpt2", f"{t} {dt}", [t, "--size", "gpt2", "--dtype", dt, *budget])
                 for dt in ("bfloat16", "float16") for t in BUNDLED]
     if "bundled" in groups:
         out += [("bundled", f"{t} {dt}", [t, "--dtype", dt]) for dt in ("bfloat16", "float16", "float32")
@@ -53,8 +58,10 @@ def jobs(groups, batch=6):
         correct = [f"{k}=tests/correct_elsewhere.py:{n}" for k, n in correct_elsewhere.MODULES] + ADAPTERS
         for dt in ("bfloat16", "float16"):
             out += batched(f"correct-{dt}", correct, "--dtype", dt)
-    if "planted" in groups:
-        out += batched("planted", [f"{p.kind}=tests/planted.py:{p.name}" for p in planted.CORPUS])
+    if "planted" in groups:  # one process a bug, checking the invariants its record says reject it (as test_planted)
+        out += [("planted", f"{p.kind}=tests/planted.py:{p.name}",
+                 [f"{p.kind}=tests/planted.py:{p.name}", *(a for i in p.catches for a in ("--only", i))])
+                for p in planted.CORPUS]
     return out
 
 
@@ -93,6 +100,8 @@ def main():
     ap.add_argument("--deadline", type=float, default=420)
     ap.add_argument("--groups", default="bundled,gpt2,correct,planted")
     ap.add_argument("--device", default="cuda", help="cpu: try this script without a GPU")
+    ap.add_argument("--gpt2-examples", type=int, help="examples per invariant at --size gpt2 (default: the ci "
+                    "search, cut after 90 s)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -103,7 +112,7 @@ def main():
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {name}, python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs", flush=True)
-    todo, rows, start = jobs(args.groups.split(",")), [], time.perf_counter()
+    todo, rows, start = jobs(args.groups.split(","), gpt2_examples=args.gpt2_examples), [], time.perf_counter()
 
     def guarded(i, job):
         if time.perf_counter() - start > args.deadline:
