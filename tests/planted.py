@@ -2116,3 +2116,24 @@ CORPUS += [
     _bug(GQA, PaddingMemoisedByShape, "history", ["padding-mask"],
          "the padding mask memoised by shape: a later call with another mask of that shape gets the first"),
 ]
+
+
+# --- found by red-team passes 7 and 8 (eighth session) ------------------------------------------------------
+
+
+class BlockOneResidualDropMask(TransformerBlock):
+    """One residual dropout mask drawn per forward (one RNG call) and applied to both branches: each branch is
+    dropped at the right rate and scaled right, but the two drops coincide."""
+
+    def forward(self, x):
+        p = self.drop_shortcut.p
+        keep = (torch.rand_like(x) >= p).to(x.dtype) / (1 - p) if self.training and p > 0 else None
+        drop = (lambda y: y * keep) if keep is not None else (lambda y: y)
+        x = x + drop(self.att(self.norm1(x)))
+        return x + drop(self.ff(self.norm2(x)))
+
+
+CORPUS += [
+    _bug(TB, BlockOneResidualDropMask, "dropout", ["block-branch-dropout-inverted"],
+         "one residual dropout mask shared by the attention and feed-forward branches"),
+]

@@ -151,23 +151,28 @@ BRANCHES = {"attention": {"att": torch.ones_like, "ff": torch.zeros_like},
            "train mode, one sub-layer (attention, then feed-forward) outputting c = 1 and the other 0: out - x is 1 "
            "everywhere (dropout inside the sub-layers) or, elementwise, 0 or 1/(1-p), a fraction p of it 0 (inverted "
            "dropout on the branch); a feed-forward branch not dropped after its sub-layer is dropped inside it (the "
-           "sub-layer's train and eval outputs differ)",
+           "sub-layer's train and eval outputs differ); with both outputting 1 the two branches' masks are independent",
            ("transformer-block",), "structure", dropouts=NONZERO_DROPOUTS)
 def block_branch_dropout_inverted(case):
     """Exact in the values; the fraction of zeros is an exact binomial test, each of the two at false-alarm rate
-    FALSE_ALARM / 3 (and the feed-forward check below at FALSE_ALARM / 3: FALSE_ALARM per example in all).
+    FALSE_ALARM / 4 (and the feed-forward check below at FALSE_ALARM / 4, the masks' independence at FALSE_ALARM / 4:
+    FALSE_ALARM per example in all). With both branches dropped and both sub-layers outputting 1, out - x is 0, 1/(1-p)
+    or 2/(1-p); exactly one of the two dropped has probability 2p(1-p) an element if the masks are independent: one
+    mask drawn once and applied to both branches (0 or 2/(1-p) everywhere) fails (``_branch_masks_independent``).
     The seed drops each branch's output before adding it (x + drop(att(LN(x)))); Hugging Face's GPT-2 drops
     inside the sub-layers (resid_dropout), which the replaced output then bypasses. A dropout after the
     sub-layer that keeps with probability 1-p but does not scale by 1/(1-p) (or scales by 1/p) fails. So
     does a feed-forward path with no dropout at all (``_feed_forward_dropped_inside``)."""
     p, x = case.cfg.dropout, case.input()
-    needed = math.ceil(math.log(FALSE_ALARM / 3) / math.log(1 - p))
-    x = x.repeat(max(1, math.ceil(max(64, needed) / x.numel())), 1, 1)  # a shared mask or bias shows; so does no dropout
+    needed = math.ceil(math.log(FALSE_ALARM / 4) / math.log(1 - p))
+    pair = math.ceil(math.log(FALSE_ALARM / 4) / math.log(1 - 2 * p * (1 - p)))  # (elements where one of two drops)
+    x = x.repeat(max(1, math.ceil(max(64, needed, pair) / x.numel())), 1, 1)  # a shared mask or bias shows; so does no dropout
     kept = 1 / (1 - p)
     tol = residual_rounding(x.dtype, x.abs().max().item() + kept)
     if tol >= min(1.0, kept - 1) / 2:  # out - x cannot tell 0, 1 and 1/(1-p) apart (a large x in half precision)
         raise NotApplicable(f"|x| up to {x.abs().max().item():.3g} in {case.cfg.dtype}: out - x is known to +-{tol:.2g}, "
                             f"too coarse to tell 0, 1 and 1/(1-p) = {kept:.3g} apart", structural=False)
+    dropped_on_branch = []
     for branch_name, replace in BRANCHES.items():
         with _hooked(case, replace_outputs=replace):
             out = case.forward(x, train=True)
@@ -177,6 +182,7 @@ def block_branch_dropout_inverted(case):
             if branch_name == "feed-forward":
                 _feed_forward_dropped_inside(case, x, p, needed)
             continue
+        dropped_on_branch.append(branch_name)
         other = ~(zeros | scaled)
         if other.any():
             index = tuple(int(i) for i in other.nonzero()[0])
@@ -185,16 +191,36 @@ def block_branch_dropout_inverted(case):
                             f"on the branch), or 1 everywhere (dropout inside the sub-layers)"
                             + (f"; the kept elements are 1: dropout not scaled by 1/(1-p)" if (branch - 1).abs()[other].max() <= tol else ""))
         dropped, n = int(zeros.sum()), zeros.numel()
-        if binomial_two_sided_p(dropped, n, p) < FALSE_ALARM / 3:
+        if binomial_two_sided_p(dropped, n, p) < FALSE_ALARM / 4:
             raise Violation(f"train mode: the {branch_name} branch was dropped at {dropped} of {n} elements "
-                            f"({dropped / n:.3f}), expected a fraction p={p} (exact binomial test, p-value < {FALSE_ALARM / 3:g})")
+                            f"({dropped / n:.3f}), expected a fraction p={p} (exact binomial test, p-value < {FALSE_ALARM / 4:g})")
+    if len(dropped_on_branch) == 2:
+        _branch_masks_independent(case, x, p, kept)
+
+
+def _branch_masks_independent(case, x, p, kept):
+    """Both sub-layers outputting 1 in one train-mode call: out - x = (m1 + m2) / (1-p) with m1, m2 the branches'
+    keep masks. Independent masks give 1/(1-p) (exactly one kept) at a fraction 2p(1-p) of the elements: a
+    two-sided exact binomial test at FALSE_ALARM / 4. One mask shared by both branches never does."""
+    with _hooked(case, replace_outputs={"att": torch.ones_like, "ff": torch.ones_like}):
+        out = case.forward(x, train=True)
+    both = (out - x).double()
+    tol = residual_rounding(x.dtype, x.abs().max().item() + 2 * kept)
+    if tol >= kept / 2:
+        return  # 0, 1/(1-p) and 2/(1-p) not told apart at this magnitude
+    one, n, rate = int(((both - kept).abs() <= tol).sum()), both.numel(), 2 * p * (1 - p)
+    if binomial_two_sided_p(one, n, rate) < FALSE_ALARM / 4:
+        raise Violation(f"train mode (p={p}), both sub-layers outputting 1: exactly one of the two branches was dropped "
+                        f"at {one} of {n} elements ({one / n:.3f}), expected a fraction 2p(1-p) = {rate:.3f} for "
+                        f"independent masks (exact binomial test, p-value < {FALSE_ALARM / 4:g}): the two residual "
+                        f"dropouts share their masks")
 
 
 def _feed_forward_dropped_inside(case, x, p, needed):
     """The feed-forward branch is not dropped after the sub-layer: the sub-layer must drop inside (Hugging Face's
     GPT-2: resid_dropout after c_proj; fairseq: dropout after the activation). With the attention sub-layer
     outputting 0 its input is the same in train and eval mode, so its output, recorded by the hooks, must differ
-    between the two where at least ``needed`` = log(FALSE_ALARM / 3) / log(1-p) outputs are larger than rounding
+    between the two where at least ``needed`` = log(FALSE_ALARM / 4) / log(1-p) outputs are larger than rounding
     (fewer: nothing to conclude)."""
     outputs = []
     for train in (True, False):
@@ -211,4 +237,4 @@ def _feed_forward_dropped_inside(case, x, p, needed):
         raise Violation(f"train mode (p={p}): the feed-forward path is never dropped, neither on its branch (its output "
                         f"replaced by 1 reaches out - x undropped) nor inside the sub-layer (its train-mode output equals "
                         f"its eval output on {trained.numel()} elements; a correct module drops none with probability "
-                        f"< {FALSE_ALARM / 3:g})")
+                        f"< {FALSE_ALARM / 4:g})")
