@@ -58,8 +58,8 @@ def _parser():
     chk.add_argument("--dtype", action="append", choices=sorted(DTYPES), help=f"dtypes to draw (default {', '.join(DEFAULT_DTYPES)})")
     chk.add_argument("--device", default="cpu", help="torch device for modules and inputs (e.g. cuda)")
     chk.add_argument("--size", choices=("small", "gpt2"), default="small",
-                     help="small: drawn sizes up to 130 tokens (520 for some invariants), head_dim 128, 16 heads, "
-                          "batch 8 (default); gpt2: emb 768, 12 heads, context 1024")
+                     help="small: drawn sizes up to 130 tokens, head_dim 128, 16 heads, batch 8 (for some invariants "
+                          "520 tokens, head_dim 256, 32 heads, batch 16) (default); gpt2: emb 768, 12 heads, context 1024")
     chk.add_argument("--time-limit", type=float, default=None, help="seconds allowed per constructor/forward call")
     chk.add_argument("--total-time-limit", type=float, default=None, metavar="S",
                      help="stop after S seconds: what was judged is reported, the rest is not checked (exit 3 if nothing failed)")

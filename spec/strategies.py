@@ -10,7 +10,8 @@ cheap (an invariant may loop over cuts, batch elements or 1024 dropout draws):
 * ``wide``: head_dim 8, 16, 32, 64 or 128 (d_in up to 64), 1-2 heads, <= 17 tokens or a length around 32 and
   64 (fused paths branch on head_dim and length together: SDPA-style kernels for head_dim % 8 == 0, T >= 32);
 * ``many``: 5-16 heads, batch 5-8, <= 8 tokens of <= 4 dims per head;
-* ``longest`` (only where an invariant names it): 257-520 tokens, where positions rounded in bfloat16 differ.
+* ``longest`` (only where an invariant names it): 257-520 tokens, where positions rounded in bfloat16 differ;
+* ``most`` and ``widest`` (likewise): 17-32 heads with batch 9-16 (<= 8 tokens of <= 4 dims), and head_dim 256.
 
 ``REGIMES`` lists ``long`` three times in eight (tiling bugs need many tokens) and ``wide`` twice (fused paths
 branch on head_dim and on it together with the number of heads); Hypothesis draws the first entry more often
@@ -36,6 +37,11 @@ WIDE_HEAD_DIMS = (8, 16, 32, 64, 128)
 MAX_WIDE_CONTEXT = 17
 WIDE_LENGTHS = (33, 65, 32, 64, 31, 63)  # wide and long at once (after the short contexts)
 MANY_HEADS, MANY_BATCH = (5, 16), (5, 8)  # past 8 heads: GPT-2's 12, kernels' groups of 8
+# Drawn only by invariants that name these regimes (one forward pass): past 16 heads and 8 batch elements at once
+# (Llama's 32 heads, kernels' groups of 16, micro-batches of 8), and Gemma's head_dim 256.
+MOST_HEADS, MOST_BATCH = (17, 32), (9, 16)
+WIDEST_HEAD_DIMS = (256,)
+EXTREME_REGIMES = ("longest", "most", "widest")  # an invariant's ``extreme_dtype`` is theirs
 
 # Input magnitudes where float32 comparisons are well conditioned (tiny included: LayerNorm's eps).
 MODERATE_SCALES = st.sampled_from([1.0, 0.1, 3.0, 1e-3])
@@ -76,10 +82,11 @@ def _wide_contexts(low):
 
 def _sizes(draw, kind, regime, min_tokens, min_batch):
     """(num_heads, head_dim, d_in, context_length, num_tokens, batch) of ``regime``."""
-    heads = {"small": (1, MAX_HEADS), "long": (1, 2), "longest": (1, 2), "wide": (1, 2), "many": MANY_HEADS}[regime]
+    heads = {"small": (1, MAX_HEADS), "long": (1, 2), "longest": (1, 2), "wide": (1, 2), "widest": (1, 2),
+             "many": MANY_HEADS, "most": MOST_HEADS}[regime]
     num_heads = draw(_ints(*heads), label="num_heads") if kind.multi_head else 1
-    if regime == "wide":
-        head_dim = draw(_pick(WIDE_HEAD_DIMS), label="head_dim")
+    if regime in ("wide", "widest"):
+        head_dim = draw(_pick(WIDE_HEAD_DIMS if regime == "wide" else WIDEST_HEAD_DIMS), label="head_dim")
         d_in = draw(_pick((head_dim, 8, 16, 64)), label="d_in")
     elif kind.rotary:  # even: the rotated dims come in pairs
         head_dim = 2 * draw(_ints(1, MAX_DIM // 4), label="head_dim / 2")
@@ -95,13 +102,13 @@ def _sizes(draw, kind, regime, min_tokens, min_batch):
         shorter = tuple(t for t in lengths if low <= t < context_length)
         num_tokens = draw(st.one_of(st.just(context_length), _pick(shorter)) if shorter else st.just(context_length),
                           label="num_tokens")
-    elif regime == "wide":
+    elif regime in ("wide", "widest"):
         context_length = draw(_wide_contexts(low), label="context_length")
         num_tokens = draw(_tokens(min_tokens, context_length), label="num_tokens")
     else:
         context_length = draw(_ints(low, MAX_CONTEXT), label="context_length")
         num_tokens = draw(_tokens(min_tokens, context_length), label="num_tokens")
-    batches = MANY_BATCH if regime == "many" else (1, MAX_BATCH if regime == "small" else 2)
+    batches = {"many": MANY_BATCH, "most": MOST_BATCH, "small": (1, MAX_BATCH)}.get(regime, (1, 2))
     batch = draw(_ints(max(min_batch, batches[0]), max(min_batch, batches[1])), label="batch") if kind.batched else 1
     return num_heads, head_dim, d_in, context_length, num_tokens, batch
 
@@ -122,7 +129,7 @@ def configs(
     sizes=None,
     regimes=REGIMES,
     require=(),
-    longest_dtype=None,
+    extreme_dtype=None,
 ):
     """A valid Config for ``kind``.
 
@@ -130,9 +137,9 @@ def configs(
     while tokens, batch, dropout, dtype and seed are still drawn. ``regimes`` restricts the size
     regimes (an invariant whose cost grows with every dimension at once may leave one out). ``require``
     names optional features (spec.kinds.OPTIONAL) drawn always on: "rotary", "sliding_window", and "grouped_kv",
-    groups that show, 1 < num_kv_heads < num_heads, where num_heads has such a divisor. ``longest_dtype``: the
-    dtype of every longest-regime example (an invariant that checks positions there: "bfloat16", which rounds
-    them past 256)."""
+    groups that show, 1 < num_kv_heads < num_heads, where num_heads has such a divisor. ``extreme_dtype``: the
+    dtype of every example of the EXTREME_REGIMES (an invariant that checks positions there: "bfloat16", which
+    rounds them past 256; one whose comparison is ill-conditioned in half precision at those sizes: "float32")."""
     regime = None
     if sizes:
         num_heads, d_out, d_in, context_length = (sizes[k] for k in ("num_heads", "d_out", "d_in", "context_length"))
@@ -155,7 +162,7 @@ def configs(
         batch=batch,
         dropout=draw(dropouts, label="dropout") if kind.has_dropout else 0.0,
         qkv_bias=draw(BOOLEANS, label="qkv_bias") if qkv_bias is None else qkv_bias,
-        dtype=(longest_dtype if regime == "longest" and longest_dtype in dtypes
+        dtype=(extreme_dtype if regime in EXTREME_REGIMES and extreme_dtype in dtypes
                else draw(_pick(tuple(dtypes)), label="dtype")),
         scale=draw(scales, label="scale"),
         offset=draw(offsets, label="offset"),

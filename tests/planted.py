@@ -1623,7 +1623,7 @@ CORPUS += [
     _bug(GQA, RopeLayoutIgnored, "rotary", ["rotary-embedding"],
          "rope_interleaved ignored: half-split pairs (rotate_half) where interleaved pairs were asked for"),
     _bug(GQA, RopeBaseIgnored, "rotary", ["rotary-embedding"], "the angle table built with base 10000, not rope_base"),
-    _bug(GQA, RopeRotatesWholeHead, "rotary", ["oracle-float64"],
+    _bug(GQA, RopeRotatesWholeHead, "rotary", ["scaling-sqrt-head-dim", "gradient-oracle"],
          "partial rotary with the pairs (i, i + head_dim/2) of the whole head: the wrong halves rotated"),
     _bug(GQA, RopeNegatedAngle, "rotary", ["rotary-embedding"], "rotate_half with its sign flipped: angles negated",
          also=["oracle-float64"]),
@@ -2136,4 +2136,192 @@ class BlockOneResidualDropMask(TransformerBlock):
 CORPUS += [
     _bug(TB, BlockOneResidualDropMask, "dropout", ["block-branch-dropout-inverted"],
          "one residual dropout mask shared by the attention and feed-forward branches"),
+]
+
+
+class _MHAParts(MultiHeadAttention):
+    """The seed's MultiHeadAttention in steps (qkv, core, merge), for the bugs below to override one."""
+
+    def split(self, t):
+        b, t_, _ = t.shape
+        return t.view(b, t_, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def qkv(self, x):
+        return self.split(self.W_query(x)), self.split(self.W_key(x)), self.split(self.W_value(x))
+
+    def core(self, q, k, v):
+        T = q.shape[2]
+        s = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:T, :T], -torch.inf)
+        return self.dropout(torch.softmax(s / self.head_dim ** 0.5, dim=-1)) @ v
+
+    def merge(self, context):
+        b, h, t, d = context.shape
+        return self.out_proj(context.transpose(1, 2).reshape(b, t, h * d))
+
+    def forward(self, x):
+        return self.merge(self.core(*self.qkv(x)))
+
+
+class HeadDim256Unmasked(_MHAParts):
+    """A flash path (SDPA, is_causal) up to head_dim 128; the hand-written fallback for bigger heads (Gemma's 256)
+    forgets the causal mask."""
+
+    def core(self, q, k, v):
+        if self.head_dim <= 128:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout.p if self.training else 0.0,
+                                                  is_causal=True)
+        return self.dropout(torch.softmax(q @ k.transpose(2, 3) / self.head_dim ** 0.5, dim=-1)) @ v
+
+
+class MicroBatchTailForgotten(_MHAParts):
+    """Batches above 8 run in micro-batches of 8; the last batch % 8 rows are left at zero."""
+
+    def forward(self, x):
+        if x.shape[0] <= 8:
+            return super().forward(x)
+        out = x.new_zeros(*x.shape[:2], self.d_out)
+        for i in range(x.shape[0] // 8):
+            out[i * 8:(i + 1) * 8] = super().forward(x[i * 8:(i + 1) * 8])
+        return out
+
+
+class ManyHeadsFoldedWithoutTranspose(_MHAParts):
+    """Past 16 heads the heads are folded into the batch for a bmm kernel, with a reshape of the (b, t, h, d)
+    projections that forgets to move the heads next to the batch first."""
+
+    def qkv(self, x):
+        if self.num_heads <= 16:
+            return super().qkv(x)
+        b, t, _ = x.shape
+        return tuple(w(x).reshape(b, self.num_heads, t, self.head_dim) for w in (self.W_query, self.W_key, self.W_value))
+
+
+class _WrongSoftmaxBackwardAttention(torch.autograd.Function):
+    """softmax(q k^T s) v, its backward missing softmax's -p * sum(p * dp) term."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        p = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(mask, -torch.inf), dim=-1)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return p @ v
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, p = ctx.saved_tensors
+        ds = p * (g @ v.transpose(-1, -2))
+        return ds @ k * ctx.scale, ds.transpose(-1, -2) @ q * ctx.scale, p.transpose(-1, -2) @ g, None, None
+
+
+class LongSequenceCustomBackward(_MHAParts):
+    """From 256 tokens on (without dropout), a hand-written autograd Function whose backward is wrong; its forward
+    is exact."""
+
+    def core(self, q, k, v):
+        T = q.shape[2]
+        if T >= 256 and not (self.training and self.dropout.p > 0):
+            return _WrongSoftmaxBackwardAttention.apply(q, k, v, self.mask.bool()[:T, :T], self.head_dim ** -0.5)
+        return super().core(q, k, v)
+
+
+class EvalKeysValuesNoGrad(_MHAParts):
+    """'eval means inference': keys and values projected under torch.no_grad() in eval mode, so gradients taken in
+    eval mode (saliency maps, fine-tuning with model.eval()) miss W_key, W_value and x's path through them."""
+
+    def qkv(self, x):
+        if self.training:
+            return super().qkv(x)
+        with torch.no_grad():
+            k, v = self.split(self.W_key(x)), self.split(self.W_value(x))
+        return self.split(self.W_query(x)), k, v
+
+
+class FusedWhenQueryFrozen(_MHAParts):
+    """When the projections look frozen (W_query checked alone), a fused, detached qkv weight is built once and
+    reused: with only W_query frozen, W_key and W_value get no gradient."""
+
+    def qkv(self, x):
+        if self.W_query.weight.requires_grad:
+            return super().qkv(x)
+        if "_fused" not in self.__dict__:
+            with torch.no_grad():
+                layers = (self.W_query, self.W_key, self.W_value)
+                self._fused = (torch.cat([m.weight for m in layers]).clone(),
+                               torch.cat([m.bias for m in layers]).clone() if layers[0].bias is not None else None)
+        w, b = self._fused
+        return tuple(self.split(t) for t in F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)).chunk(3, -1))
+
+
+class FusedByVersionCounter(_MHAParts):
+    """The fused qkv weight is rebuilt when a parameter's version counter moves: updates through .data (an EMA,
+    weight averaging) never move it."""
+
+    def qkv(self, x):
+        layers = (self.W_query, self.W_key, self.W_value)
+        params = [m.weight for m in layers] + [m.bias for m in layers if m.bias is not None]
+        key = (tuple((id(p), p._version, p.dtype) for p in params), torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled())
+        if self.__dict__.get("_key") != key:
+            self.__dict__["_fused"] = (torch.cat([m.weight for m in layers]),
+                                       torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None)
+            self.__dict__["_key"] = key
+        w, b = self.__dict__["_fused"]
+        return tuple(self.split(t) for t in F.linear(x, w, b).chunk(3, dim=-1))
+
+
+class PrefixCacheFirstEightTokens(_MHAParts):
+    """An inference prefix cache: keys and values of an earlier call reused when the first 8 tokens match; the
+    later tokens are not in the key."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        b, T, _ = x.shape
+        key = (tuple(x[:, :8].double().flatten().tolist()), b, T, x.dtype, self.training,
+               tuple((id(p), p._version) for p in self.parameters()))
+        cache = self.__dict__.setdefault("_prefix_cache", {})
+        q = self.split(self.W_query(x))
+        k, v = cache[key] if key in cache else (self.split(self.W_key(x)), self.split(self.W_value(x)))
+        cache[key] = (k, v)
+        return self.merge(self.core(q, k, v))
+
+
+CORPUS += [
+    _bug(MHA, HeadDim256Unmasked, "size", ["oracle-float64"],
+         "past head_dim 128 a fallback path without the causal mask"),
+    _bug(MHA, MicroBatchTailForgotten, "size", ["oracle-float64"],
+         "micro-batches of 8: the last batch % 8 rows output zeros"),
+    _bug(MHA, ManyHeadsFoldedWithoutTranspose, "size", ["oracle-float64"],
+         "past 16 heads the heads are folded into the batch without a transpose"),
+    _bug(MHA, LongSequenceCustomBackward, "gradients", ["gradient-oracle"],
+         "from 256 tokens a custom backward that forgets softmax's -p sum(p dp) term"),
+    _bug(MHA, EvalKeysValuesNoGrad, "gradients", ["gradient-oracle"],
+         "keys and values projected under no_grad in eval mode: gradients in eval mode miss them"),
+    _bug(MHA, FusedWhenQueryFrozen, "gradients", ["gradient-oracle"],
+         "a detached fused qkv weight used whenever W_query is frozen: W_key/W_value get no gradient"),
+    _bug(MHA, FusedByVersionCounter, "history", ["parameter-update-respected"],
+         "fused qkv weight refreshed by version counter: updates through .data are ignored"),
+    _bug(MHA, PrefixCacheFirstEightTokens, "history", ["history-independent"],
+         "inference prefix cache keyed on the first 8 tokens: a later call sharing them gets stale keys/values"),
+]
+
+
+class PaddingKeptAfterReset(GroupedQueryAttention):
+    """Keeps the prefill's padding mask for later decoding steps that pass none (generate()'s convenience);
+    reset_cache() does not clear it, so the next sequence inherits the old padding."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        if use_cache:
+            if attention_mask is not None:
+                self._pad = attention_mask.bool()
+            elif getattr(self, "_pad", None) is not None:
+                need = self.cached_tokens() + x.shape[1]
+                kept = self._pad[:, :need]
+                self._pad = attention_mask = torch.cat([kept, kept.new_ones(kept.shape[0], need - kept.shape[1])], 1)
+        return super().forward(x, use_cache=use_cache, attention_mask=attention_mask)
+
+
+CORPUS += [
+    _bug(GQA, PaddingKeptAfterReset, "padding", ["padding-mask"],
+         "a prefill's padding mask kept for decoding steps without one, not cleared by reset_cache()"),
 ]

@@ -84,17 +84,23 @@ def test_a_ci_search_reaches_real_sizes_inputs_and_dtypes():
         "head_dim>=8": lambda c: c.head_dim >= 8,
         "head_dim>=32 and heads>=2": lambda c: c.head_dim >= 32 and c.num_heads >= 2,
         "batch>=5 or heads>=5": lambda c: c.batch >= 5 or c.num_heads >= 5,
+        "heads>16 and batch>8": lambda c: c.num_heads > 16 and c.batch > 8,  # (the "most" regime)
+        "head_dim 256": lambda c: c.head_dim == 256,  # (the "widest" regime)
         "small": lambda c: c.num_tokens <= 8 and c.head_dim <= 8,
         "offset": lambda c: c.offset != 0,
     }
     mean = {name: sum(sum(map(test, seen)) for seen in searches) / len(searches) for name, test in tests.items()}
     assert mean["T>16"] >= 5 and mean["T>32"] >= 3 and mean["head_dim>=8"] >= 4, mean
     assert mean["head_dim>=32 and heads>=2"] >= 1 and mean["batch>=5 or heads>=5"] >= 3 and mean["small"] >= 3, mean
-    assert mean["offset"] >= 5 and mean["T>256"] >= 1, mean
+    assert mean["offset"] >= 5 and mean["T>256"] >= 1 and mean["heads>16 and batch>8"] >= 1, mean
+    assert mean["head_dim 256"] >= 1, mean
     assert sum(len({c.dtype for c in seen}) for seen in searches) / len(searches) >= 3.5
     drawn = [c for seen in searches for c in seen]
     assert {c.dtype for c in drawn} == {"float32", "float64", "float16", "bfloat16"}
-    assert max(c.num_tokens for c in drawn) <= 520 and max(c.head_dim for c in drawn) <= 128 and max(c.num_heads for c in drawn) <= 16
+    assert max(c.num_tokens for c in drawn) <= 520 and max(c.head_dim for c in drawn) <= 256
+    assert max(c.num_heads for c in drawn) <= 32 and max(c.batch for c in drawn) <= 16
+    extreme = [c for c in drawn if c.num_tokens > 256 or c.num_heads > 16 or c.head_dim > 128]
+    assert {c.dtype for c in extreme} == {"float32"}, "the extreme regimes draw oracle-float64's extreme_dtype alone"
 
 
 def test_causality_and_weights_are_searched_at_large_scales():

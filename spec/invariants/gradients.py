@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import ALL_KINDS, invariant
-from attnspec.strategies import ZERO_OFFSET
+from attnspec.strategies import REGIMES, ZERO_OFFSET
 from attnspec.tolerance import ROPE_ANGLES, RTOL, allowed_error, assert_close, gradient_magnitudes
 
 COTANGENT_SALT = 7919  # the cotangent's seed is cfg.seed + this: independent of the input's
@@ -176,11 +176,29 @@ def _oracle_vjp(case, parts, x, c, dtype, jitter=0.0, angles=torch.float64):
     return summed, magnitudes
 
 
+def _freezing(case, named):
+    """gradient-oracle's setting, by cfg.seed % 4, applied to the module's parameters ``named`` (name -> parameter):
+    (x constant, names of the parameters frozen here, the setting's words for messages). 0: x and every parameter
+    require grad; 1: every parameter frozen (LoRA, adapters: the input's gradient alone); 2: x constant (the first
+    layer); 3: every other parameter of those that require grad frozen, from the first or the second by the seed's
+    next bit (one projection frozen beside a trained one)."""
+    setting = case.cfg.seed % 4
+    trainable = [name for name, p in named.items() if p.requires_grad]
+    frozen = {1: trainable, 3: trainable[(case.cfg.seed // 8) % 2::2]}.get(setting, [])
+    for name in frozen:
+        named[name].requires_grad_(False)
+    words = {0: "", 1: " (every parameter frozen)", 2: " (x does not require grad)",
+             3: f" (frozen: {', '.join(frozen)})"}[setting]
+    return setting == 2, set(frozen), words
+
+
 @invariant("gradient-oracle",
            "train mode, dropout 0: the gradients of <c, forward(x)> w.r.t. x and every projection parameter "
            "equal the float64 oracle's on the module's own parameters (c a random cotangent); also with every "
-           "parameter frozen (x's alone) and with x constant (the parameters' alone)",
-           ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=ZERO_OFFSET, costly=True)
+           "parameter frozen (x's alone), with every other parameter frozen, and with x constant (the parameters' "
+           "alone); in eval mode too",
+           ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=ZERO_OFFSET, costly=True,
+           regimes=(*REGIMES, "longest", "longest"))  # tiled backward kernels branch past 256 tokens as well
 def gradient_oracle(case):
     """Tolerance (spec/tolerance.py), per gradient tensor: |module - oracle64| <= max(RTOL[dtype] * magnitude,
     10 * measured), measured the error of the same reference computed in the module's dtype; in float64,
@@ -190,10 +208,13 @@ def gradient_oracle(case):
     backward and the sums over tokens of a weight's gradient cancel). Drawn in float32 and float64, on
     centred inputs: in float16/bfloat16, or off-centre (near-identical tokens), the softmax is near
     uniform and its gradients are made of rounding, which another correct kernel (SDPA) rounds otherwise.
-    The forward invariants cover off-centre inputs and half dtypes. The seed picks the setting: x and every
-    parameter require grad; or every parameter is frozen (fine-tuning around frozen weights); or x does not
-    require grad (the first layer): a hand-written backward that skips a gradient when another input needs
-    none shows."""
+    The forward invariants cover off-centre inputs and half dtypes. The seed picks the setting (``_freezing``): x
+    and every parameter require grad; or every parameter is frozen (fine-tuning around frozen weights); or x does
+    not require grad (the first layer); or every other parameter is frozen (partial fine-tuning): a hand-written
+    backward that skips a gradient when another input needs none, or takes a fused path when one weight is
+    frozen, shows. And the mode: train, or for half the seeds eval (saliency maps, fine-tuning with model.eval(),
+    adversarial inputs: at dropout 0 the same function), where a path that detaches what eval needs no gradient
+    for shows."""
     parts, x = case.projections(), case.input()
     if case.kind.head_split and case.kind.structure == "attention" and "out" not in parts:
         raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
@@ -201,30 +222,28 @@ def gradient_oracle(case):
         raise NotApplicable("LayerNorm over emb_dim <= 2 features puts every token on one line: the gradients "
                             "behind it cancel to rounding noise", structural=False)
     labelled = _labelled(parts)
-    params = [p for _, p in case.module.named_parameters()]
-    frozen, constant = case.cfg.seed % 3 == 1, case.cfg.seed % 3 == 2  # else both x and the parameters require grad
-    if frozen:  # fine-tuning with frozen weights (LoRA, adapters): the input's gradient alone
-        for p in params:
-            p.requires_grad_(False)
+    named = dict(case.module.named_parameters())
+    constant, frozen, setting = _freezing(case, named)
     x = x.requires_grad_(not constant)  # constant: the first layer, fed data: the parameters' gradients alone
-    out, c, grads = _vjp(case, x, [x, *params])
-    setting = " (every parameter frozen)" if frozen else " (x does not require grad)" if constant else ""
-    got = [] if constant else [(f"the input x{setting}", grads[0])]
-    for label, t in [] if frozen else labelled:
+    train = _train(case) and (case.cfg.seed // 4) % 2 == 0
+    out, c, grads = _vjp(case, x, [x, *named.values()], train=train)
+    setting += "" if train else " (eval mode)"
+    got = [] if constant else [(0, f"the input x{setting}", grads[0])]  # (index in the oracle's list: x first)
+    for i, (label, t) in enumerate(labelled, start=1):
         found = _parameter_grad_view(case.module, grads[1:], t)
         if found is None:
             raise NotApplicable(f"the {label} projection is not (a view of) a parameter of the module")
         name, g = found
-        owner = dict(case.module.named_parameters())[name]
-        got.append((f"{label} ({name}{'' if owner.requires_grad else ', requires_grad=False'}){setting}", g))
+        if name not in frozen:  # (a parameter the module itself created frozen is compared: it must get gradients)
+            got.append((i, f"{label} ({name}{'' if named[name].requires_grad else ', requires_grad=False'}){setting}", g))
     expected, magnitudes = _oracle_vjp(case, parts, x, c, torch.float64)
     magnitudes = gradient_magnitudes(magnitudes)
     if x.dtype == torch.float64:
         low, _ = _oracle_vjp(case, parts, x, c, torch.float64, jitter=RTOL[torch.float64], angles=ROPE_ANGLES)
     else:
         low, _ = _oracle_vjp(case, parts, x, c, x.dtype, angles=ROPE_ANGLES)
-    compared = slice(1, None) if constant else slice(0, 1) if frozen else slice(None)  # (oracle: x first)
-    for (label, g), e, m, lo in zip(got, expected[compared], magnitudes[compared], low[compared]):
+    for i, label, g in got:
+        e, m, lo = expected[i], magnitudes[i], low[i]
         measured = (lo.double() - e).abs().max().item() if e.numel() else 0.0
         assert_close(g, e, dtype=x.dtype, magnitude=m, measured=measured,
                      what=f"gradient w.r.t. {label} vs the float64 oracle's")

@@ -48,7 +48,8 @@ WARM_CALLS = 32
            "with the same parameters and RNG state",
            ALL_KINDS, "forward", costly=True)
 def history_independent(case):
-    """Eval then train: eval calls at (1 token, batch + 1) and on another input x' of x's shape, then a
+    """Eval then train: eval calls at (1 token, batch + 1) and on another input x' of x's shape (x's tokens but the
+    last: a prefix cache keyed on the first tokens shows), then a
     train-mode call on x, compared with a fresh module's train-mode call on x from the same global RNG
     state (eval calls draw no random numbers, so even a private generator is where a fresh module's is).
     Train then eval: train calls at the other shape and on x', then eval on x, compared with the fresh
@@ -62,7 +63,9 @@ def history_independent(case):
     expected = case.forward(x, module=fresh)
     expected_train = case.forward(x, train=True, module=fresh, seed_salt=9)
     other_tokens, other_batch = _other_shape(case)
-    other, same_shape = case.input(salt=2, num_tokens=other_tokens, batch=other_batch), case.input(salt=3)
+    other = case.input(salt=2, num_tokens=other_tokens, batch=other_batch)
+    same_shape = x.clone()  # x with its last token changed: a cache keyed on the shape or on a prefix of the tokens shows
+    same_shape[..., -1, :] = case.input(salt=3)[..., -1, :]
 
     def after(history, train):
         for i, (before, before_train, mask) in enumerate(history):
@@ -145,15 +148,17 @@ def _after_a_lower_precision_call(case, x):
 
 @invariant("parameter-update-respected",
            "after its parameters change in place (load_state_dict, an optimizer step on every parameter, then on one "
-           "alone), forward equals a fresh module's given the same parameters",
+           "alone; through .data too), forward equals a fresh module's given the same parameters",
            ALL_KINDS, "forward", costly=True)
 def parameter_update_respected(case):
     """The module is called (eval and train) first, so anything computed lazily at the first call exists;
     then (1) ``load_state_dict`` of a module built from another seed, (2) an in-place step
     p += 0.5 rms(p) N(0, 1) on every parameter, as an optimizer does, (3) the same step on one parameter
     tensor only, chosen by the seed (a LoRA merge into the value projection, ``load_state_dict(strict=False)``
-    of a part: a fused-weight cache that watches some parameters' versions only). After each, forward(x)
-    must equal that of a module built afresh with those parameters (set before its first call)."""
+    of a part: a fused-weight cache that watches some parameters' versions only). For half the seeds the steps
+    write through ``p.data`` (an EMA or weight average does), which leaves ``p._version`` where it was: a cache
+    refreshed when the version counter moves goes stale. After each, forward(x) must equal that of a module built
+    afresh with those parameters (set before its first call)."""
     x, module = case.input(), case.module
     case.forward(x)
     case.forward(x, train=True)
@@ -166,11 +171,15 @@ def parameter_update_respected(case):
     floating = [(name, p) for name, p in module.named_parameters()  # what an optimizer steps (frozen: buffers)
                 if p.is_floating_point() and p.requires_grad]
 
+    through_data = (case.cfg.seed // 2) % 2 == 1  # EMA, weight averaging: p.data written, p's version counter unmoved
+
     def step(params, what):
+        what += " through .data" if through_data else ""
         with torch.no_grad():
             for _, p in params:
                 rms = p.double().pow(2).mean().sqrt().item() if p.numel() else 0.0
-                p.add_((torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.5 * (rms or 1.0)).to(p))
+                (p.data if through_data else p).add_(
+                    (torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.5 * (rms or 1.0)).to(p))
         assert_close(case.forward(x), case.forward(x, module=_fresh_with_parameters_of(case, module)), dtype=x.dtype,
                      what=f"output after an in-place step on {what} vs a fresh module given those parameters")
 

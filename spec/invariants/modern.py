@@ -241,7 +241,7 @@ def _in_mode(case, what, fn, *args):
            "midway neither reads nor writes the cache; after crop_cache(k), forward(x[:, k:], use_cache=True) gives forward(x)[:, k:] "
            "(k at or past the cached tokens: a no-op)",
            CACHE_KINDS, "forward", min_tokens=2, regimes=REGIMES[:-1] + ("longest",),
-           longest_dtype="bfloat16")  # (bfloat16 positions past 256)
+           extreme_dtype="bfloat16")  # (bfloat16 positions past 256)
 def kv_cache_decoding(case):
     """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
     x's keys and values to the cache and attends over every cached token, x's tokens taking the positions
@@ -328,7 +328,7 @@ def padding_mask(case):
     forward(x[:, :n]) at its real tokens (the same positions, no padded key attended), and (c) a module with a
     KV cache (``reset_cache``) that prefills x[:, :k] with m[:, :k] and then decodes x[:, k:] with m (cached and
     new tokens) gives the outputs at real tokens of the masked forward (k = T // 2): generation from a padded
-    batch; (d) then forward(x) with a mask of all real tokens equals forward(x) without one (a mask memoised by
+    batch; after reset_cache() it decodes x without a mask as forward(x); (d) then forward(x) with a mask of all real tokens equals forward(x) without one (a mask memoised by
     shape, not by contents, is reused). Outputs at padded positions are not constrained. Not applicable to a
     module whose forward takes no ``attention_mask``."""
     x = case.input()
@@ -341,10 +341,11 @@ def padding_mask(case):
     magnitude = _magnitude(torch.where(keep, out, 0.0), x)
     assert_close(torch.where(keep, changed, 0.0), torch.where(keep, out, 0.0), dtype=x.dtype, magnitude=magnitude,
                  what=f"{what}: outputs at real tokens after changing the padded positions' contents")
-    assert_close(case.forward(x, attention_mask=torch.ones_like(real)), case.forward(x), dtype=x.dtype,
+    plain = case.forward(x)
+    assert_close(case.forward(x, attention_mask=torch.ones_like(real)), plain, dtype=x.dtype,
                  magnitude=magnitude, what=f"after calls with {what}: forward with a mask of all real tokens vs without a mask")
     if callable(getattr(case.module, "reset_cache", None)):
-        _padded_decoding(case, x, real, out, magnitude, what)
+        _padded_decoding(case, x, real, out, plain, magnitude, what)
     if left:
         return
     T = x.shape[-2]
@@ -355,8 +356,10 @@ def padding_mask(case):
                      what=f"{what}: outputs at the {n} real tokens of batch rows {rows} vs forward(x[{rows}, :{n}])")
 
 
-def _padded_decoding(case, x, real, out, magnitude, what):
-    """(c) of padding-mask: prefill x[:, :k] with m[:, :k], decode x[:, k:] with m; outputs at real tokens."""
+def _padded_decoding(case, x, real, out, plain, magnitude, what):
+    """(c) of padding-mask: prefill x[:, :k] with m[:, :k], decode x[:, k:] with m; outputs at real tokens. Then,
+    after reset_cache(), the same decoding without a mask gives forward(x) (``plain``): a padding mask kept for
+    the decoding steps that pass none (generate()'s convenience) must not outlive reset_cache()."""
     module, T = case.module, x.shape[-2]
     k = max(1, T // 2)
     _in_mode(case, "reset_cache()", module.reset_cache)
@@ -366,6 +369,12 @@ def _padded_decoding(case, x, real, out, magnitude, what):
         assert_close(torch.where(keep, got, 0.0), torch.where(keep, out[:, start:end], 0.0), dtype=x.dtype,
                      magnitude=magnitude, what=f"{what}: outputs at real tokens {start}..{end - 1} decoded through the "
                                                f"KV cache (prefill of {k} tokens) vs the masked forward")
+    _in_mode(case, "reset_cache()", module.reset_cache)
+    for start, end in ((0, k), (k, T)):
+        got = _cached_call(case, x, start, end, plain, "without a mask, after reset_cache()")
+        assert_close(got, plain[:, start:end], dtype=x.dtype, magnitude=magnitude,
+                     what=f"after decoding with {what} and reset_cache(): outputs {start}..{end - 1} decoded through "
+                          f"the KV cache without a mask vs forward(x)")
     _in_mode(case, "reset_cache()", module.reset_cache)
 
 
