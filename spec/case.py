@@ -265,6 +265,7 @@ class Case:
         self.contract = contract(self.variants)
         self.time_limit = CALL_TIME_LIMIT_S if time_limit is None else time_limit
         self.stdout_sink = stdout_sink  # list collecting what modules printed
+        self.returned = None  # the plain tensor the last forward returned, as returned (forward returns a copy)
 
     def guard(self, what, fn, *args, **kwargs):
         """Call module code: its exceptions, hangs and prints are reported, not propagated, and the
@@ -391,8 +392,8 @@ class Case:
         with autograd:  # outside the guard: its restore pops whatever mode the module pushed before no_grad exits
             out = self.guard(step, call)
         subclass = type(out)
-        if subclass is torch.Tensor:  # a copy: a module may reuse its output buffer
-            out = out.clone()
+        if subclass is torch.Tensor:  # a copy: a module may reuse its output buffer (eval-deterministic checks it does not)
+            self.returned, out = out, out.clone()
         elif isinstance(out, torch.Tensor):  # the subclass's own code runs here: guarded
             if subclass.__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:  # (values: whatever each op says)
                 raise Violation(f"forward returned a {subclass.__qualname__}, a tensor subclass with its own "

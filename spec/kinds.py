@@ -21,6 +21,7 @@ DEFAULT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 # seed's kinds read as before and JSON written before these fields still parses.
 MODERN_DEFAULTS = {"num_kv_heads": None, "rope_base": None, "rope_fraction": 1.0, "rope_interleaved": False,
                    "window": None}
+OMITTED = {**MODERN_DEFAULTS, "outlier": 0.0}  # fields a config's JSON leaves out at these values
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Config:
     rope_fraction: float = 1.0
     rope_interleaved: bool = False
     window: int = None
+    outlier: float = 0.0  # added to one feature (seed % d_in) of every token: an LLM's "massive activations"
 
     @property
     def torch_dtype(self):
@@ -75,7 +77,7 @@ class Config:
         return None if self.rope_base is None else (self.rope_base, self.rotary_dim, self.rope_interleaved)
 
     def to_json(self):
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in MODERN_DEFAULTS or v != MODERN_DEFAULTS[k]}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in OMITTED or v != OMITTED[k]}
         return json.dumps(fields, separators=(",", ":"))
     @classmethod
     def from_json(cls, text):
@@ -99,10 +101,13 @@ class Config:
 
     def random_input(self, shape, salt=0):
         """offset + scale * N(0, 1) of ``shape`` in the config's dtype (see ``input_magnitude``), from a
-        generator seeded by seed+salt."""
+        generator seeded by seed+salt; plus ``outlier`` on feature seed % d of every token (not shrunk: drawn only
+        for a block's residual stream, which its LayerNorms normalize before any score is formed)."""
         generator = torch.Generator().manual_seed(self.seed + salt)
         offset, scale = self.input_magnitude()
         x = torch.randn(shape, generator=generator, dtype=torch.float64) * scale + offset
+        if self.outlier:
+            x[..., self.seed % shape[-1]] += self.outlier
         return x.to(device=self.device, dtype=self.torch_dtype)
 
 

@@ -131,11 +131,13 @@ def head_slices(parts, num_heads, num_kv_heads=None, kv_head=None):
     return heads
 
 
-def layer_norm(x, scale_shift, eps=1e-5):
-    """scale * (x - mean) / sqrt(biased var + eps) + shift, over the last dim."""
+def layer_norm(x, scale_shift, eps=1e-5, torch_var=False):
+    """scale * (x - mean) / sqrt(biased var + eps) + shift, over the last dim. ``torch_var``: the variance by
+    torch.var, which accumulates the squares in float32 for the half dtypes (the seed's LayerNorm; torch's layer_norm
+    too), not as the mean of squares in x's dtype, which overflows float16 once a deviation passes 256."""
     scale, shift = scale_shift
     mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    var = x.var(-1, keepdim=True, unbiased=False) if torch_var else ((x - mean) ** 2).mean(-1, keepdim=True)
     return scale * (x - mean) / torch.sqrt(var + eps) + shift
 
 

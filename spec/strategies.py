@@ -54,6 +54,9 @@ LARGE_SCALES = st.sampled_from([1e3, 1e2, 1e4])
 # The input is offset + scale * N(0, 1): off-centre input shows one-pass variances E[x^2] - E[x]^2.
 OFFSETS = st.sampled_from([0.0, 0.0, 10.0, -3.0, 100.0])
 ZERO_OFFSET = st.just(0.0)
+# A feature of 300 in every token of a block's input (an LLM's "massive activations"): in float16 its squared
+# deviation (> 65504 from 8 features on) overflows a LayerNorm that squares in the input's dtype.
+OUTLIERS = st.sampled_from([0.0, 300.0])
 # Rates other than 0.5 show 1-p vs p mix-ups; a grid is as good as floats and cheaper to draw.
 RATES = (0.1, 0.25, 0.05, 0.9, 0.6, 0.333, 0.75, 0.2, 0.45, 0.8)
 DROPOUTS = st.one_of(st.just(0.0), st.sampled_from(RATES), st.just(0.5))
@@ -130,6 +133,7 @@ def configs(
     regimes=REGIMES,
     require=(),
     extreme_dtype=None,
+    outliers=None,
 ):
     """A valid Config for ``kind``.
 
@@ -139,7 +143,8 @@ def configs(
     names optional features (spec.kinds.OPTIONAL) drawn always on: "rotary", "sliding_window", and "grouped_kv",
     groups that show, 1 < num_kv_heads < num_heads, where num_heads has such a divisor. ``extreme_dtype``: the
     dtype of every example of the EXTREME_REGIMES (an invariant that checks positions there: "bfloat16", which
-    rounds them past 256; one whose comparison is ill-conditioned in half precision at those sizes: "float32")."""
+    rounds them past 256; one whose comparison is ill-conditioned in half precision at those sizes: "float32").
+    ``outliers``: a strategy for ``Config.outlier`` (else 0)."""
     regime = None
     if sizes:
         num_heads, d_out, d_in, context_length = (sizes[k] for k in ("num_heads", "d_out", "d_in", "context_length"))
@@ -168,6 +173,7 @@ def configs(
         offset=draw(offsets, label="offset"),
         seed=draw(SEEDS, label="seed"),
         device=device,
+        outlier=0.0 if outliers is None else draw(outliers, label="outlier feature"),
         **_modern_features(draw, kind, num_heads, d_out // num_heads, num_tokens, require),
     )
 

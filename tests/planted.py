@@ -2325,3 +2325,46 @@ CORPUS += [
     _bug(GQA, PaddingKeptAfterReset, "padding", ["padding-mask"],
          "a prefill's padding mask kept for decoding steps without one, not cleared by reset_cache()"),
 ]
+
+
+class _SquaresInInputDtype(LayerNorm):
+    """The variance as the mean of squared deviations, squared in the input's dtype."""
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+class LayerNormSquaresInHalf(_BlockWithNorm):
+    """A LayerNorm that squares the deviations in the input's dtype: in float16 a feature past 256 (an LLM's
+    "massive activations") overflows the variance to inf, and that token is normalized to 0."""
+
+    norm_cls = _SquaresInInputDtype
+
+
+CORPUS += [
+    _bug(TB, LayerNormSquaresInHalf, "inputs", ["layernorm-pre-sublayer"],
+         "LayerNorm squares the deviations in float16: an outlier feature overflows the variance"),
+]
+
+
+class OutputBufferReused(_MHAParts):
+    """Found by red-team pass 7: without autograd the output projection is written into a buffer kept per shape (no
+    allocation per decoding step, as a CUDA-graph replay does) and returned: the next call overwrites the tensor the
+    last one returned."""
+
+    def merge(self, context):
+        y = super().merge(context)
+        if torch.is_grad_enabled():
+            return y
+        key = (tuple(y.shape), y.dtype, y.device)
+        if self.__dict__.get("_key") != key:
+            self.__dict__.update(_buffer=torch.empty_like(y), _key=key)
+        return self._buffer.copy_(y)
+
+
+CORPUS += [
+    _bug(MHA, OutputBufferReused, "history", ["eval-deterministic"],
+         "without autograd the output is a buffer kept per shape: the next call overwrites the returned tensor"),
+]

@@ -52,19 +52,28 @@ def state_unchanged(case):
                 raise Violation(f"forward ({'train' if train else 'eval'}) changed {name!r}")
 
 
-@invariant("eval-deterministic", "in eval mode forward is a function: two calls on the same x agree, and so does "
-                                  "a call on x laid out in memory otherwise (float64: a non-contiguous view of its values)",
+@invariant("eval-deterministic", "in eval mode forward is a function: two calls on the same x agree, a later call "
+                                  "leaves the returned tensor as it was, and a call on x laid out in memory otherwise "
+                                  "agrees (float64: a non-contiguous view of its values)",
            ALL_KINDS, "forward", dropouts=NONZERO_DROPOUTS)  # p > 0: where an eval path that drops shows
 def eval_deterministic(case):
-    """The second call runs from another RNG state (eval must not use it). The third gets x's values with its last
+    """The second call runs from another RNG state (eval must not use it); a call on another input then must leave
+    the tensor the first call returned as it was (a static output buffer, as CUDA-graph replays keep, fails). The
+    last call gets x's values with its last
     two dimensions' strides swapped, as a transposed activation or a slice hands them over: code that reads the
     input's memory as if contiguous (as_strided, data_ptr, a raw kernel) computes on other values; one that raises
     on it (a .view of the input) is let be. In float64 only, where another layout's kernels round far below the
     tolerance."""
     x = case.input()
     first = case.forward(x)
+    returned = case.returned
     second = case.forward(x, seed_salt=1)
     assert_close(second, first, dtype=x.dtype, what="second eval forward vs first")
+    if returned is not None:
+        case.forward(case.input(salt=1))
+        if not torch.equal(returned.detach(), first.detach()):
+            raise Violation("the tensor the first eval forward returned changed when forward was called again on another "
+                            "input: forward reuses its output buffer, so a caller that keeps an output gets later values")
     if x.dtype == torch.float64:  # (in the lower precisions another layout takes kernels that round otherwise)
         strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)
         try:
