@@ -245,6 +245,16 @@ class _Step:
         return self.now
 
 
+def _layout(t):
+    """(shape, strides, storage offset, dtype, device) of a tensor: what in-place metadata changes move."""
+    return tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.device
+
+
+def _described_layout(layout):
+    shape, strides, offset, dtype, device = layout
+    return f"shape {shape}, strides {strides}, storage offset {offset}, {str(dtype).replace('torch.', '')} on {device}"
+
+
 def _plain_copy(t):
     """A plain torch.Tensor copy of ``t`` (autograd graph kept), bypassing a subclass's __torch_function__."""
     with torch._C.DisableTorchFunctionSubclass():
@@ -265,7 +275,7 @@ class Case:
         self.contract = contract(self.variants)
         self.time_limit = CALL_TIME_LIMIT_S if time_limit is None else time_limit
         self.stdout_sink = stdout_sink  # list collecting what modules printed
-        self.returned = None  # the plain tensor the last forward returned, as returned (forward returns a copy)
+        self.returned = None  # the plain tensor the last forward returned, as returned (forward returns a copy), or None
 
     def guard(self, what, fn, *args, **kwargs):
         """Call module code: its exceptions, hangs and prints are reported, not propagated, and the
@@ -371,6 +381,7 @@ class Case:
         called as module(x, attention_mask=...); outputs at padded positions may be anything, NaN included."""
         module = self.module if module is None else module
         self.seed(self.cfg.seed + seed_salt)
+        self.returned = None
         step = _Step("forward")
         autograd = AUTOGRAD_MODES[self.inference(train, needs_grad)]()
 
@@ -380,17 +391,25 @@ class Case:
                 if train or any(m.training for m in module.modules()):  # (train() sets every submodule's flag)
                     module.train(train)
                 step.now = "forward"
-                out = module(x) if attention_mask is None else module(x, attention_mask=attention_mask)
+                out = module(x) if attention_mask is None else module(x, attention_mask=mask)
                 if train:  # back to eval mode, where a module is kept between calls
                     step.now = "module.eval()"
                     module.eval()
                 return out
-            except Unsupported as e:  # an adapter's build() may decline a configuration; the module's calls may not
-                raise RuntimeError(f"attnspec's Unsupported ({e}): only an adapter's build() may decline a "
-                                   f"configuration") from None
+            except (Unsupported, NotApplicable) as e:  # an adapter's build() may decline a configuration; the
+                raise RuntimeError(f"attnspec's {type(e).__name__} ({e}): only an adapter's build() may decline a "
+                                   f"configuration") from None  # module's calls may not
 
+        layout = _layout(x)  # (what x is, for the checks below, whatever forward does to it)
+        mask = None if attention_mask is None else attention_mask.clone()  # (ours stays ours)
         with autograd:  # outside the guard: its restore pops whatever mode the module pushed before no_grad exits
             out = self.guard(step, call)
+        if _layout(x) != layout:
+            raise Violation(f"forward changed its input's shape or layout in place (resize_, transpose_, set_...): "
+                            f"{_described_layout(layout)} before the call, {_described_layout(_layout(x))} after")
+        if mask is not None and not torch.equal(mask, attention_mask):
+            raise Violation("forward changed the attention_mask it was given in place: the caller's padding mask is "
+                            "no longer what it passed")
         subclass = type(out)
         if subclass is torch.Tensor:  # a copy: a module may reuse its output buffer (eval-deterministic checks it does not)
             self.returned, out = out, out.clone()

@@ -160,6 +160,7 @@ EXAMPLE_FIELDS = {
     "dtype": ((str,), lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "scale": ((int, float), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "offset": ((int, float), lambda v: math.isfinite(v), "a finite number"),
+    "outlier": ((int, float), lambda v: math.isfinite(v), "a finite number"),
     "device": ((str,), lambda v: True, "a device"),
 }
 
@@ -302,6 +303,9 @@ def _write_reports(reports, json_path, md_path, junit_path, profile, options):
                               ("--report-md", md_path, markdown),
                               ("--junit-xml", junit_path, lambda p: report.write_junit(p, reports, profile))):
         if path:
+            if os.path.exists(path) and not os.path.isfile(path) and not _stream(path):  # (a module can replace it:
+                failed.append((flag, path, "no longer a regular file (replaced during the run)"))  # a FIFO would block)
+                continue
             try:
                 write(path)
             except OSError as e:

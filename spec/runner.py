@@ -273,13 +273,20 @@ def hypothesis_test(inv, target, options=None, tally=None):
     return settings(base, **overrides)(test)
 
 
+def _loaded_profile():
+    """The name of the loaded Hypothesis profile (``settings.get_current_profile_name``, Hypothesis >= 6.139)."""
+    current = getattr(settings, "get_current_profile_name", None)
+    return current() if current else getattr(settings, "_current_profile", None)
+
+
 def budget(options, inv=None):
     """max_examples of ``inv``'s search under ``options``: --max-examples, else the profile's (a costly
     invariant's under the profiles of ``profiles.COSTLY_EXAMPLES``). The profile is ``options.profile``, else
-    the one loaded (the repository's tests, a user's script): either way the budget `attnspec check` gives."""
+    the one loaded (the repository's tests, a user's script): under attnspec's profiles, the budget `attnspec check`
+    gives."""
     if options.max_examples is not None:
         return options.max_examples
-    name = profiles.resolve(options.profile) if options.profile else settings.get_current_profile_name()
+    name = profiles.resolve(options.profile) if options.profile else _loaded_profile()
     examples = (settings.get_profile(name) if options.profile else settings.default).max_examples
     if inv is not None and inv.costly and name in profiles.COSTLY_EXAMPLES:
         return min(examples, profiles.COSTLY_EXAMPLES[name])

@@ -11,7 +11,7 @@ cheap (an invariant may loop over cuts, batch elements or 1024 dropout draws):
   64 (fused paths branch on head_dim and length together: SDPA-style kernels for head_dim % 8 == 0, T >= 32);
 * ``many``: 5-16 heads, batch 5-8, <= 8 tokens of <= 4 dims per head;
 * ``longest`` (only where an invariant names it): 257-520 tokens, where positions rounded in bfloat16 differ;
-* ``most`` and ``widest`` (likewise): 17-32 heads with batch 9-16 (<= 8 tokens of <= 4 dims), and head_dim 256.
+* ``most`` and ``widest`` (likewise): 17-32 heads with batch 9-16 (<= 8 tokens of <= 4 dims), and head_dim 256, 96 or 80.
 
 ``REGIMES`` lists ``long`` three times in eight (tiling bugs need many tokens) and ``wide`` twice (fused paths
 branch on head_dim and on it together with the number of heads); Hypothesis draws the first entry more often
@@ -40,7 +40,7 @@ MANY_HEADS, MANY_BATCH = (5, 16), (5, 8)  # past 8 heads: GPT-2's 12, kernels' g
 # Drawn only by invariants that name these regimes (one forward pass): past 16 heads and 8 batch elements at once
 # (Llama's 32 heads, kernels' groups of 16, micro-batches of 8), and Gemma's head_dim 256.
 MOST_HEADS, MOST_BATCH = (17, 32), (9, 16)
-WIDEST_HEAD_DIMS = (256,)
+WIDEST_HEAD_DIMS = (256, 96, 80)  # Gemma; Phi-3-mini and Phi-2: not multiples of 64
 EXTREME_REGIMES = ("longest", "most", "widest")  # an invariant's ``extreme_dtype`` is theirs
 
 # Input magnitudes where float32 comparisons are well conditioned (tiny included: LayerNorm's eps).
@@ -55,7 +55,7 @@ LARGE_SCALES = st.sampled_from([1e3, 1e2, 1e4])
 OFFSETS = st.sampled_from([0.0, 0.0, 10.0, -3.0, 100.0])
 ZERO_OFFSET = st.just(0.0)
 # A feature of 300 in every token of a block's input (an LLM's "massive activations"): in float16 its squared
-# deviation (> 65504 from 8 features on) overflows a LayerNorm that squares in the input's dtype.
+# deviation (> 65504 from 7 features on) overflows a LayerNorm that squares in the input's dtype.
 OUTLIERS = st.sampled_from([0.0, 300.0])
 # Rates other than 0.5 show 1-p vs p mix-ups; a grid is as good as floats and cheaper to draw.
 RATES = (0.1, 0.25, 0.05, 0.9, 0.6, 0.333, 0.75, 0.2, 0.45, 0.8)
@@ -215,10 +215,12 @@ def is_small(cfg):
             and cfg.d_out // cfg.num_heads <= MAX_DIM and cfg.d_in <= MAX_DIM and cfg.batch <= MAX_BATCH)
 
 
-def fit_example(cfg, kind, *, dropouts=None, min_batch=1, min_tokens=1, dtypes=None, qkv_bias=None, require=(), **_):
+def fit_example(cfg, kind, *, dropouts=None, min_batch=1, min_tokens=1, dtypes=None, qkv_bias=None, require=(),
+                outliers=None, **_):
     """A user-given configuration (``--example``) moved onto what an invariant's strategy can draw
     (same keywords as ``configs``): (config, list of the changes made). Only an invariant's needs
-    are applied (dropout 0 or > 0, enough tokens or batch elements, its dtypes, qkv_bias)."""
+    are applied (dropout 0 or > 0, enough tokens or batch elements, its dtypes, qkv_bias, no outlier feature
+    unless it draws one)."""
     changes = {}
     if dropouts is ZERO_DROPOUT and cfg.dropout != 0.0:
         changes["dropout"] = 0.0
@@ -234,6 +236,8 @@ def fit_example(cfg, kind, *, dropouts=None, min_batch=1, min_tokens=1, dtypes=N
         changes["dtype"] = dtypes[0]
     if qkv_bias is not None and cfg.qkv_bias != qkv_bias:
         changes["qkv_bias"] = qkv_bias
+    if outliers is None and cfg.outlier:  # (an outlier is drawn only where an invariant names it)
+        changes["outlier"] = 0.0
     if "sliding_window" in require and cfg.window is None:
         changes["window"] = max(2, changes.get("num_tokens", cfg.num_tokens) - 1)
     if "rotary" in require and cfg.rope_base is None and cfg.head_dim % 2 == 0:

@@ -284,7 +284,11 @@ class ConstructorAdapter(Adapter):
 
     def build(self, cfg):
         args, kwargs = self._arguments(cfg)
-        return self.factory(*args, **kwargs)
+        try:
+            return self.factory(*args, **kwargs)
+        except Unsupported as e:  # the module's own constructor: only an adapter declines configurations
+            raise RuntimeError(f"attnspec's Unsupported ({e}) raised by the constructor: only an adapter's build() may "
+                               f"decline a configuration (write one to declare what the module does not support)") from None
 
     def diagnose(self, spec, name):
         """UsageError if the constructor cannot take the kind's arguments: they do not bind to its
@@ -359,11 +363,11 @@ def _import(module_part):
     if looks_like_file(module_part):
         try:
             path = Path(module_part).resolve()
-        except (OSError, RuntimeError) as e:  # a symlink loop
+            regular, exists = path.is_file(), path.exists()
+        except (OSError, RuntimeError) as e:  # a symlink loop, a name too long
             raise UsageError(f"target file {module_part!r} cannot be resolved: {e}") from None
-        if not path.is_file():
-            what = "is not a regular file" if path.exists() else "not found"
-            raise UsageError(f"target file {module_part!r} {what}")
+        if not regular:
+            raise UsageError(f"target file {module_part!r} {'is not a regular file' if exists else 'not found'}")
         sys.path.insert(0, str(path.parent))  # so the file can import its siblings
         stem = re.sub(r"\W", "_", path.stem)
         name = f"attnspec_target_{stem}_{abs(hash(str(path)))}"  # loaded afresh on every resolve

@@ -931,3 +931,22 @@ class WeightNormFrozenMaskCausal(nn.Module):
 
 
 MODULES += [("causal-attention", "WeightNormFrozenMaskCausal")]
+
+
+from attnspec.impl import GroupedQueryAttention  # noqa: E402  (the reference's math; the calls organised otherwise)
+
+
+class PerRowGQA(GroupedQueryAttention):
+    """Kind gqa, flash-attn "varlen" style: without a cache each batch row is attended by its own call (a softmax of
+    (1, heads, T, T) per row). Red-team pass 9: at one token every way of stacking those calls gives the same
+    weights (all 1), and rotary-relative-position stacked the scores by a layout the weights could not tell."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        if use_cache:
+            return super().forward(x, use_cache=True, attention_mask=attention_mask)
+        rows = [super(PerRowGQA, self).forward(x[b:b + 1], attention_mask=None if attention_mask is None
+                                               else attention_mask[b:b + 1]) for b in range(x.shape[0])]
+        return torch.cat(rows)
+
+
+MODULES += [("gqa", "PerRowGQA")]

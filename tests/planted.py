@@ -2368,3 +2368,61 @@ CORPUS += [
     _bug(MHA, OutputBufferReused, "history", ["eval-deterministic"],
          "without autograd the output is a buffer kept per shape: the next call overwrites the returned tensor"),
 ]
+
+
+class HeadDimSlabsOf64(_MHAParts):
+    """Found by red-team pass 9: Q K^T summed over head_dim in slabs of 64 (a kernel's BLOCK_D loop); the remainder
+    of a head_dim that is not a multiple of 64 (Phi-2's 80, Phi-3-mini's 96) is dropped."""
+
+    def core(self, q, k, v):
+        T, hd = q.shape[-2], q.shape[-1]
+        s = sum(q[..., c * 64:(c + 1) * 64] @ k[..., c * 64:(c + 1) * 64].transpose(-2, -1) for c in range(max(1, hd // 64)))
+        s = s.masked_fill(self.mask.bool()[:T, :T], -torch.inf)
+        return self.dropout(torch.softmax(s / hd ** 0.5, dim=-1)) @ v
+
+
+class _LinearReadingGradAsContiguous(torch.autograd.Function):
+    """F.linear whose backward reads the output's gradient with contiguous strides (a fused kernel handed its
+    pointer without .contiguous())."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g = torch.as_strided(g, g.shape, torch.empty(g.shape).stride(), g.storage_offset())
+        flat = g.reshape(-1, g.shape[-1])
+        return g @ w, flat.t() @ x.reshape(-1, x.shape[-1]), flat.sum(0)
+
+
+class OutProjGradAsContiguous(_MHAParts):
+    """Found by red-team pass 9: a fused output projection whose backward assumes a contiguous gradient; a loss on a
+    transposed output (cross_entropy(logits.transpose(1, 2), y)) hands it a strided one."""
+
+    def merge(self, context):
+        b, h, t, d = context.shape
+        return _LinearReadingGradAsContiguous.apply(context.transpose(1, 2).reshape(b, t, h * d),
+                                                    self.out_proj.weight, self.out_proj.bias)
+
+
+class PaddingSkippedWhenFirstRowReal(GroupedQueryAttention):
+    """Found by red-team pass 9: Hugging Face-style "no padding, drop the mask" shortcut that tests the first row
+    only: a batch whose first row is unpadded and another padded attends the padding."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        if attention_mask is not None and bool(attention_mask[0].all()):
+            attention_mask = None
+        return super().forward(x, use_cache=use_cache, attention_mask=attention_mask)
+
+
+CORPUS += [
+    _bug(MHA, HeadDimSlabsOf64, "size", ["oracle-float64"],
+         "Q K^T summed in head_dim slabs of 64: the rest of head_dim 80 or 96 is dropped"),
+    _bug(MHA, OutProjGradAsContiguous, "gradients", ["gradient-oracle"],
+         "a fused output projection's backward reads a strided output gradient as contiguous"),
+    _bug(GQA, PaddingSkippedWhenFirstRowReal, "padding", ["padding-mask"],
+         "the padding mask dropped when the first batch row is unpadded, another row padded"),
+]

@@ -60,8 +60,8 @@ def run(*args, tmp_path, cwd=ROOT):
 
 
 def _reports(json_path, md_path):
-    report = json.loads(json_path.read_text()) if json_path.exists() else None
-    md = md_path.read_text(encoding="utf-8") if md_path.exists() else None
+    report = json.loads(json_path.read_text()) if json_path.is_file() else None  # (not a FIFO a module made there)
+    md = md_path.read_text(encoding="utf-8") if md_path.is_file() else None
     return report, md
 
 
@@ -127,6 +127,12 @@ CASES = {  # name: (target, extra args, exit status, cause of the failure)
     "function mode entered at import": (hostile("MHA", "mode_at_import.py"), (), 1, r"= nan for a finite input"),
     "subclass whose dispatch lies to copies": (hostile("ReturnsTwoFacedSubclass"), (), 1, r"its own __torch_dispatch__"),
     "raises attnspec's Unsupported": (hostile("RaisesUnsupported"), (), 1, r"only an adapter's build\(\) may decline"),
+    "Unsupported from the constructor": (hostile("DeclinesInConstructor"), (), 1,
+                                         r"raised by the constructor: only an adapter's build\(\) may decline"),
+    "raises attnspec's NotApplicable": (hostile("RaisesNotApplicable"), (), 1, r"only an adapter's build\(\) may decline"),
+    "resizes its input": (hostile("ResizesInput"), (), 1, r"changed its input's shape or layout in place"),
+    "clears the padding mask": (f"gqa={HOSTILE / 'modules.py'}:ClearsPaddingMask", ("--only", "padding-mask"), 1,
+                                r"changed the attention_mask it was given in place"),
 }
 
 
@@ -186,6 +192,8 @@ USAGE = {
     "--example seed 2**70": (("--example", json.dumps({**EXAMPLE, "seed": 2 ** 70})), r"field seed="),
     "--example dropout null": (("--example", json.dumps({**EXAMPLE, "dropout": None})), r"field dropout=null"),
     "--example qkv_bias 1": (("--example", json.dumps({**EXAMPLE, "qkv_bias": 1})), r"field qkv_bias=1"),
+    "--example outlier string": (("--example", json.dumps({**EXAMPLE, "outlier": "x"})), r"field outlier=\"x\""),
+    "--example outlier NaN": (("--example", json.dumps({**EXAMPLE, "outlier": float("nan")})), r"field outlier=NaN"),
     "--example ''": (("--example", ""), r"--example is not a configuration JSON"),
     "--example list": (("--example", "[1]"), r"--example is not a configuration JSON"),
     "--report-json ''": (("--report-json", ""), r"--report-json '': empty path"),
@@ -438,3 +446,13 @@ def test_cuda_workers_come_from_a_forkserver_that_never_ran_a_backward_pass(monk
     monkeypatch.setattr(supervisor, "_forkserver", None)
     supervisor._context("cpu")
     assert "attnspec._warm" in preloads[1]
+
+
+def test_a_report_replaced_by_a_fifo_during_the_run_is_not_opened(tmp_path, monkeypatch):
+    """A module that turns the report's path into a FIFO at construction: opening it would block for ever. The run
+    ends, says the report could not be written, and exits 2 (as for any report it cannot write)."""
+    monkeypatch.setenv("ATTNSPEC_TEST_REPORT", str(tmp_path / "report.json"))
+    start = time.monotonic()
+    rc, out, err, _, md = run(hostile("ReportBecomesFifo"), GOOD, *FAST, tmp_path=tmp_path)
+    assert rc == 2 and "no longer a regular file (replaced during the run)" in err, (rc, err[-2000:])
+    assert time.monotonic() - start < 30

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from attnspec.adapters.torch import SDPA, SDPAMultiHeadAttention
 from attnspec.impl import GroupedQueryAttention
 from attnspec.impl.modern import rotate
-from attnspec.invariants import CATALOGUE
+from attnspec.invariants import BY_ID, CATALOGUE
 from attnspec.kinds import KINDS, Config
-from attnspec.runner import Options, check_target
+from attnspec.runner import Options, check_invariant, check_target
 from attnspec.strategies import configs
 from attnspec.targets import resolve
 
@@ -220,3 +220,14 @@ def test_positions_rounded_in_bfloat16_past_256_tokens_are_rejected_by_relative_
     assert check_invariant(inv, resolve("gqa=attnspec.impl:GroupedQueryAttention"), Options(), example=example).status == "pass"
     short = example.replace(context_length=129, num_tokens=129)
     assert check_invariant(inv, resolve("gqa=tests/planted.py:RopePositionsInInputDtype"), Options(), example=short).status == "pass"
+
+
+def test_scores_of_per_row_calls_are_not_stacked_by_a_guess():
+    """Red-team pass 9's false alarm: a module attending each batch row by its own call (batch 2, 2 heads), shifted
+    to one token, has weights (all 1) that every stacking of the calls gives alike; rotary-relative-position then
+    stacked the scores by the first layout and compared one row's with the other's. Ambiguous: not checked."""
+    cfg = Config(d_in=4, d_out=4, num_heads=2, context_length=2, num_tokens=2, batch=2, dropout=0.0, qkv_bias=False,
+                 dtype="float32", scale=1.0, seed=0, num_kv_heads=2, rope_base=10000.0)
+    result = check_invariant(BY_ID["rotary-relative-position"], resolve("gqa=tests/correct_elsewhere.py:PerRowGQA"),
+                             Options(), example=cfg)
+    assert result.status == "not-applicable" and "ambiguous" in result.reason, result

@@ -254,3 +254,29 @@ def test_a_large_failure_whose_small_search_finds_nothing_checkable_keeps_the_la
     result = check_invariant(BY_ID["weights-rows-sum-to-one"], target, Options())
     assert result.status == "fail" and "nan" in result.reason, result
     assert result.counterexample["num_tokens"] > 8, result
+
+
+class _CountsCallsWithoutAutograd(torch.nn.Module):
+    """Correct causal attention that counts its calls made without autograd in a tensor created at the first such
+    call and updated in place (a statistics counter): made under torch.inference_mode(), it can be updated only
+    there. The review of the eighth session: history-independent's 32 warm calls ran under torch.no_grad() whatever
+    mode the example's other calls used, and this module raised there."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__()
+        from attnspec.impl import CausalAttention
+
+        self.attention, self.calls = CausalAttention(d_in, d_out, context_length, dropout, qkv_bias), None
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            self.calls = torch.zeros(()) if self.calls is None else self.calls
+            self.calls += 1
+        return self.attention(x)
+
+
+def test_warm_calls_run_in_the_examples_autograd_mode():
+    target = resolve(f"causal-attention={__file__}:_CountsCallsWithoutAutograd")
+    for seed in (1, 3):  # torch.no_grad(), torch.inference_mode()
+        result = check_invariant(BY_ID["history-independent"], target, Options(), example=_example(seed=seed))
+        assert result.status == "pass", result

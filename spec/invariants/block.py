@@ -76,7 +76,7 @@ def layernorm_pre_sublayer(case):
     """Compared with the float64 LayerNorm of what the sub-layer's residual stream holds, within the error of the
     same LayerNorm computed in the input's dtype, its variance accumulated in float32 (torch.var; the seed's). Inputs
     may carry an outlier feature (strategies.OUTLIERS): a LayerNorm that squares the deviations in float16
-    overflows there (the outlier's token normalized to 0)."""
+    overflows there (every token normalized to 0)."""
     parts = case.projections()
     _randomize_norms(case, parts)
     x = case.input()
@@ -168,8 +168,10 @@ def block_branch_dropout_inverted(case):
     sub-layer that keeps with probability 1-p but does not scale by 1/(1-p) (or scales by 1/p) fails. So
     does a feed-forward path with no dropout at all (``_feed_forward_dropped_inside``)."""
     p, x = case.cfg.dropout, case.input()
-    needed = math.ceil(math.log(FALSE_ALARM / 4) / math.log(1 - p))
-    pair = math.ceil(math.log(FALSE_ALARM / 4) / math.log(1 - 2 * p * (1 - p)))  # (elements where one of two drops)
+    # elements enough that a module which never drops (or never drops one branch alone) fails: the two-sided
+    # p-value of a count of 0 is 2 (1-r)^n, below FALSE_ALARM / 4 from (1-r)^n <= FALSE_ALARM / 8 on
+    needed = math.ceil(math.log(FALSE_ALARM / 8) / math.log(1 - p))
+    pair = math.ceil(math.log(FALSE_ALARM / 8) / math.log(1 - 2 * p * (1 - p)))  # (elements where one of two drops)
     x = x.repeat(max(1, math.ceil(max(64, needed, pair) / x.numel())), 1, 1)  # a shared mask or bias shows; so does no dropout
     kept = 1 / (1 - p)
     tol = residual_rounding(x.dtype, x.abs().max().item() + kept)
@@ -209,9 +211,7 @@ def _branch_masks_independent(case, x, p, kept):
     with _hooked(case, replace_outputs={"att": torch.ones_like, "ff": torch.ones_like}):
         out = case.forward(x, train=True)
     both = (out - x).double()
-    tol = residual_rounding(x.dtype, x.abs().max().item() + 2 * kept)
-    if tol >= kept / 2:
-        return  # 0, 1/(1-p) and 2/(1-p) not told apart at this magnitude
+    tol = residual_rounding(x.dtype, x.abs().max().item() + 2 * kept)  # (< kept / 2: the caller's check implies it)
     one, n, rate = int(((both - kept).abs() <= tol).sum()), both.numel(), 2 * p * (1 - p)
     if binomial_two_sided_p(one, n, rate) < FALSE_ALARM / 4:
         raise Violation(f"train mode (p={p}), both sub-layers outputting 1: exactly one of the two branches was dropped "
@@ -224,7 +224,7 @@ def _feed_forward_dropped_inside(case, x, p, needed):
     """The feed-forward branch is not dropped after the sub-layer: the sub-layer must drop inside (Hugging Face's
     GPT-2: resid_dropout after c_proj; fairseq: dropout after the activation). With the attention sub-layer
     outputting 0 its input is the same in train and eval mode, so its output, recorded by the hooks, must differ
-    between the two where at least ``needed`` = log(FALSE_ALARM / 4) / log(1-p) outputs are larger than rounding
+    between the two where at least ``needed`` = log(FALSE_ALARM / 8) / log(1-p) outputs are larger than rounding
     (fewer: nothing to conclude)."""
     outputs = []
     for train in (True, False):

@@ -26,10 +26,16 @@ LOCAL_STEP = 1e-2  # gradient-reaches-parameters: a step this small (times rms) 
 
 
 def cotangent(case, shape):
-    """A random output cotangent c ~ N(0, 1), seeded from the config."""
+    """A random output cotangent c ~ N(0, 1), seeded from the config; for seeds with (seed // 16) odd laid out with its
+    last two dimensions' strides swapped (the same values): a loss on a transposed output hands backward such a
+    gradient (cross_entropy(logits.transpose(1, 2), y)), and a hand-written backward that reads it as contiguous
+    computes on other values."""
     generator = torch.Generator().manual_seed(case.cfg.seed + COTANGENT_SALT)
-    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=case.cfg.device,
-                                                                           dtype=case.cfg.torch_dtype)
+    c = torch.randn(shape, generator=generator, dtype=torch.float64).to(device=case.cfg.device,
+                                                                        dtype=case.cfg.torch_dtype)
+    if (case.cfg.seed // 16) % 2 == 1 and c.dim() >= 2:
+        c = c.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return c
 
 
 def _direction(t, salt, centred=False):
@@ -177,18 +183,21 @@ def _oracle_vjp(case, parts, x, c, dtype, jitter=0.0, angles=torch.float64):
 
 
 def _freezing(case, named):
-    """gradient-oracle's setting, by cfg.seed % 4, applied to the module's parameters ``named`` (name -> parameter):
-    (x constant, names of the parameters frozen here, the setting's words for messages). 0: x and every parameter
-    require grad; 1: every parameter frozen (LoRA, adapters: the input's gradient alone); 2: x constant (the first
-    layer); 3: every other parameter of those that require grad frozen, from the first or the second by the seed's
-    next bit (one projection frozen beside a trained one)."""
-    setting = case.cfg.seed % 4
+    """gradient-oracle's setting, by bits 2-3 of cfg.seed (bits 0-1 pick the autograd mode of other calls,
+    ``Case.inference``), applied to the module's parameters ``named`` (name -> parameter): (x constant, names of the
+    parameters frozen here, the setting's words for messages). 0: x and every parameter require grad; 1: every
+    parameter frozen (LoRA, adapters: the input's gradient alone); 2: x constant (the first layer); 3: the
+    parameters of every other layer frozen (a layer: the parameters of one submodule, weight and bias together),
+    from the first layer or the second by bit 5 (one projection frozen beside a trained one)."""
+    setting = (case.cfg.seed >> 2) % 4
     trainable = [name for name, p in named.items() if p.requires_grad]
-    frozen = {1: trainable, 3: trainable[(case.cfg.seed // 8) % 2::2]}.get(setting, [])
+    layers = list(dict.fromkeys(name.rpartition(".")[0] for name in trainable))
+    alternate = set(layers[(case.cfg.seed >> 5) % 2::2])
+    frozen = {1: trainable, 3: [name for name in trainable if name.rpartition(".")[0] in alternate]}.get(setting, [])
     for name in frozen:
         named[name].requires_grad_(False)
     words = {0: "", 1: " (every parameter frozen)", 2: " (x does not require grad)",
-             3: f" (frozen: {', '.join(frozen)})"}[setting]
+             3: f" (frozen: {', '.join(frozen) or 'none'})"}[setting]
     return setting == 2, set(frozen), words
 
 
@@ -225,7 +234,7 @@ def gradient_oracle(case):
     named = dict(case.module.named_parameters())
     constant, frozen, setting = _freezing(case, named)
     x = x.requires_grad_(not constant)  # constant: the first layer, fed data: the parameters' gradients alone
-    train = _train(case) and (case.cfg.seed // 4) % 2 == 0
+    train = _train(case) and (case.cfg.seed >> 6) % 2 == 0
     out, c, grads = _vjp(case, x, [x, *named.values()], train=train)
     setting += "" if train else " (eval mode)"
     got = [] if constant else [(0, f"the input x{setting}", grads[0])]  # (index in the oracle's list: x first)

@@ -296,15 +296,19 @@ def kv_cache_decoding(case):
 
 
 def _padding(case, x):
-    """(real, left, pads): p_b in [0, T-1] padded positions per batch row (row 0: at least 1), drawn from the
-    configuration's seed; on the left when seed // 2 is odd, else on the right; ``real`` (batch, T) bool, True at
-    the real tokens."""
+    """(real, left, pads): p_b in [0, T-1] padded positions per batch row, drawn from the configuration's seed, at
+    least 1 in row 0, or (batch >= 2, seed // 4 odd) none in row 0 and at least 1 in the last row (a shortcut that
+    skips the mask when the first row is unpadded shows); on the left when seed // 2 is odd, else on the right;
+    ``real`` (batch, T) bool, True at the real tokens."""
     if not case.takes_attention_mask():
         raise NotApplicable("forward takes no attention_mask: padding is checked as forward(x, attention_mask=m), m "
                             "(batch, num_tokens) bool, True at real tokens (Hugging Face's convention)")
     b, T = x.shape[0], x.shape[-2]
     pads = torch.randint(0, T, (b,), generator=torch.Generator().manual_seed(case.cfg.seed + 3))
-    pads[0] = max(int(pads[0]), 1)
+    padded = b - 1 if b >= 2 and (case.cfg.seed // 4) % 2 == 1 else 0
+    if padded:
+        pads[0] = 0
+    pads[padded] = max(int(pads[padded]), 1)
     left = (case.cfg.seed // 2) % 2 == 1
     position = torch.arange(T)
     real = position[None] >= pads[:, None] if left else position[None] < T - pads[:, None]

@@ -107,13 +107,16 @@ def head_layout(tensors, lead, T, perturbed=None, also=()):
 
 def stacked(case, x, seen, attribute="weights", observe=None):
     """The observed softmax outputs (or ``attribute``: "scores"), heads stacked as (..., H, T, T) whether
-    computed in one softmax call or one call per head (``layout_of``)."""
-    return layout_of(case, x, seen, observe)([getattr(h, attribute) for h in seen.heads])
+    computed in one softmax call or one call per head (``layout_of``; the layout must stack the scores as it
+    stacks the weights: at one token every layout stacks the weights, all 1, alike)."""
+    values = [getattr(h, attribute) for h in seen.heads]
+    return layout_of(case, x, seen, observe, also=[values] if attribute != "weights" else [])(values)
 
 
-def layout_of(case, x, seen, observe=None, train=False):
+def layout_of(case, x, seen, observe=None, train=False, also=()):
     """``head_layout`` of ``seen``'s softmax outputs for input ``x``; ``observe(inputs)`` re-observes (by default
-    ``case.observe(inputs, train=train)``: the call that gave ``seen``)."""
+    ``case.observe(inputs, train=train)``: the call that gave ``seen``); ``also``: other lists of the calls'
+    tensors that will be stacked the same way (in train mode the dropped weights are added)."""
     lead = (x.shape[0],) if case.kind.batched else ()
     observe = observe or (lambda inputs: case.observe(inputs, train=train)[1])
 
@@ -122,7 +125,7 @@ def layout_of(case, x, seen, observe=None, train=False):
         changed[0] = case.input(salt=11, num_tokens=x.shape[-2], batch=x.shape[0])[0]
         return [h.weights for h in observe(changed).heads]
 
-    also = [seen.applied_weights()] if train else []  # (train: the dropped weights are stacked too)
+    also = [*also, seen.applied_weights()] if train else list(also)  # (train: the dropped weights are stacked too)
     return head_layout([h.weights for h in seen.heads], lead, x.shape[-2], perturbed if lead else None, also)
 
 

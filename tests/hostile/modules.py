@@ -380,3 +380,63 @@ class SpawnsSleeper(MultiHeadAttention):
         sleeper = subprocess.Popen(["sleep", "300"])
         with open(os.environ.get("ATTNSPEC_TEST_PIDFILE", os.devnull), "a") as f:
             f.write(f"{sleeper.pid}\n")
+
+
+# -- found by the hostile pass of the eighth session
+
+class DeclinesInConstructor(MultiHeadAttention):
+    """Declines every configuration of more than one head by raising attnspec's Unsupported from its constructor:
+    the rest of the catalogue would check one-head modules only (only an adapter's build() may decline)."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        if num_heads > 1:
+            from attnspec.errors import Unsupported
+
+            raise Unsupported("one head only")
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
+
+
+class RaisesNotApplicable(MultiHeadAttention):
+    """Declines the inputs it fails on by raising attnspec's NotApplicable from forward."""
+
+    def forward(self, x):
+        from attnspec.errors import NotApplicable
+
+        raise NotApplicable("not this input")
+
+
+class ResizesInput(MultiHeadAttention):
+    """Correct output, then the input resized to nothing in place: attnspec's own code then read x's shape."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        x.resize_(0)
+        return out
+
+
+class _GQA:
+    from attnspec.impl import GroupedQueryAttention as base
+
+
+class ClearsPaddingMask(_GQA.base):
+    """Fills the caller's padding mask with True in place, then attends every key: the padding check compared the
+    outputs at the tokens its (now all-True) mask called real."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        if attention_mask is not None:
+            attention_mask.fill_(True)
+        return super().forward(x, use_cache=use_cache)
+
+
+class ReportBecomesFifo(MultiHeadAttention):
+    """Correct; at construction, replaces the file $ATTNSPEC_TEST_REPORT with a FIFO: opening it to write the report
+    would block the supervisor for ever."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        path = os.environ.get("ATTNSPEC_TEST_REPORT")
+        if path and not os.path.exists(path + ".done"):
+            open(path + ".done", "w").close()
+            if os.path.exists(path):
+                os.remove(path)
+            os.mkfifo(path)
