@@ -2139,41 +2139,15 @@ CORPUS += [
 ]
 
 
-class _MHAParts(MultiHeadAttention):
-    """The seed's MultiHeadAttention in steps (qkv, core, merge), for the bugs below to override one."""
+class HeadDim256Unmasked(MHASteps):
+    """A flash path up to head_dim 128; the hand-written fallback for bigger heads (Gemma's 256) forgets the causal
+    mask."""
 
-    def split(self, t):
-        b, t_, _ = t.shape
-        return t.view(b, t_, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def qkv(self, x):
-        return self.split(self.W_query(x)), self.split(self.W_key(x)), self.split(self.W_value(x))
-
-    def core(self, q, k, v):
-        T = q.shape[2]
-        s = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:T, :T], -torch.inf)
-        return self.dropout(torch.softmax(s / self.head_dim ** 0.5, dim=-1)) @ v
-
-    def merge(self, context):
-        b, h, t, d = context.shape
-        return self.out_proj(context.transpose(1, 2).reshape(b, t, h * d))
-
-    def forward(self, x):
-        return self.merge(self.core(*self.qkv(x)))
+    def mask_scores(self, s, T):
+        return super().mask_scores(s, T) if self.head_dim <= 128 else s
 
 
-class HeadDim256Unmasked(_MHAParts):
-    """A flash path (SDPA, is_causal) up to head_dim 128; the hand-written fallback for bigger heads (Gemma's 256)
-    forgets the causal mask."""
-
-    def core(self, q, k, v):
-        if self.head_dim <= 128:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout.p if self.training else 0.0,
-                                                  is_causal=True)
-        return self.dropout(torch.softmax(q @ k.transpose(2, 3) / self.head_dim ** 0.5, dim=-1)) @ v
-
-
-class MicroBatchTailForgotten(_MHAParts):
+class MicroBatchTailForgotten(MHASteps):
     """Batches above 8 run in micro-batches of 8; the last batch % 8 rows are left at zero."""
 
     def forward(self, x):
@@ -2185,78 +2159,57 @@ class MicroBatchTailForgotten(_MHAParts):
         return out
 
 
-class ManyHeadsFoldedWithoutTranspose(_MHAParts):
+class ManyHeadsFoldedWithoutTranspose(MHASteps):
     """Past 16 heads the heads are folded into the batch for a bmm kernel, with a reshape of the (b, t, h, d)
     projections that forgets to move the heads next to the batch first."""
 
-    def qkv(self, x):
-        if self.num_heads <= 16:
-            return super().qkv(x)
-        b, t, _ = x.shape
-        return tuple(w(x).reshape(b, self.num_heads, t, self.head_dim) for w in (self.W_query, self.W_key, self.W_value))
+    def split(self, t, b, T):
+        return super().split(t, b, T) if self.num_heads <= 16 else t.reshape(b, self.num_heads, T, self.head_dim)
 
 
-class _WrongSoftmaxBackwardAttention(torch.autograd.Function):
-    """softmax(q k^T s) v, its backward missing softmax's -p * sum(p * dp) term."""
+class LongSequenceCustomBackward(MHASteps):
+    """From 256 tokens on (without dropout), a hand-written softmax whose backward is wrong (the one of
+    CustomSoftmaxWrongBackward); its forward is exact."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        p = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(mask, -torch.inf), dim=-1)
-        ctx.save_for_backward(q, k, v, p)
-        ctx.scale = scale
-        return p @ v
-
-    @staticmethod
-    def backward(ctx, g):
-        q, k, v, p = ctx.saved_tensors
-        ds = p * (g @ v.transpose(-1, -2))
-        return ds @ k * ctx.scale, ds.transpose(-1, -2) @ q * ctx.scale, p.transpose(-1, -2) @ g, None, None
+    def normalize(self, s, d_k):
+        if s.shape[-1] >= 256 and not (self.training and self.dropout.p > 0):
+            return _SoftmaxForgetsCentering.apply(s / d_k**0.5)
+        return super().normalize(s, d_k)
 
 
-class LongSequenceCustomBackward(_MHAParts):
-    """From 256 tokens on (without dropout), a hand-written autograd Function whose backward is wrong; its forward
-    is exact."""
-
-    def core(self, q, k, v):
-        T = q.shape[2]
-        if T >= 256 and not (self.training and self.dropout.p > 0):
-            return _WrongSoftmaxBackwardAttention.apply(q, k, v, self.mask.bool()[:T, :T], self.head_dim ** -0.5)
-        return super().core(q, k, v)
-
-
-class EvalKeysValuesNoGrad(_MHAParts):
+class EvalKeysValuesNoGrad(MHASteps):
     """'eval means inference': keys and values projected under torch.no_grad() in eval mode, so gradients taken in
     eval mode (saliency maps, fine-tuning with model.eval()) miss W_key, W_value and x's path through them."""
 
-    def qkv(self, x):
+    def project(self, x):
         if self.training:
-            return super().qkv(x)
+            return super().project(x)
         with torch.no_grad():
-            k, v = self.split(self.W_key(x)), self.split(self.W_value(x))
-        return self.split(self.W_query(x)), k, v
+            k, v = self.W_key(x), self.W_value(x)
+        return self.W_query(x), k, v
 
 
-class FusedWhenQueryFrozen(_MHAParts):
+class FusedWhenQueryFrozen(MHASteps):
     """When the projections look frozen (W_query checked alone), a fused, detached qkv weight is built once and
     reused: with only W_query frozen, W_key and W_value get no gradient."""
 
-    def qkv(self, x):
+    def project(self, x):
         if self.W_query.weight.requires_grad:
-            return super().qkv(x)
+            return super().project(x)
         if "_fused" not in self.__dict__:
             with torch.no_grad():
                 layers = (self.W_query, self.W_key, self.W_value)
                 self._fused = (torch.cat([m.weight for m in layers]).clone(),
                                torch.cat([m.bias for m in layers]).clone() if layers[0].bias is not None else None)
         w, b = self._fused
-        return tuple(self.split(t) for t in F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)).chunk(3, -1))
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)).chunk(3, dim=-1)
 
 
-class FusedByVersionCounter(_MHAParts):
+class FusedByVersionCounter(MHASteps):
     """The fused qkv weight is rebuilt when a parameter's version counter moves: updates through .data (an EMA,
     weight averaging) never move it."""
 
-    def qkv(self, x):
+    def project(self, x):
         layers = (self.W_query, self.W_key, self.W_value)
         params = [m.weight for m in layers] + [m.bias for m in layers if m.bias is not None]
         key = (tuple((id(p), p._version, p.dtype) for p in params), torch.is_grad_enabled(),
@@ -2265,25 +2218,22 @@ class FusedByVersionCounter(_MHAParts):
             self.__dict__["_fused"] = (torch.cat([m.weight for m in layers]),
                                        torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None)
             self.__dict__["_key"] = key
-        w, b = self.__dict__["_fused"]
-        return tuple(self.split(t) for t in F.linear(x, w, b).chunk(3, dim=-1))
+        return F.linear(x, *self.__dict__["_fused"]).chunk(3, dim=-1)
 
 
-class PrefixCacheFirstEightTokens(_MHAParts):
+class PrefixCacheFirstEightTokens(MHASteps):
     """An inference prefix cache: keys and values of an earlier call reused when the first 8 tokens match; the
     later tokens are not in the key."""
 
-    def forward(self, x):
+    def project(self, x):
         if torch.is_grad_enabled():
-            return super().forward(x)
-        b, T, _ = x.shape
-        key = (tuple(x[:, :8].double().flatten().tolist()), b, T, x.dtype, self.training,
+            return super().project(x)
+        key = (tuple(x[:, :8].double().flatten().tolist()), tuple(x.shape), x.dtype, self.training,
                tuple((id(p), p._version) for p in self.parameters()))
         cache = self.__dict__.setdefault("_prefix_cache", {})
-        q = self.split(self.W_query(x))
-        k, v = cache[key] if key in cache else (self.split(self.W_key(x)), self.split(self.W_value(x)))
+        k, v = cache[key] if key in cache else (self.W_key(x), self.W_value(x))
         cache[key] = (k, v)
-        return self.merge(self.core(q, k, v))
+        return self.W_query(x), k, v
 
 
 CORPUS += [
@@ -2349,13 +2299,13 @@ CORPUS += [
 ]
 
 
-class OutputBufferReused(_MHAParts):
+class OutputBufferReused(MHASteps):
     """Found by red-team pass 7: without autograd the output projection is written into a buffer kept per shape (no
     allocation per decoding step, as a CUDA-graph replay does) and returned: the next call overwrites the tensor the
     last one returned."""
 
-    def merge(self, context):
-        y = super().merge(context)
+    def out(self, ctx):
+        y = super().out(ctx)
         if torch.is_grad_enabled():
             return y
         key = (tuple(y.shape), y.dtype, y.device)
@@ -2370,15 +2320,13 @@ CORPUS += [
 ]
 
 
-class HeadDimSlabsOf64(_MHAParts):
+class HeadDimSlabsOf64(MHASteps):
     """Found by red-team pass 9: Q K^T summed over head_dim in slabs of 64 (a kernel's BLOCK_D loop); the remainder
     of a head_dim that is not a multiple of 64 (Phi-2's 80, Phi-3-mini's 96) is dropped."""
 
-    def core(self, q, k, v):
-        T, hd = q.shape[-2], q.shape[-1]
-        s = sum(q[..., c * 64:(c + 1) * 64] @ k[..., c * 64:(c + 1) * 64].transpose(-2, -1) for c in range(max(1, hd // 64)))
-        s = s.masked_fill(self.mask.bool()[:T, :T], -torch.inf)
-        return self.dropout(torch.softmax(s / hd ** 0.5, dim=-1)) @ v
+    def scores(self, q, k):
+        return sum(q[..., c * 64:(c + 1) * 64] @ k[..., c * 64:(c + 1) * 64].transpose(-2, -1)
+                   for c in range(max(1, q.shape[-1] // 64)))
 
 
 class _LinearReadingGradAsContiguous(torch.autograd.Function):
@@ -2398,14 +2346,12 @@ class _LinearReadingGradAsContiguous(torch.autograd.Function):
         return g @ w, flat.t() @ x.reshape(-1, x.shape[-1]), flat.sum(0)
 
 
-class OutProjGradAsContiguous(_MHAParts):
+class OutProjGradAsContiguous(MHASteps):
     """Found by red-team pass 9: a fused output projection whose backward assumes a contiguous gradient; a loss on a
     transposed output (cross_entropy(logits.transpose(1, 2), y)) hands it a strided one."""
 
-    def merge(self, context):
-        b, h, t, d = context.shape
-        return _LinearReadingGradAsContiguous.apply(context.transpose(1, 2).reshape(b, t, h * d),
-                                                    self.out_proj.weight, self.out_proj.bias)
+    def out(self, ctx):
+        return _LinearReadingGradAsContiguous.apply(ctx, self.out_proj.weight, self.out_proj.bias)
 
 
 class PaddingSkippedWhenFirstRowReal(GroupedQueryAttention):
