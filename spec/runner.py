@@ -280,16 +280,17 @@ def _loaded_profile():
 
 
 def budget(options, inv=None):
-    """max_examples of ``inv``'s search under ``options``: --max-examples, else the profile's (a costly
-    invariant's under the profiles of ``profiles.COSTLY_EXAMPLES``). The profile is ``options.profile``, else
-    the one loaded (the repository's tests, a user's script): under attnspec's profiles, the budget `attnspec check`
-    gives."""
+    """max_examples of ``inv``'s search under ``options``: --max-examples, else the profile's, or under the
+    profiles of ``profiles.PER_INVARIANT_BUDGETS`` (ci) the invariant's own budget there (at most the profile's).
+    The profile is ``options.profile``, else the one loaded (the repository's tests, a user's script): under
+    attnspec's profiles, the budget `attnspec check` gives."""
     if options.max_examples is not None:
         return options.max_examples
     name = profiles.resolve(options.profile) if options.profile else _loaded_profile()
     examples = (settings.get_profile(name) if options.profile else settings.default).max_examples
-    if inv is not None and inv.costly and name in profiles.COSTLY_EXAMPLES:
-        return min(examples, profiles.COSTLY_EXAMPLES[name])
+    if inv is not None and name in profiles.PER_INVARIANT_BUDGETS:
+        table, default = profiles.PER_INVARIANT_BUDGETS[name]
+        return min(examples, table.get(inv.id, default))
     return examples
 
 

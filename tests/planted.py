@@ -1623,7 +1623,7 @@ CORPUS += [
     _bug(GQA, RopeLayoutIgnored, "rotary", ["rotary-embedding"],
          "rope_interleaved ignored: half-split pairs (rotate_half) where interleaved pairs were asked for"),
     _bug(GQA, RopeBaseIgnored, "rotary", ["rotary-embedding"], "the angle table built with base 10000, not rope_base"),
-    _bug(GQA, RopeRotatesWholeHead, "rotary", ["scaling-sqrt-head-dim", "gradient-oracle"],
+    _bug(GQA, RopeRotatesWholeHead, "rotary", ["gradient-oracle", "kv-cache-decoding"],
          "partial rotary with the pairs (i, i + head_dim/2) of the whole head: the wrong halves rotated"),
     _bug(GQA, RopeNegatedAngle, "rotary", ["rotary-embedding"], "rotate_half with its sign flipped: angles negated",
          also=["oracle-float64"]),

@@ -45,29 +45,36 @@ def test_the_simplest_configuration_is_minimal():
     assert (cfg.dtype, cfg.scale, cfg.offset, cfg.dropout, cfg.qkv_bias) == ("float32", 1.0, 0.0, 0.0, False)
 
 
-def test_the_ci_profile_gives_costly_invariants_their_smaller_budget():
-    """Under ci a costly invariant searches profiles.COSTLY_EXAMPLES examples, the others the profile's 25;
-    --max-examples sets every invariant's budget; dev and thorough give costly invariants the full budget."""
-    target, costly, cheap = resolve(MHA), BY_ID["gradient-oracle"], BY_ID["weights-rows-sum-to-one"]
-    assert costly.costly and not cheap.costly
-    ci = Options(profile="ci", only=(costly.id, cheap.id))
+def test_the_ci_profile_gives_each_invariant_its_own_budget():
+    """Under ci an invariant searches its profiles.CI_EXAMPLES examples (CI_DEFAULT_EXAMPLES if unlisted);
+    --max-examples sets every invariant's budget; dev and thorough give every invariant theirs."""
+    target, listed, unlisted = resolve(MHA), BY_ID["oracle-float64"], BY_ID["gradient-oracle"]
+    assert unlisted.id not in profiles.CI_EXAMPLES and profiles.CI_DEFAULT_EXAMPLES == 10
+    ci = Options(profile="ci", only=(listed.id, unlisted.id))
     results = {r.invariant: r for r in check_target(target, ci).results}
-    assert results[costly.id].budget == results[costly.id].examples == profiles.COSTLY_EXAMPLES["attnspec-ci"] == 12
-    assert results[cheap.id].budget == results[cheap.id].examples == 25
-    explicit = check_invariant(costly, target, Options(profile="ci", max_examples=3))
+    assert results[listed.id].budget == results[listed.id].examples == profiles.CI_EXAMPLES[listed.id] == 20
+    assert results[unlisted.id].budget == results[unlisted.id].examples == 10
+    explicit = check_invariant(unlisted, target, Options(profile="ci", max_examples=3))
     assert explicit.budget == explicit.examples == 3
-    assert budget(Options(profile="thorough"), costly) == 500 and budget(Options(profile="dev"), costly) == 10
+    assert budget(Options(profile="thorough"), unlisted) == 500 and budget(Options(profile="dev"), listed) == 10
+
+
+def test_every_ci_budget_names_an_invariant_and_keeps_hypothesis_sequence():
+    """A budget of fewer than 10 examples changes the examples Hypothesis draws (its small-example cap,
+    max_examples // 10), so the detection study's indices would not hold; a typo would silently give 10."""
+    assert set(profiles.CI_EXAMPLES) <= set(BY_ID)
+    assert all(10 <= n <= 25 for n in (*profiles.CI_EXAMPLES.values(), profiles.CI_DEFAULT_EXAMPLES))
 
 
 def test_options_without_a_profile_get_the_loaded_profiles_budget():
     """Options() (the repository's tests, benchmarks/bench.py) searches as `attnspec check --profile P` does when P
-    is loaded: a costly invariant that the CLI checks 12 times must not be checked 25 times in its tests."""
-    costly, loaded = BY_ID["gradient-oracle"], settings.get_current_profile_name()
+    is loaded: an invariant that the CLI checks 10 times must not be checked 25 times in its tests."""
+    inv, loaded = BY_ID["gradient-oracle"], settings.get_current_profile_name()
     try:
         settings.load_profile("attnspec-ci")
-        assert budget(Options(), costly) == budget(Options(profile="ci"), costly) == 12
-        settings.load_profile("attnspec-dev")
-        assert budget(Options(), costly) == 10
+        assert budget(Options(), inv) == budget(Options(profile="ci"), inv) == 10
+        settings.load_profile("attnspec-thorough")
+        assert budget(Options(), inv) == 500
     finally:
         settings.load_profile(loaded)
 

@@ -27,7 +27,6 @@ class Invariant:
     section: str  # the spec module it lives in
     check: object = field(repr=False)  # check(case) -> None; raises Violation or NotApplicable
     configs: dict = field(default_factory=dict, repr=False)  # keyword overrides for strategies.configs
-    costly: bool = False  # an example costs several times the median invariant's (profiles.COSTLY_EXAMPLES)
 
     def applies_to(self, kind):
         """The kind is one of ``kinds`` and has every optional feature the invariant requires (a kind an
@@ -35,14 +34,13 @@ class Invariant:
         return kind.name in self.kinds and all(getattr(kind, f) for f in self.configs.get("require", ()))
 
 
-def invariant(id, statement, kinds, observes, costly=False, **configs):
-    """Register ``check(case)`` as an invariant of the catalogue. ``costly``: each example builds several
-    modules, differentiates, or draws many samples (the ci profile gives it fewer examples)."""
+def invariant(id, statement, kinds, observes, **configs):
+    """Register ``check(case)`` as an invariant of the catalogue (its ci budget: ``profiles.CI_EXAMPLES``)."""
     assert observes in OBSERVES, observes
 
     def register(check):
         section = check.__module__.rsplit(".", 1)[-1]
-        CATALOGUE.append(Invariant(id, statement, tuple(kinds), observes, section, check, configs, costly))
+        CATALOGUE.append(Invariant(id, statement, tuple(kinds), observes, section, check, configs))
         return check
 
     return register

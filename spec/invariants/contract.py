@@ -104,7 +104,7 @@ AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)  # an example's: (seed // 2) %
 @invariant("autocast-mixed-precision",
            "a float32 module that runs in bfloat16 (float16) also runs under torch.autocast to it, and agrees with its "
            "float32 forward to that dtype's precision",
-           ALL_KINDS, "forward", costly=True, dtypes=("float32",), offsets=ZERO_OFFSET)
+           ALL_KINDS, "forward", dtypes=("float32",), offsets=ZERO_OFFSET)
 def autocast_mixed_precision(case):
     """Mixed-precision training runs attention under torch.autocast: float32 parameters and input, matmuls in the
     low dtype, softmax and norms in float32. A mask value taken from the input's dtype (torch.finfo(float32).min)

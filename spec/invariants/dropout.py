@@ -83,7 +83,7 @@ MAX_CALL_BATCH = 1024  # dropout-unbiased: batch rows of one forward call
 @invariant("dropout-unbiased",
            f"train mode is unbiased: the mean of {DRAWS} (up to 10000 at high p) dropout draws of forward(x) matches eval forward(x)",
            ("causal-attention", "mha-wrapper", "mha", "gqa"), "forward", dropouts=NONZERO_DROPOUTS, dtypes=("float64",),
-           regimes=("small",), costly=True)  # 1024 draws: at long, wide or many sizes each example costs ~0.1-1 s
+           regimes=("small",))  # 1024 draws: at long, wide or many sizes each example costs ~0.1-1 s
 def dropout_unbiased(case):
     x, draws_needed = case.input(), unbiased_draws(case.kind, case.cfg.dropout)
     with torch.no_grad():  # a draw's autograd graph is ~336 MiB at GPT-2 size: keep none

@@ -206,7 +206,7 @@ def _freezing(case, named):
            "equal the float64 oracle's on the module's own parameters (c a random cotangent); also with every "
            "parameter frozen (x's alone), with every other parameter frozen, and with x constant (the parameters' "
            "alone); in eval mode too",
-           ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=ZERO_OFFSET, costly=True,
+           ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=ZERO_OFFSET,
            regimes=(*REGIMES, "longest", "longest"))  # tiled backward kernels branch past 256 tokens as well
 def gradient_oracle(case):
     """Tolerance (spec/tolerance.py), per gradient tensor: |module - oracle64| <= max(RTOL[dtype] * magnitude,
@@ -261,7 +261,7 @@ def gradient_oracle(case):
 @invariant("gradient-finite-differences",
            "float64, train mode: the analytic directional derivative of <c, forward> along a random direction of x, "
            "of all parameters and of one parameter alone, equals the central difference (with dropout, every call drops the same positions)",
-           ALL_KINDS, "forward", dtypes=("float64",), costly=True)
+           ALL_KINDS, "forward", dtypes=("float64",))
 def gradient_finite_differences(case):
     """Black-box: needs no projections. phi(s) = <c, forward(theta + s u)> for theta = x, then theta = all
     parameters at once (u ~ rms(t) N(0, 1) per tensor t; a wrong gradient of any one tensor shows,

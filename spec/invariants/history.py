@@ -46,7 +46,7 @@ WARM_CALLS = 32
            "after calls at another shape and on another input of x's shape, in eval and train mode (and with a padding "
            "mask, many calls of x's shape, or a first call in bfloat16), forward(x) equals forward(x) of a fresh module "
            "with the same parameters and RNG state",
-           ALL_KINDS, "forward", costly=True)
+           ALL_KINDS, "forward")
 def history_independent(case):
     """Eval then train: eval calls at (1 token, batch + 1) and on another input x' of x's shape (for half the seeds
     x's tokens but the last: a prefix cache keyed on the first tokens shows), then a
@@ -144,7 +144,7 @@ def _after_a_lower_precision_call(case, x):
 @invariant("parameter-update-respected",
            "after its parameters change in place (load_state_dict, an optimizer step on every parameter, then on one "
            "alone; through .data too), forward equals a fresh module's given the same parameters",
-           ALL_KINDS, "forward", costly=True)
+           ALL_KINDS, "forward")
 def parameter_update_respected(case):
     """The module is called (eval and train) first, so anything computed lazily at the first call exists;
     then (1) ``load_state_dict`` of a module built from another seed, (2) an in-place step
