@@ -950,3 +950,34 @@ class PerRowGQA(GroupedQueryAttention):
 
 
 MODULES += [("gqa", "PerRowGQA")]
+
+
+from attnspec.impl import MultiHeadAttentionWrapper  # noqa: E402
+
+
+class FusedEvalWrapper(MultiHeadAttentionWrapper):
+    """Kind mha-wrapper: an inference path that stacks the heads' projections and attends in one softmax call
+    when neither training nor differentiating, the per-head path otherwise. Red-team pass 10: dropout-on-weights
+    compared eval's one (B, H, T, T) call with train's H calls of (B, T, T) call by call."""
+
+    def forward(self, x):
+        if self.training or torch.is_grad_enabled():
+            return super().forward(x)
+        first = self.heads[0]
+        b, T, _ = x.shape
+        if x.dim() != 3 or x.shape[-1] != first.d_in or T > first.context_length:
+            return super().forward(x)  # (the seed's errors)
+
+        def project(name):
+            y = torch.einsum("btd,hed->bhte", x, torch.stack([getattr(h, name).weight for h in self.heads]))
+            if getattr(first, name).bias is not None:
+                y = y + torch.stack([getattr(h, name).bias for h in self.heads])[None, :, None, :]
+            return y
+
+        q, k, v = project("W_query"), project("W_key"), project("W_value")
+        scores = (q @ k.transpose(2, 3)).masked_fill(first.mask.bool()[:T, :T], -torch.inf)
+        weights = torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1)
+        return (weights @ v).transpose(1, 2).reshape(b, T, -1)
+
+
+MODULES += [("mha-wrapper", "FusedEvalWrapper")]

@@ -59,13 +59,13 @@ def dropout_on_weights(case):
     _, train_seen = case.observe(x, train=True)
     fused_dropout_requested(eval_seen, train_seen, p)
     zeroed = total = 0
-    for head, w, a in zip(eval_seen.heads, eval_seen.applied_weights(), train_seen.applied_weights()):
+    for scores, softmax, w, a in _paired_weights(case, x, eval_seen, train_seen):
         if a.shape != w.shape:
             raise Violation(f"train-mode weights have shape {tuple(a.shape)}, eval-mode {tuple(w.shape)}")
         kept = a != 0
         # eval and train may take two paths (SDPA in eval, an eager softmax in train), each rounding the weights
         # by up to softmax_rounding of the scores: off-centre input makes scores of hundreds
-        scores = head.scores[(head.weights > 0) & torch.isfinite(head.scores)]  # (not a finite mask fill's)
+        scores = scores[(softmax > 0) & torch.isfinite(scores)]  # (not a finite mask fill's)
         bound = 2 * softmax_rounding(x.dtype, scores.abs().max().item()) / (1 - p) if scores.numel() else 0.0
         assert_close(a[kept], (w / (1 - p))[kept], dtype=x.dtype, magnitude=1 / (1 - p), bound=bound,
                      what=f"kept train-mode weights vs eval weights / (1 - p={p})")
@@ -75,6 +75,19 @@ def dropout_on_weights(case):
     if total and binomial_two_sided_p(zeroed, total, p) < FALSE_ALARM:
         raise Violation(f"dropout zeroed {zeroed} of {total} positive weights ({zeroed / total:.3f}), "
                         f"expected a fraction p={p} (exact binomial test, p-value < {FALSE_ALARM:g})")
+
+
+def _paired_weights(case, x, eval_seen, train_seen):
+    """[(eval scores, eval softmax output, eval applied weights, train-mode applied weights)] call by call where
+    eval and train called softmax alike; else (one stacked call in eval, one per head in train: a fused inference
+    path) one such tuple, each stacked as (..., H, T, T) (``layout_of``), so that each weight meets itself; a train
+    path that attends with fewer heads still shows as a shape mismatch."""
+    evals, trains = eval_seen.applied_weights(), train_seen.applied_weights()
+    if [w.shape for w in evals] == [a.shape for a in trains]:
+        return [(h.scores, h.weights, w, a) for h, w, a in zip(eval_seen.heads, evals, trains)]
+    stack_eval = layout_of(case, x, eval_seen, also=[[h.scores for h in eval_seen.heads], evals])
+    return [(stack_eval([h.scores for h in eval_seen.heads]), stack_eval([h.weights for h in eval_seen.heads]),
+             stack_eval(evals), layout_of(case, x, train_seen, train=True)(trains))]
 
 
 MAX_CALL_BATCH = 1024  # dropout-unbiased: batch rows of one forward call
