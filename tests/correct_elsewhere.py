@@ -981,3 +981,28 @@ class FusedEvalWrapper(MultiHeadAttentionWrapper):
 
 
 MODULES += [("mha-wrapper", "FusedEvalWrapper")]
+
+
+from attnspec.impl import MultiHeadAttention  # noqa: E402
+
+
+class QueryChunkedMHA(MultiHeadAttention):
+    """Kind mha: queries attended in chunks of 16 against every key (a memory-bounded inference loop). Red-team
+    pass 10: a prefix is computed with other matmul shapes than the whole sequence, and at scale 100 the two
+    round apart by more than the misaligned-copy noise prefix-consistency allowed (0.00656 against 0.00656)."""
+
+    CHUNK = 16
+
+    def forward(self, x):
+        b, T, _ = x.shape
+        q, k, v = (w(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        chunks = []
+        for start in range(0, T, self.CHUNK):
+            end = min(T, start + self.CHUNK)
+            scores = (q[:, :, start:end] @ k.transpose(2, 3)).masked_fill(self.mask.bool()[start:end, :T], -torch.inf)
+            chunks.append(self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1)) @ v)
+        return self.out_proj(torch.cat(chunks, dim=2).transpose(1, 2).reshape(b, T, self.d_out))
+
+
+MODULES += [("mha", "QueryChunkedMHA")]

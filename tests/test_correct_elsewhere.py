@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from attnspec.invariants import CATALOGUE
+from attnspec.kinds import Config
 from attnspec.runner import Options, check_target
 from attnspec.targets import resolve
 
@@ -95,3 +96,15 @@ def test_a_layout_told_by_the_softmax_weights_alone_must_also_fit_the_dropped_we
     result = check_invariant(BY_ID["dropout-output-from-applied-weights"], resolve(f"mha={FILE}:BatchLoopMHA"),
                              Options(), example=cfg)
     assert result.status in ("pass", "not-applicable"), result.reason
+
+
+def test_a_prefix_computed_in_other_chunks_is_judged_against_the_modules_own_rounding():
+    """Red-team pass 10's counterexample: queries in chunks of 16, at scale 100 and offset 10 a 10-token prefix
+    rounds 0.00656 away from the whole sequence's first outputs, more than the misaligned-copy noise allows; the
+    module's own float64 rounding of that prefix says it is rounding (prefix-consistency's ``_own_rounding``)."""
+    example = Config.from_json('{"d_in":8,"d_out":128,"num_heads":1,"context_length":33,"num_tokens":33,"batch":1,'
+                               '"dropout":0.0,"qkv_bias":true,"dtype":"float32","scale":100.0,"seed":4739,'
+                               '"device":"cpu","offset":10.0}')
+    (result,) = check_target(resolve(f"mha={FILE}:QueryChunkedMHA"), Options(only=("prefix-consistency",)),
+                             example=example).results
+    assert result.status == "pass", result

@@ -4,6 +4,7 @@ import torch
 
 from attnspec.errors import Violation
 from attnspec.invariants.base import CAUSAL_KINDS, invariant
+from attnspec.invariants.history import _fresh_with_parameters_of
 from attnspec.strategies import WIDE_SCALES
 from attnspec.tolerance import assert_close
 
@@ -74,12 +75,41 @@ def causal_perturbation(case):
 @invariant("prefix-consistency", "forward(x[:, :t]) equals forward(x)[:, :t] for every t < num_tokens",
            CAUSAL_KINDS, "forward", min_tokens=2, scales=WIDE_SCALES)
 def prefix_consistency(case):
+    """A module that splits its work by position (queries in chunks, key tiles) computes a prefix with other matmul
+    shapes than the whole sequence, so the two round differently: a difference beyond the misaligned-copy noise
+    is judged again against the module's own rounding of that prefix (``_own_rounding``), which sees no future token."""
     x = case.input()
     out = case.forward(x)
     noise = evaluation_noise(case, x, out)
     for t in (cut + 1 for cut in _cuts(x.shape[-2])):
-        assert_close(case.forward(x[..., :t, :].contiguous()), out[..., :t, :], dtype=x.dtype, measured=noise,
-                     magnitude=_magnitude(out, x), what=f"forward of the {t}-token prefix vs the first {t} outputs")
+        prefix = x[..., :t, :].contiguous()
+        got = case.forward(prefix)
+
+        def check(measured, t=t, got=got):
+            assert_close(got, out[..., :t, :], dtype=x.dtype, measured=measured, magnitude=_magnitude(out, x),
+                         what=f"forward of the {t}-token prefix vs the first {t} outputs")
+        try:
+            check(noise)
+        except Violation:  # (the prefix drawn again: a module may have changed its input in place)
+            own = _own_rounding(case, case.input()[..., :t, :].contiguous(), got)
+            if own is None:
+                raise
+            check(max(noise, own))
+
+
+def _own_rounding(case, x, out):
+    """max |out - forward64(x)|, ``out`` being forward(x) and forward64 a copy of the module run in float64: the
+    module's own rounding in x's dtype (``measured`` of spec.tolerance, the module its own float64 reference).
+    None in float64, or where the module does not run in float64."""
+    if x.dtype == torch.float64:
+        return None
+    try:
+        module = _fresh_with_parameters_of(case, case.module)
+        case.guard("module.to(torch.float64)", module.to, torch.float64)
+        exact = case.forward(x.double(), module=module)
+    except Violation:
+        return None
+    return (out.double() - exact).abs().max().item()
 
 
 @invariant("gradient-causality", "d out_t / d x_s = 0 for every s > t",
