@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from attnspec.case import CALL_TIME_LIMIT_S, change_dir, clean_text, describe
 from attnspec.errors import UsageError
@@ -96,15 +97,24 @@ def _worker_main(commands, events, board, supervisor_pid):
     threading.Thread(target=_watch_supervisor, args=(supervisor_pid,), daemon=True).start()
 
     def send(**message):
-        events.send_bytes(json.dumps(message).encode())
+        try:
+            events.send_bytes(json.dumps(message).encode())
+        except OSError:  # the supervisor is gone (a forkserver's worker holds no copy of the pipe's other end)
+            _end_session()
+
+    def receive():
+        try:
+            return json.loads(commands.recv_bytes())
+        except EOFError:  # the supervisor is gone: its end closed with it (a forkserver's worker holds no copy)
+            _end_session()
 
     try:
-        job = json.loads(commands.recv_bytes())
+        job = receive()
         change_dir(job["cwd"])  # (or its nearest ancestor, if a module deleted it)
         os.environ.clear()
         os.environ.update(job["env"])
         sys.path[:] = job["path"]
-        _run(job, commands, send, board)
+        _run(job, receive, send, board)
     except BaseException as e:  # attnspec's own code failed (the module's exceptions are caught in guard)
         try:
             where = traceback.extract_tb(e.__traceback__)[-1]
@@ -115,7 +125,7 @@ def _worker_main(commands, events, board, supervisor_pid):
         os._exit(0)
 
 
-def _run(job, commands, send, board):
+def _run(job, receive, send, board):
     import torch
 
     from attnspec import case
@@ -134,7 +144,7 @@ def _run(job, commands, send, board):
          features=list(target.kind.features()))
     case.set_monitor(_Board(board).post)
     while True:  # one invariant per command, until the supervisor kills this worker
-        job = json.loads(commands.recv_bytes())
+        job = receive()
         options = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["options"].items()})
         example = Config.from_json(job["example"]) if job["example"] else None
         check_target(target, options, progress=lambda r: send(ev="result", result=dataclasses.asdict(r)), example=example)
@@ -167,18 +177,34 @@ def _read_board(board):
 
 
 def _watch_supervisor(pid):
-    """A worker outlives no supervisor (one killed with SIGKILL leaves no orphan spinning): it kills its own
-    process group (``os.setsid`` made it the leader), so what the module started goes with it."""
+    """A worker outlives no supervisor (one killed with SIGKILL leaves no orphan spinning): within a second of its
+    death (a zombie not yet reaped counts as dead), the worker ends its session."""
     while True:
         time.sleep(1.0)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            if os.getpgid(0) == os.getpid():
-                os.killpg(0, signal.SIGKILL)
-            os._exit(1)
-        except OSError:
-            pass
+        if not _alive(pid):
+            _end_session()
+
+
+def _alive(pid):
+    """Whether process ``pid`` exists and has not exited (a zombie waits for its parent's wait(), which may never come)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # (no /proc: macOS)
+
+
+def _end_session():
+    """Kill this worker's process group (``os.setsid`` made it the leader), what the module started included, and
+    the worker with it. For a supervisor that is gone: nobody else will."""
+    if os.getpgid(0) == os.getpid():
+        os.killpg(0, signal.SIGKILL)
+    os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
