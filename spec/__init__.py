@@ -1,17 +1,14 @@
-"""attnspec: an executable specification of attention, checked with Hypothesis."""
+"""attnspec: an executable specification of attention, checked with Hypothesis.
 
-import warnings
+The public names are imported on first use (PEP 562): importing the package imports no torch, so the pytest
+plugin (``attnspec.plugin``, loaded by every pytest run where attnspec is installed) costs nothing in a run that
+checks no targets."""
 
-# torch warns "Failed to initialize NumPy" at import when numpy is not installed (attnspec does not need
-# it); silence exactly that warning, only while torch is first imported here, so every `attnspec` call
-# does not print it and the user's own warning filters are left as they were.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
-    import torch  # noqa: F401
+from importlib import import_module
 
-from attnspec.errors import NotApplicable, Unsupported, UsageError, Violation  # noqa: E402
-from attnspec.kinds import KINDS, Config  # noqa: E402
-from attnspec.targets import Adapter  # noqa: E402
+_PUBLIC = {"Adapter": "attnspec.targets", "Config": "attnspec.kinds", "KINDS": "attnspec.kinds",
+           "NotApplicable": "attnspec.errors", "Unsupported": "attnspec.errors", "UsageError": "attnspec.errors",
+           "Violation": "attnspec.errors"}
 
 try:
     from importlib.metadata import PackageNotFoundError, version
@@ -20,4 +17,17 @@ try:
 except PackageNotFoundError:  # a checkout on sys.path, not installed
     __version__ = "0+unknown"
 
-__all__ = ["Adapter", "Config", "KINDS", "NotApplicable", "Unsupported", "UsageError", "Violation", "__version__"]
+__all__ = [*sorted(_PUBLIC), "__version__"]
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'attnspec' has no attribute {name!r}")
+    import_module("attnspec._torch")
+    value = getattr(import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_PUBLIC})

@@ -17,7 +17,9 @@ import signal
 import sys
 import threading
 
-import torch
+from attnspec import _torch  # noqa: F401  (first: torch without its NumPy warning)
+
+import torch  # noqa: E402
 
 from attnspec import __version__, expectations, profiles, report
 from attnspec.errors import UsageError

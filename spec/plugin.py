@@ -137,6 +137,7 @@ def pytest_collection_modifyitems(session, config, items):
     texts, source = _targets(config)
     if not texts:
         return
+    from attnspec import _torch  # noqa: F401  (first: torch without its NumPy warning)
     from attnspec import expectations
     from attnspec.errors import UsageError
     from attnspec.invariants import CATALOGUE

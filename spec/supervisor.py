@@ -231,7 +231,7 @@ def _context(device):
         return multiprocessing.get_context("fork")
     if _forkserver is None:
         _forkserver = multiprocessing.get_context("forkserver")
-        _forkserver.set_forkserver_preload(["torch", "attnspec.runner", "attnspec.invariants", "attnspec.impl",
+        _forkserver.set_forkserver_preload(["attnspec._torch", "attnspec.runner", "attnspec.invariants", "attnspec.impl",
                                             *(["attnspec._warm"] if device == "cpu" else [])])
     return _forkserver
 

@@ -87,3 +87,12 @@ def test_variant_option(tmp_path):
     assert erf.returncode == 1 and "gelu-erf" in erf.stdout, erf.stdout  # the tanh block breaks the erf variant
     unknown = _pytest(tmp_path, *args, "--attnspec-variant", "nope")
     assert unknown.returncode == 4 and "unknown contract variant 'nope'" in unknown.stderr, unknown.stderr
+
+
+def test_loading_the_plugin_imports_no_torch():
+    """pytest loads the plugin in every run where attnspec is installed: without targets it costs no torch import
+    (~1.5 s); the package's public names still import on first use."""
+    code = ("import sys, attnspec.plugin; print('torch' in sys.modules); "
+            "from attnspec import Adapter, KINDS; print('torch' in sys.modules, Adapter.__name__, 'mha' in KINDS)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.split() == ["False", "True", "Adapter", "True"], run.stdout + run.stderr
