@@ -29,7 +29,7 @@ from attnspec.errors import InternalError, NotApplicable, Unsupported, UsageErro
 from attnspec import profiles
 from attnspec.invariants import BY_ID, CATALOGUE
 from attnspec.kinds import DEFAULT_DTYPES, Config
-from attnspec.strategies import configs, fit_example, is_small
+from attnspec.strategies import configs, fit_example, is_small, landmarks
 from attnspec.targets import projection_layout
 
 
@@ -394,6 +394,12 @@ def check_invariant(inv, target, options, example=None):
         tally.failure = (cfg, f"{message} [{type(e).__name__}: the failure did not reproduce on replay: "
                               f"the module is nondeterministic]")
         return failed()
+    if inv.landmarks and not options.sizes and not options.regimes:  # real sizes, after the readable search
+        for cfg in landmarks(target.kind, _unadjusted_simplest(_drawn_configs(inv, target.kind, options))):
+            try:
+                run_example(inv, target, adjusted(target.adapter, cfg), tally, options.time_limit)
+            except Violation:
+                return failed()
     if tally.internal:
         return internal()
     if tally.checked == 0:

@@ -209,6 +209,32 @@ def _modern_features(draw, kind, num_heads, head_dim, num_tokens, require=()):
     return features
 
 
+# Real sizes that the search draws rarely or never, each checked once (after a search that passed) by the
+# invariants that name them (``landmarks=True``): past 1024 tokens (key chunks of 1024, the default of xformers and
+# Rabe-Staats kernels; mask and position buffers capped there); and Llama's head_dim 128 with more than 64
+# batch x heads (bmm paths that fold the heads into the batch). One call each, a few MB.
+LANDMARKS = (dict(num_tokens=1031, context_length=1031, batch=1, num_heads=2, head_dim=8, d_in=8),
+             dict(num_tokens=9, context_length=16, batch=17, num_heads=4, head_dim=128, d_in=16))
+
+
+def landmarks(kind, simplest):
+    """The LANDMARKS as configurations of ``kind``: the sizes as ``configs`` lays them out for the kind, grouped K/V
+    heads (pairs) and Llama's rotary embeddings where the kind has them, the rest from ``simplest`` (the
+    invariant's own simplest configuration: its dtype, dropout, scale)."""
+    found = []
+    for size in LANDMARKS:
+        heads = size["num_heads"] if kind.multi_head else 1
+        d_out = heads * size["head_dim"] if kind.head_split else size["head_dim"]
+        features = dict(num_kv_heads=heads // 2 or 1) if kind.grouped_kv else {}
+        if kind.rotary:
+            features.update(rope_base=ROPE_BASES[0], rope_fraction=1.0, rope_interleaved=False)
+        found.append(simplest.replace(d_in=d_out if kind.structure == "block" else size["d_in"], d_out=d_out,
+                                      num_heads=heads, context_length=size["context_length"],
+                                      num_tokens=size["num_tokens"], batch=size["batch"] if kind.batched else 1,
+                                      **features))
+    return found
+
+
 def is_small(cfg):
     """Whether ``cfg`` is within the small regime's sizes."""
     return (cfg.num_tokens <= MAX_CONTEXT and cfg.context_length <= MAX_CONTEXT and cfg.num_heads <= MAX_HEADS

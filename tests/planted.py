@@ -2368,3 +2368,53 @@ CORPUS += [
     _bug(GQA, PaddingSkippedWhenFirstRowReal, "padding", ["padding-mask"],
          "the padding mask dropped when the first batch row is unpadded, another row padded"),
 ]
+
+
+# -- found by red-team passes 7 and 9, caught since the landmark sizes (strategies.LANDMARKS) -----------------
+
+class ScaleTableHeadDim128(MHASteps):
+    """Red-team pass 7: softmax scales precomputed for the common head sizes; the entry for Llama's 128 holds
+    1/sqrt(64)."""
+
+    SCALES = {16: 16**-0.5, 32: 32**-0.5, 64: 64**-0.5, 128: 64**-0.5}
+
+    def normalize(self, s, d_k):
+        return torch.softmax(s * self.SCALES.get(d_k, d_k**-0.5), dim=-1)
+
+
+class FoldedBmmWithoutTranspose(MHASteps):
+    """Red-team pass 7: past 64 batch x heads a bmm path folds the heads into the batch, reshaping (b, T, d_out)
+    to (b * heads, T, head_dim) without the transpose: tokens and heads mix."""
+
+    def split(self, t, b, T):
+        if b * self.num_heads <= 64:
+            return super().split(t, b, T)
+        return t.reshape(b, self.num_heads, T, self.head_dim)
+
+
+class KeyChunksOf1024LocalMask(MHASteps):
+    """Red-team pass 9: memory-efficient attention (Rabe & Staats) over key chunks of 1024 with an online softmax,
+    each chunk's causal mask built from chunk-local key indices (the chunk's start forgotten)."""
+
+    def forward(self, x):
+        b, T = x.shape[0], x.shape[-2]
+        q, k, v = (self.split(t, b, T) for t in self.project(x))
+        rows = torch.arange(T)[:, None]
+        top = torch.full(q.shape[:-1] + (1,), -torch.inf, dtype=q.dtype)
+        total, acc = torch.zeros_like(top), torch.zeros_like(q)
+        for start in range(0, T, 1024):
+            s = q @ k[..., start:start + 1024, :].transpose(-2, -1) / self.head_dim**0.5
+            s = s.masked_fill(torch.arange(s.shape[-1])[None, :] > rows, -torch.inf)  # (+ start forgotten)
+            new_top = torch.maximum(top, s.amax(-1, keepdim=True))
+            e, rescale = torch.exp(s - new_top), torch.exp(top - new_top)
+            total, acc, top = total * rescale + e.sum(-1, keepdim=True), acc * rescale + self.drop(e) @ v[..., start:start + 1024, :], new_top
+        return self.out(self.merge(acc / total, b, T))
+
+
+CORPUS += [
+    _bug(MHA, ScaleTableHeadDim128, "size", ["oracle-float64"], "the softmax scale for head_dim 128 is 1/sqrt(64)"),
+    _bug(MHA, FoldedBmmWithoutTranspose, "size", ["oracle-float64"],
+         "past 64 batch x heads the heads are folded into the batch without a transpose"),
+    _bug(MHA, KeyChunksOf1024LocalMask, "size", ["oracle-float64"],
+         "key chunks of 1024: each chunk's causal mask uses chunk-local key indices (wrong past 1024 tokens)"),
+]

@@ -19,7 +19,8 @@ from attnspec.invariants import BY_ID
 from attnspec.invariants.dropout import binomial_two_sided_p
 from attnspec.kinds import KINDS, Config
 from attnspec.runner import Options, budget, check_invariant, check_target, simplest_config, strategy_for
-from attnspec.targets import resolve
+from attnspec.strategies import LANDMARKS, landmarks
+from attnspec.targets import BUNDLED, resolve
 
 HERE = Path(__file__).resolve().parent
 MHA = "mha=attnspec.impl:MultiHeadAttention"
@@ -52,7 +53,8 @@ def test_the_ci_profile_gives_each_invariant_its_own_budget():
     assert unlisted.id not in profiles.CI_EXAMPLES and profiles.CI_DEFAULT_EXAMPLES == 10
     ci = Options(profile="ci", only=(listed.id, unlisted.id))
     results = {r.invariant: r for r in check_target(target, ci).results}
-    assert results[listed.id].budget == results[listed.id].examples == profiles.CI_EXAMPLES[listed.id] == 20
+    assert results[listed.id].budget == profiles.CI_EXAMPLES[listed.id] == 20
+    assert results[listed.id].examples == 20 + len(LANDMARKS)  # and once at each real size (oracle-float64's)
     assert results[unlisted.id].budget == results[unlisted.id].examples == 10
     explicit = check_invariant(unlisted, target, Options(profile="ci", max_examples=3))
     assert explicit.budget == explicit.examples == 3
@@ -287,3 +289,18 @@ def test_warm_calls_run_in_the_examples_autograd_mode():
     for seed in (1, 3):  # torch.no_grad(), torch.inference_mode()
         result = check_invariant(BY_ID["history-independent"], target, Options(), example=_example(seed=seed))
         assert result.status == "pass", result
+
+
+def test_landmarks_are_valid_configurations_of_every_kind_they_apply_to():
+    """The real sizes (strategies.LANDMARKS) fit each kind: past 1024 tokens, and head_dim 128 with more than 64
+    batch x heads where the kind has heads and a batch; grouped K/V heads and rotary embeddings where it has them."""
+    inv = BY_ID["oracle-float64"]
+    assert inv.landmarks and not BY_ID["gradient-oracle"].landmarks
+    for kind in KINDS.values():
+        if not inv.applies_to(kind):
+            continue
+        long, wide = landmarks(kind, simplest_config(inv, resolve(next(b for b in BUNDLED if b.startswith(f"{kind.name}="))), Options()))
+        assert kind.invalid_reason(long) is None and kind.invalid_reason(wide) is None, kind.name
+        assert long.num_tokens > 1024 and (wide.head_dim if kind.head_split else wide.d_out) == 128  # (a wrapper's heads: d_out each)
+        assert wide.batch * wide.num_heads > 64 or not (kind.batched and kind.multi_head), kind.name
+        assert (wide.kv_heads < wide.num_heads) == bool(kind.grouped_kv) and (wide.rope_base is not None) == bool(kind.rotary)

@@ -27,6 +27,7 @@ class Invariant:
     section: str  # the spec module it lives in
     check: object = field(repr=False)  # check(case) -> None; raises Violation or NotApplicable
     configs: dict = field(default_factory=dict, repr=False)  # keyword overrides for strategies.configs
+    landmarks: bool = False  # also checked at strategies.LANDMARKS (real sizes), once each, after a search that passed
 
     def applies_to(self, kind):
         """The kind is one of ``kinds`` and has every optional feature the invariant requires (a kind an
@@ -34,13 +35,13 @@ class Invariant:
         return kind.name in self.kinds and all(getattr(kind, f) for f in self.configs.get("require", ()))
 
 
-def invariant(id, statement, kinds, observes, **configs):
+def invariant(id, statement, kinds, observes, landmarks=False, **configs):
     """Register ``check(case)`` as an invariant of the catalogue (its ci budget: ``profiles.CI_EXAMPLES``)."""
     assert observes in OBSERVES, observes
 
     def register(check):
         section = check.__module__.rsplit(".", 1)[-1]
-        CATALOGUE.append(Invariant(id, statement, tuple(kinds), observes, section, check, configs))
+        CATALOGUE.append(Invariant(id, statement, tuple(kinds), observes, section, check, configs, landmarks))
         return check
 
     return register

@@ -25,7 +25,7 @@ def _tensors(parts):
 
 
 @invariant("oracle-float64", "eval forward(x) equals the float64 oracle evaluated on the module's own parameters",
-           ALL_KINDS, "params", regimes=REGIMES[:-1] + ("longest", "most", "widest") * 2,  # two in thirteen past 256
+           ALL_KINDS, "params", landmarks=True, regimes=REGIMES[:-1] + ("longest", "most", "widest") * 2,  # two in thirteen past 256
            extreme_dtype="float32")  # tokens, 16 heads, head_dim 128 each; in float32, well conditioned there
 def oracle_float64(case):
     parts, x = case.projections(), case.input()
