@@ -276,6 +276,7 @@ class Case:
         self.time_limit = CALL_TIME_LIMIT_S if time_limit is None else time_limit
         self.stdout_sink = stdout_sink  # list collecting what modules printed
         self.returned = None  # the plain tensor the last forward returned, as returned (forward returns a copy), or None
+        self.rng_after = None  # the RNG's state as the module left it in the last forward (``seed_salt=None`` goes on)
 
     def guard(self, what, fn, *args, **kwargs):
         """Call module code: its exceptions, hangs and prints are reported, not propagated, and the
@@ -342,6 +343,15 @@ class Case:
         else:
             torch.manual_seed(seed)
 
+    def _rng(self):
+        """The state of the generators a module on cfg.device draws from (the CPU's, and the device's)."""
+        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.cfg.device) if self.cfg.device != "cpu" else None)
+
+    def _set_rng(self, state):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.cfg.device)
+
     @cached_property
     def module(self):
         return self.build()
@@ -376,11 +386,15 @@ class Case:
         """module(x) in eval or train mode (for odd seeds under torch.no_grad() or torch.inference_mode():
         ``inference``); must be a plain strided Tensor of the kind's output shape on x's device (a tensor subclass is
         copied into a plain tensor first). The global RNG is seeded from the config first, so every
-        call is reproducible (even a module that draws random numbers in eval mode). Returns a copy: a
+        call is reproducible (even a module that draws random numbers in eval mode); ``seed_salt=None``: not reseeded,
+        the RNG goes on from where the previous call left it (as from one training step to the next). Returns a copy: a
         module may reuse its output buffer. ``attention_mask`` (batch, num_tokens) bool, True at real tokens:
         called as module(x, attention_mask=...); outputs at padded positions may be anything, NaN included."""
         module = self.module if module is None else module
-        self.seed(self.cfg.seed + seed_salt)
+        if seed_salt is not None:
+            self.seed(self.cfg.seed + seed_salt)
+        else:  # (each call's state changes are undone afterwards, the RNG's included: put back where it left it)
+            self._set_rng(self.rng_after)
         self.returned = None
         step = _Step("forward")
         autograd = AUTOGRAD_MODES[self.inference(train, needs_grad)]()
@@ -392,6 +406,7 @@ class Case:
                     module.train(train)
                 step.now = "forward"
                 out = module(x) if attention_mask is None else module(x, attention_mask=mask)
+                self.rng_after = self._rng()
                 if train:  # back to eval mode, where a module is kept between calls
                     step.now = "module.eval()"
                     module.eval()

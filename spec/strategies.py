@@ -209,23 +209,31 @@ def _modern_features(draw, kind, num_heads, head_dim, num_tokens, require=()):
     return features
 
 
-# Real sizes that the search draws rarely or never, each checked once (after a search that passed) by the
-# invariants that name them (``landmarks=True``): past 1024 tokens (key chunks of 1024, the default of xformers and
-# Rabe-Staats kernels; mask and position buffers capped there); and Llama's head_dim 128 with more than 64
-# batch x heads (bmm paths that fold the heads into the batch). One call each, a few MB.
-LANDMARKS = (dict(num_tokens=1031, context_length=1031, batch=1, num_heads=2, head_dim=8, d_in=8),
-             dict(num_tokens=9, context_length=16, batch=17, num_heads=4, head_dim=128, d_in=16))
+# Real sizes that the search draws rarely or never (it makes one dimension large at a time), each checked once,
+# after a search that passed, by the invariants that name them (``landmarks=True``). ``group``: query heads per
+# K/V head where the kind groups them.
+LANDMARKS = (
+    # Past 1024 tokens (key chunks of 1024, the default of xformers and Rabe-Staats kernels; mask and position buffers
+    # capped there), with 17 MB of float32 scores (batch x heads x T x T: past memory budgets that chunk the queries).
+    dict(num_tokens=1031, context_length=1031, batch=2, num_heads=2, head_dim=8, d_in=8, group=1),
+    # Long and wide at once, batch 4, groups of 4: tiled kernels taken for head_dim >= 64 past 128 tokens, head_dim
+    # 96 (Phi-3) padded to a power of two, packed GQA groups, packed prefill of a batch of prompts.
+    dict(num_tokens=300, context_length=300, batch=4, num_heads=4, head_dim=96, d_in=16, group=4),
+    # Llama's head_dim 128 with batch x heads 68 (scale tables keyed by head size, bmm paths that fold heads into
+    # the batch past 64).
+    dict(num_tokens=9, context_length=16, batch=17, num_heads=4, head_dim=128, d_in=16, group=2),
+)
 
 
 def landmarks(kind, simplest):
     """The LANDMARKS as configurations of ``kind``: the sizes as ``configs`` lays them out for the kind, grouped K/V
-    heads (pairs) and Llama's rotary embeddings where the kind has them, the rest from ``simplest`` (the
-    invariant's own simplest configuration: its dtype, dropout, scale)."""
+    heads and Llama's rotary embeddings where the kind has them, the rest from ``simplest`` (the invariant's own
+    simplest configuration: its dtype, dropout, scale)."""
     found = []
     for size in LANDMARKS:
         heads = size["num_heads"] if kind.multi_head else 1
         d_out = heads * size["head_dim"] if kind.head_split else size["head_dim"]
-        features = dict(num_kv_heads=heads // 2 or 1) if kind.grouped_kv else {}
+        features = dict(num_kv_heads=max(1, heads // size["group"])) if kind.grouped_kv else {}
         if kind.rotary:
             features.update(rope_base=ROPE_BASES[0], rope_fraction=1.0, rope_interleaved=False)
         found.append(simplest.replace(d_in=d_out if kind.structure == "block" else size["d_in"], d_out=d_out,

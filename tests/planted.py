@@ -2411,10 +2411,56 @@ class KeyChunksOf1024LocalMask(MHASteps):
         return self.out(self.merge(acc / total, b, T))
 
 
+class TileLocalMaskWhenWideAndLong(MHASteps):
+    """Red-team pass 11: a tiled path (key tiles of 128) taken for head_dim >= 64 past 128 tokens masks each tile with
+    the key's index inside the tile: from the second tile on, query i sees keys up to i + 128."""
+
+    def mask_scores(self, s, T):
+        if self.head_dim < 64 or T <= 128:
+            return super().mask_scores(s, T)
+        return s.masked_fill(torch.arange(T)[None, :] % 128 > torch.arange(T)[:, None], -torch.inf)
+
+
+class QueryChunksDropTheTail(MHASteps):
+    """Red-team pass 11: past 2**22 scores (batch x heads x T x T) the queries go in chunks of 2**22 // (batch x heads x
+    T); the loop covers T // chunk whole chunks and leaves the last T % chunk queries' weights at zero."""
+
+    def normalize(self, s, d_k):
+        w = super().normalize(s, d_k)
+        if s.numel() <= 2**22:
+            return w
+        T = s.shape[-1]
+        chunk = 2**22 // (s.numel() // T)
+        return torch.cat([w[..., :T // chunk * chunk, :], torch.zeros_like(w[..., T // chunk * chunk:, :])], dim=-2)
+
+
 CORPUS += [
     _bug(MHA, ScaleTableHeadDim128, "size", ["oracle-float64"], "the softmax scale for head_dim 128 is 1/sqrt(64)"),
+    _bug(MHA, TileLocalMaskWhenWideAndLong, "size", ["oracle-float64"],
+         "head_dim >= 64 past 128 tokens: key tiles of 128 masked with tile-local key indices (future keys leak)"),
+    _bug(MHA, QueryChunksDropTheTail, "size", ["oracle-float64"],
+         "past 2**22 scores, queries in chunks: the last T % chunk queries are left at zero"),
     _bug(MHA, FoldedBmmWithoutTranspose, "size", ["oracle-float64"],
          "past 64 batch x heads the heads are folded into the batch without a transpose"),
     _bug(MHA, KeyChunksOf1024LocalMask, "size", ["oracle-float64"],
          "key chunks of 1024: each chunk's causal mask uses chunk-local key indices (wrong past 1024 tokens)"),
+]
+
+
+class DropoutGeneratorFromInitialSeed(CausalSteps):
+    """Red-team pass 11: "reproducible dropout": the mask is drawn from a generator made in forward and seeded with
+    torch.initial_seed(), which torch.manual_seed sets but training steps do not advance: every step drops the
+    same weights."""
+
+    def drop(self, w):
+        if not self.training or self.dropout.p == 0:
+            return w
+        generator = torch.Generator().manual_seed(torch.initial_seed())
+        keep = torch.rand(w.shape, generator=generator) >= self.dropout.p
+        return w * keep / (1 - self.dropout.p)
+
+
+CORPUS += [
+    _bug(CA, DropoutGeneratorFromInitialSeed, "history", ["train-masks-vary"],
+         "dropout drawn from a generator seeded with torch.initial_seed() in forward: every training step the same mask"),
 ]
