@@ -471,6 +471,11 @@ class Case:
             raise NotApplicable("attention weights are not observable (no softmax over num_tokens keys, no "
                                 "scaled_dot_product_attention or multi_head_attention_forward call)", structural=False)
         T, heads = x.shape[-2], self.kind.attention_heads(self.cfg)
+        folded = next((h for h in probe.observation.heads if h.rows_axis is not None), None)
+        if folded:  # an axis of num_tokens was taken for the queries (the K/V heads, the batch), wrongly
+            raise NotApplicable(f"the softmax output {tuple(folded.raw_weights.shape)} is multiplied into the values "
+                                f"with {folded.raw_weights.shape[folded.rows_axis]} rows per matrix, not {T} queries "
+                                f"(queries folded with another axis?): its query axis is not observable", structural=False)
         expected = math.prod(x.shape[:-2]) * heads * T * T
         seen = sum(h.raw_weights.numel() for h in probe.observation.heads)
         if seen != expected:  # softmax calls over num_tokens keys that are not the whole attention (one per query row...)

@@ -70,6 +70,7 @@ class Head:
     raw_dropped: torch.Tensor = None  # the output of a train-mode dropout applied to these weights, if seen
     source: str = "softmax"  # or the fused call the weights were computed from
     dropout_p: float = None  # the dropout a fused call was asked for
+    rows_axis: int = None  # set when the weights are applied with rows along another axis than ``axes`` says
 
     @property
     def scores(self):
@@ -189,7 +190,10 @@ class AttentionProbe(TorchFunctionMode):
                 head = self._open
                 head.raw_applied, head.applied_axes = operand.detach().clone(), axes
                 if operand.shape == head.raw_weights.shape and axes[1] == head.axes[1]:
-                    head.axes = axes  # the same layout: the consumer tells the query axis
+                    if operand.shape[axes[0]] == self.num_tokens:
+                        head.axes = axes  # the same layout: the consumer tells the query axis
+                    elif axes[0] != head.axes[0]:  # its rows are not queries: e.g. query heads folded in ("packed GQA")
+                        head.rows_axis = axes[0]
             self._open, self._derived = None, {}
             return
         if func in DROPOUT and isinstance(out, torch.Tensor) and out.shape == self._open.raw_weights.shape:

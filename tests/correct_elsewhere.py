@@ -1006,3 +1006,32 @@ class QueryChunkedMHA(MultiHeadAttention):
 
 
 MODULES += [("mha", "QueryChunkedMHA")]
+
+
+class PackedGroupsGQA(GroupedQueryAttention):
+    """Kind gqa, flash kernels' "pack GQA": each group of num_heads / num_kv_heads query heads is folded into the query
+    axis, (b, kv, group * T, head_dim), against its one K/V head (no repeat_kv); row r is query position r % T. Red-team
+    pass 11: when num_kv_heads == num_tokens the softmax looks like (..., query, key) with the K/V heads as queries, and
+    three weight invariants broadcast T x T masks over (group * T) x T matrices: attnspec's internal error."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        if use_cache:
+            return super().forward(x, use_cache=True, attention_mask=attention_mask)
+        b, T, _ = x.shape
+        kv, group, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q = self.W_query(x).view(b, T, self.num_heads, hd).transpose(1, 2)
+        k = self.W_key(x).view(b, T, kv, hd).transpose(1, 2)
+        v = self.W_value(x).view(b, T, kv, hd).transpose(1, 2)
+        q, k = self.rope(q, 0), self.rope(k, 0)
+        mask = self.mask.bool()[:T, :T]
+        if attention_mask is not None:
+            mask = (mask | self.padded(attention_mask, 0)).repeat(1, 1, group, 1)  # (b, 1, group * T, T)
+        else:
+            mask = mask.repeat(group, 1)  # (group * T, T): row r is query r % T
+        scores = (q.reshape(b, kv, group * T, hd) @ k.transpose(2, 3)).masked_fill(mask, -torch.inf)
+        weights = self.dropout(torch.softmax(scores / hd**0.5, dim=-1))
+        context = (weights @ v).reshape(b, self.num_heads, T, hd)
+        return self.out_proj(context.transpose(1, 2).contiguous().view(b, T, self.d_out))
+
+
+MODULES += [("gqa", "PackedGroupsGQA")]

@@ -108,3 +108,19 @@ def test_a_prefix_computed_in_other_chunks_is_judged_against_the_modules_own_rou
     (result,) = check_target(resolve(f"mha={FILE}:QueryChunkedMHA"), Options(only=("prefix-consistency",)),
                              example=example).results
     assert result.status == "pass", result
+
+
+@pytest.mark.parametrize("inv,example", [
+    ("sliding-window-weights", '{"d_in":8,"d_out":16,"num_heads":8,"context_length":2,"num_tokens":2,"batch":6,'
+     '"dropout":0.2,"qkv_bias":false,"dtype":"float64","scale":1000.0,"seed":241,"device":"cpu","offset":10.0,'
+     '"num_kv_heads":2,"rope_base":500000.0,"window":2}'),
+    ("masked-softmax-renormalized", '{"d_in":6,"d_out":16,"num_heads":4,"context_length":2,"num_tokens":2,"batch":3,'
+     '"dropout":0.0,"qkv_bias":true,"dtype":"bfloat16","scale":100.0,"seed":65536,"device":"cpu","offset":0.0,'
+     '"num_kv_heads":2}')])
+def test_weights_laid_out_otherwise_than_the_softmax_says_are_not_observable(inv, example):
+    """Red-team pass 11's counterexamples (internal errors before): the query heads of a group folded into the query
+    axis, with as many K/V heads as tokens: the softmax output, multiplied into the values as (group * T) x T matrices,
+    has no axis of queries: n/a for that example, and no internal error."""
+    (result,) = check_target(resolve(f"gqa={FILE}:PackedGroupsGQA"), Options(only=(inv,)),
+                             example=Config.from_json(example)).results
+    assert result.status == "not-applicable" and "query axis is not observable" in result.reason, result
