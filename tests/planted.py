@@ -2464,3 +2464,22 @@ CORPUS += [
     _bug(CA, DropoutGeneratorFromInitialSeed, "history", ["train-masks-vary"],
          "dropout drawn from a generator seeded with torch.initial_seed() in forward: every training step the same mask"),
 ]
+
+
+class CacheKeptInFirstGenerationsDtype(GroupedQueryAttention):
+    """Red-team pass 11: a static KV cache allocated at the first generation and kept across reset_cache() (only its
+    write position goes back, as Hugging Face's StaticCache.reset) holds keys and values in that generation's dtype:
+    after one in bfloat16, float32 decoding reads them rounded."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        out = super().forward(x, use_cache=use_cache, attention_mask=attention_mask)
+        if use_cache:
+            kept = self.__dict__.setdefault("cache_dtype", x.dtype)
+            self.cache_k, self.cache_v = (t.to(kept).to(t.dtype) for t in (self.cache_k, self.cache_v))
+        return out
+
+
+CORPUS += [
+    _bug(GQA, CacheKeptInFirstGenerationsDtype, "history", ["kv-cache-decoding"],
+         "the KV cache keeps the dtype of the module's first generation: float32 decoding after bfloat16 is rounded"),
+]

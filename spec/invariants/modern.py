@@ -8,6 +8,7 @@ from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import PADDING_KINDS, invariant
 from attnspec.invariants.causality import _confirmed, _cuts, _magnitude, _replicas
+from attnspec.invariants.history import _fresh_with_parameters_of
 from attnspec.invariants.weights import _first, observed_and_reference_weights, stacked
 from attnspec.strategies import REGIMES, WIDE_SCALES
 from attnspec.tolerance import (ROPE_ANGLES, allowed_error, assert_close, held_dtype, ill_conditioned,
@@ -192,11 +193,12 @@ def sliding_window_weights(case):
 CACHE_KINDS = ("gqa",)
 
 
-def _cached_call(case, x, start, end, full, label, **kwargs):
-    """module(x[:, start:end], use_cache=True, **kwargs), guarded; Violation unless it is a tensor shaped like
-    full[:, start:end] (the output of the whole sequence's forward at those positions)."""
+def _cached_call(case, x, start, end, full, label, module=None, **kwargs):
+    """module(x[:, start:end], use_cache=True, **kwargs) (the case's module by default), guarded; Violation unless it
+    is a tensor shaped like full[:, start:end] (the output of the whole sequence's forward at those positions)."""
     what = f"forward(x[:, {start}:{end}], use_cache=True) {label}"
-    out = case.guard(what, case.module, x[:, start:end].contiguous(), use_cache=True, **kwargs)
+    out = case.guard(what, case.module if module is None else module, x[:, start:end].contiguous(), use_cache=True,
+                     **kwargs)
     expected = tuple(full[:, start:end].shape)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -239,7 +241,7 @@ def _in_mode(case, what, fn, *args):
            "decoding through the module's KV cache, forward(x[:, s:e], use_cache=True) piece by piece (token by "
            "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; a plain forward "
            "midway neither reads nor writes the cache; after crop_cache(k), forward(x[:, k:], use_cache=True) gives forward(x)[:, k:] "
-           "(k at or past the cached tokens: a no-op)",
+           "(k at or past the cached tokens: a no-op); and so after a generation in bfloat16 and reset_cache()",
            CACHE_KINDS, "forward", min_tokens=2, regimes=REGIMES[:-1] + ("longest",),
            extreme_dtype="bfloat16")  # (bfloat16 positions past 256)
 def kv_cache_decoding(case):
@@ -293,6 +295,32 @@ def kv_cache_decoding(case):
             _in_mode(case, f"crop_cache({k})", module.crop_cache, k)
             decode(k, T - k, f"decoding after crop_cache({k}) of {T} cached tokens")
     _in_mode(case, "reset_cache()", module.reset_cache)
+    _after_decoding_in_bfloat16(case, x, full)
+
+
+def _after_decoding_in_bfloat16(case, x, full):
+    """A fresh module's first generation in bfloat16 (module.to(bfloat16), a cached prefill, reset_cache(), module.to
+    back) leaves no trace: decoding in x's dtype in two pieces then gives its plain forward(x). A static cache
+    allocated at its first use and kept across reset_cache() (Hugging Face's StaticCache.reset moves only the write
+    position) stores the keys and values rounded to bfloat16. Skipped in bfloat16 itself and where the module does
+    not run in bfloat16."""
+    low, T = torch.bfloat16, x.shape[-2]
+    if x.dtype == low:
+        return
+    module = _fresh_with_parameters_of(case, case.module)
+    _in_mode(case, "module.to(torch.bfloat16)", module.to, low)
+    try:
+        _cached_call(case, x.to(low), 0, T, full, "(a prefill in bfloat16)", module=module)
+    except Violation:  # bfloat16 unsupported, or wrong in bfloat16: the other invariants' finding
+        return
+    _in_mode(case, "reset_cache()", module.reset_cache)
+    _in_mode(case, f"module.to({x.dtype})", module.to, x.dtype)
+    rounded = case.forward(x, module=module)  # (its parameters went through bfloat16: its own forward is the reference)
+    for start, end in ((0, T // 2), (T // 2, T)):
+        out = _cached_call(case, x, start, end, rounded, "after a generation in bfloat16 and reset_cache()", module=module)
+        assert_close(out, rounded[:, start:end], dtype=x.dtype, magnitude=_magnitude(rounded, x),
+                     what=f"decoding positions {start}..{end - 1} in {x.dtype} after a first generation in bfloat16 "
+                          f"(module.to(bfloat16), a cached prefill, reset_cache(), module.to({x.dtype})) vs forward(x)")
 
 
 def _padding(case, x):
