@@ -218,7 +218,7 @@ LANDMARKS = (
     dict(num_tokens=1031, context_length=1031, batch=2, num_heads=2, head_dim=8, d_in=8, group=1),
     # Long and wide at once, batch 4, groups of 4: tiled kernels taken for head_dim >= 64 past 128 tokens, head_dim
     # 96 (Phi-3) padded to a power of two, packed GQA groups, packed prefill of a batch of prompts.
-    dict(num_tokens=300, context_length=300, batch=4, num_heads=4, head_dim=96, d_in=16, group=4),
+    dict(num_tokens=200, context_length=200, batch=4, num_heads=4, head_dim=96, d_in=16, group=4),
     # Llama's head_dim 128 with batch x heads 68 (scale tables keyed by head size, bmm paths that fold heads into
     # the batch past 64).
     dict(num_tokens=9, context_length=16, batch=17, num_heads=4, head_dim=128, d_in=16, group=2),
