@@ -393,8 +393,10 @@ class Case:
         module = self.module if module is None else module
         if seed_salt is not None:
             self.seed(self.cfg.seed + seed_salt)
-        else:  # (each call's state changes are undone afterwards, the RNG's included: put back where it left it)
-            self._set_rng(self.rng_after)
+        elif self.rng_after is None:
+            raise InternalError("Case.forward(seed_salt=None) before any forward of this case: no RNG state to go on from")
+        else:  # (each call's state changes are undone afterwards, the RNG's included: put back where the last forward,
+            self._set_rng(self.rng_after)  # of whichever module, left it)
         self.returned = None
         step = _Step("forward")
         autograd = AUTOGRAD_MODES[self.inference(train, needs_grad)]()

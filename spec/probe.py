@@ -192,7 +192,7 @@ class AttentionProbe(TorchFunctionMode):
                 if operand.shape == head.raw_weights.shape and axes[1] == head.axes[1]:
                     if operand.shape[axes[0]] == self.num_tokens:
                         head.axes = axes  # the same layout: the consumer tells the query axis
-                    elif axes[0] != head.axes[0]:  # its rows are not queries: e.g. query heads folded in ("packed GQA")
+                    else:  # its rows are not queries: e.g. query heads folded into the query axis ("packed GQA")
                         head.rows_axis = axes[0]
             self._open, self._derived = None, {}
             return

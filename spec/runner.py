@@ -395,10 +395,15 @@ def check_invariant(inv, target, options, example=None):
                               f"the module is nondeterministic]")
         return failed()
     if inv.landmarks and not options.sizes and not options.regimes:  # real sizes, after the readable search
-        for cfg in landmarks(target.kind, _unadjusted_simplest(_drawn_configs(inv, target.kind, options))):
+        extreme = inv.configs.get("extreme_dtype")
+        for cfg in landmarks(target.kind, _unadjusted_simplest(_drawn_configs(inv, target.kind, options)),
+                             dtype=extreme if extreme in options.dtypes else None):
             try:
                 run_example(inv, target, adjusted(target.adapter, cfg), tally, options.time_limit)
             except Violation:
+                cfg, message = tally.failure
+                tally.failure = (cfg, f"{message} [at a landmark size (strategies.LANDMARKS), checked after a search "
+                                      f"that passed: not shrunk]")
                 return failed()
     if tally.internal:
         return internal()

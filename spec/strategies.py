@@ -225,10 +225,11 @@ LANDMARKS = (
 )
 
 
-def landmarks(kind, simplest):
+def landmarks(kind, simplest, dtype=None):
     """The LANDMARKS as configurations of ``kind``: the sizes as ``configs`` lays them out for the kind, grouped K/V
-    heads and Llama's rotary embeddings where the kind has them, the rest from ``simplest`` (the invariant's own
-    simplest configuration: its dtype, dropout, scale)."""
+    heads and Llama's rotary embeddings where the kind has them, in ``dtype`` (else the simplest's; an invariant's
+    ``extreme_dtype``: large sizes in float32, where the comparison is well conditioned), the rest from ``simplest``
+    (the invariant's own simplest configuration: its dropout, scale, seed)."""
     found = []
     for size in LANDMARKS:
         heads = size["num_heads"] if kind.multi_head else 1
@@ -239,7 +240,7 @@ def landmarks(kind, simplest):
         found.append(simplest.replace(d_in=d_out if kind.structure == "block" else size["d_in"], d_out=d_out,
                                       num_heads=heads, context_length=size["context_length"],
                                       num_tokens=size["num_tokens"], batch=size["batch"] if kind.batched else 1,
-                                      **features))
+                                      dtype=dtype or simplest.dtype, **features))
     return found
 
 

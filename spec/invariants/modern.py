@@ -308,19 +308,24 @@ def _after_decoding_in_bfloat16(case, x, full):
     if x.dtype == low:
         return
     module = _fresh_with_parameters_of(case, case.module)
-    _in_mode(case, "module.to(torch.bfloat16)", module.to, low)
     try:
+        module = _converted(module, _in_mode(case, "module.to(torch.bfloat16)", module.to, low))
         _cached_call(case, x.to(low), 0, T, full, "(a prefill in bfloat16)", module=module)
     except Violation:  # bfloat16 unsupported, or wrong in bfloat16: the other invariants' finding
         return
     _in_mode(case, "reset_cache()", module.reset_cache)
-    _in_mode(case, f"module.to({x.dtype})", module.to, x.dtype)
+    module = _converted(module, _in_mode(case, f"module.to({x.dtype})", module.to, x.dtype))
     rounded = case.forward(x, module=module)  # (its parameters went through bfloat16: its own forward is the reference)
     for start, end in ((0, T // 2), (T // 2, T)):
         out = _cached_call(case, x, start, end, rounded, "after a generation in bfloat16 and reset_cache()", module=module)
         assert_close(out, rounded[:, start:end], dtype=x.dtype, magnitude=_magnitude(rounded, x),
                      what=f"decoding positions {start}..{end - 1} in {x.dtype} after a first generation in bfloat16 "
                           f"(module.to(bfloat16), a cached prefill, reset_cache(), module.to({x.dtype})) vs forward(x)")
+
+
+def _converted(module, returned):
+    """What module.to(...) returned when it is a module (nn.Module.to returns the module itself), else the module."""
+    return returned if isinstance(returned, torch.nn.Module) else module
 
 
 def _padding(case, x):
