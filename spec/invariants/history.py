@@ -113,22 +113,37 @@ def _padded_call(case, x):
     return [(x, False, real)]
 
 
+def after_a_first_call_in_bfloat16(case, x, first_call):
+    """A fresh module with the case's parameters after module.to(bfloat16), ``first_call(module, x in bfloat16)`` and
+    module.to(x's dtype) (what each ``to`` returns, when it is a module); None in bfloat16 itself, or where the call in
+    bfloat16 fails (unsupported, or wrong there: the other invariants' finding). The ``to`` calls are guarded module
+    code: one that raises fails the invariant."""
+    low = torch.bfloat16
+    if x.dtype == low:
+        return None
+    module = _fresh_with_parameters_of(case, case.module)
+    module = _converted(module, case.guard("module.to(torch.bfloat16)", module.to, low))
+    try:
+        first_call(module, x.to(low))
+    except Violation:
+        return None
+    return _converted(module, case.guard(f"module.to({x.dtype})", module.to, x.dtype))
+
+
+def _converted(module, returned):
+    """What module.to(...) returned when it is a module (nn.Module.to returns the module itself), else the module."""
+    return returned if isinstance(returned, torch.nn.Module) else module
+
+
 def _after_a_lower_precision_call(case, x):
     """A fresh module's first call in bfloat16 (module.to(bfloat16), forward, module.to back) leaves no trace:
     its next output in x's dtype equals that of a module given the same (rounded) parameters and floating
     buffers (a rotary table or a float mask is rounded by the round trip too) and never called. A cache
     built at the first call and kept in that call's precision (Hugging Face's former rotary cos/sin cache)
     shows. Skipped in bfloat16 itself and where the module does not run in bfloat16."""
-    low = torch.bfloat16
-    if x.dtype == low:
+    module = after_a_first_call_in_bfloat16(case, x, lambda module, low_x: case.forward(low_x, module=module))
+    if module is None:
         return
-    module = _fresh_with_parameters_of(case, case.module)
-    case.guard("module.to(torch.bfloat16)", module.to, low)
-    try:
-        case.forward(x.to(low), module=module)
-    except Violation:  # bfloat16 unsupported, or wrong in bfloat16: the other invariants' finding
-        return
-    case.guard(f"module.to({x.dtype})", module.to, x.dtype)
     never_called = _fresh_with_parameters_of(case, module)
     buffers = dict(module.named_buffers())
     with torch.no_grad():

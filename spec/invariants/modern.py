@@ -8,7 +8,7 @@ from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import PADDING_KINDS, invariant
 from attnspec.invariants.causality import _confirmed, _cuts, _magnitude, _replicas
-from attnspec.invariants.history import _fresh_with_parameters_of
+from attnspec.invariants.history import after_a_first_call_in_bfloat16
 from attnspec.invariants.weights import _first, observed_and_reference_weights, stacked
 from attnspec.strategies import REGIMES, WIDE_SCALES
 from attnspec.tolerance import (ROPE_ANGLES, allowed_error, assert_close, held_dtype, ill_conditioned,
@@ -304,28 +304,18 @@ def _after_decoding_in_bfloat16(case, x, full):
     allocated at its first use and kept across reset_cache() (Hugging Face's StaticCache.reset moves only the write
     position) stores the keys and values rounded to bfloat16. Skipped in bfloat16 itself and where the module does
     not run in bfloat16."""
-    low, T = torch.bfloat16, x.shape[-2]
-    if x.dtype == low:
-        return
-    module = _fresh_with_parameters_of(case, case.module)
-    try:
-        module = _converted(module, _in_mode(case, "module.to(torch.bfloat16)", module.to, low))
-        _cached_call(case, x.to(low), 0, T, full, "(a prefill in bfloat16)", module=module)
-    except Violation:  # bfloat16 unsupported, or wrong in bfloat16: the other invariants' finding
+    T = x.shape[-2]
+    module = after_a_first_call_in_bfloat16(
+        case, x, lambda module, low_x: _cached_call(case, low_x, 0, T, full, "(a prefill in bfloat16)", module=module))
+    if module is None:
         return
     _in_mode(case, "reset_cache()", module.reset_cache)
-    module = _converted(module, _in_mode(case, f"module.to({x.dtype})", module.to, x.dtype))
     rounded = case.forward(x, module=module)  # (its parameters went through bfloat16: its own forward is the reference)
     for start, end in ((0, T // 2), (T // 2, T)):
         out = _cached_call(case, x, start, end, rounded, "after a generation in bfloat16 and reset_cache()", module=module)
         assert_close(out, rounded[:, start:end], dtype=x.dtype, magnitude=_magnitude(rounded, x),
                      what=f"decoding positions {start}..{end - 1} in {x.dtype} after a first generation in bfloat16 "
                           f"(module.to(bfloat16), a cached prefill, reset_cache(), module.to({x.dtype})) vs forward(x)")
-
-
-def _converted(module, returned):
-    """What module.to(...) returned when it is a module (nn.Module.to returns the module itself), else the module."""
-    return returned if isinstance(returned, torch.nn.Module) else module
 
 
 def _padding(case, x):
