@@ -219,6 +219,8 @@ LANDMARKS = (
     # Long and wide at once, batch 4, groups of 4: tiled kernels taken for head_dim >= 64 past 128 tokens, head_dim
     # 96 (Phi-3) padded to a power of two, packed GQA groups, packed prefill of a batch of prompts.
     dict(num_tokens=200, context_length=200, batch=4, num_heads=4, head_dim=96, d_in=16, group=4),
+    # GPT-2's head_dim 64 past 512 tokens (long-context kernels and split-KV paths chosen by head size and length).
+    dict(num_tokens=520, context_length=520, batch=1, num_heads=1, head_dim=64, d_in=8, group=1),
     # Llama's head_dim 128 with batch x heads 68 (scale tables keyed by head size, bmm paths that fold heads into
     # the batch past 64).
     dict(num_tokens=9, context_length=16, batch=17, num_heads=4, head_dim=128, d_in=16, group=2),

@@ -2421,6 +2421,16 @@ class TileLocalMaskWhenWideAndLong(MHASteps):
         return s.masked_fill(torch.arange(T)[None, :] % 128 > torch.arange(T)[:, None], -torch.inf)
 
 
+class LongContextPathHalfScale(MHASteps):
+    """Written at the tenth session's review: a long-context path taken for head_dim >= 64 past 512 tokens scales the
+    scores by 1/sqrt(head_dim / 2)."""
+
+    def normalize(self, s, d_k):
+        if d_k < 64 or s.shape[-1] <= 512:
+            return super().normalize(s, d_k)
+        return torch.softmax(s / (d_k / 2) ** 0.5, dim=-1)
+
+
 class QueryChunksDropTheTail(MHASteps):
     """Red-team pass 11: past 2**22 scores (batch x heads x T x T) the queries go in chunks of 2**22 // (batch x heads x
     T); the loop covers T // chunk whole chunks and leaves the last T % chunk queries' weights at zero."""
@@ -2438,6 +2448,8 @@ CORPUS += [
     _bug(MHA, ScaleTableHeadDim128, "size", ["oracle-float64"], "the softmax scale for head_dim 128 is 1/sqrt(64)"),
     _bug(MHA, TileLocalMaskWhenWideAndLong, "size", ["oracle-float64"],
          "head_dim >= 64 past 128 tokens: key tiles of 128 masked with tile-local key indices (future keys leak)"),
+    _bug(MHA, LongContextPathHalfScale, "size", ["oracle-float64"],
+         "head_dim >= 64 past 512 tokens: the scores scaled by 1/sqrt(head_dim / 2)"),
     _bug(MHA, QueryChunksDropTheTail, "size", ["oracle-float64"],
          "past 2**22 scores, queries in chunks: the last T % chunk queries are left at zero"),
     _bug(MHA, FoldedBmmWithoutTranspose, "size", ["oracle-float64"],

@@ -293,7 +293,8 @@ def test_warm_calls_run_in_the_examples_autograd_mode():
 
 def test_landmarks_are_valid_configurations_of_every_kind_they_apply_to():
     """The real sizes (strategies.LANDMARKS) fit each kind: past 1024 tokens with more than 2**22 scores; long and
-    wide together (head_dim 96, 200 tokens, batch 4, groups of 4); head_dim 128 with more than 64 batch x heads;
+    wide together (head_dim 96, 200 tokens, batch 4, groups of 4); head_dim 64 past 512 tokens; head_dim 128 with more
+    than 64 batch x heads;
     grouped K/V heads and rotary embeddings where the kind has them."""
     inv = BY_ID["oracle-float64"]
     assert inv.landmarks and not BY_ID["gradient-oracle"].landmarks
@@ -303,9 +304,10 @@ def test_landmarks_are_valid_configurations_of_every_kind_they_apply_to():
         found = landmarks(kind, simplest_config(inv, resolve(next(b for b in BUNDLED if b.startswith(f"{kind.name}="))),
                                                 Options()))
         assert len(found) == len(LANDMARKS) and all(kind.invalid_reason(cfg) is None for cfg in found), kind.name
-        long, both, wide = found
+        long, both, long_wide, wide = found
         head = (lambda cfg: cfg.head_dim) if kind.head_split else (lambda cfg: cfg.d_out)  # (a wrapper's heads: d_out each)
         assert long.num_tokens > 1024 and head(both) == 96 and both.num_tokens > 128 and head(wide) == 128
+        assert head(long_wide) == 64 and long_wide.num_tokens > 512
         if kind.batched and kind.multi_head:
             assert long.batch * long.num_heads * long.num_tokens**2 > 2**22 and wide.batch * wide.num_heads > 64
         assert (wide.kv_heads < wide.num_heads) == bool(kind.grouped_kv) and (wide.rope_base is not None) == bool(kind.rotary)
