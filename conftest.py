@@ -4,8 +4,10 @@ the bundled modules are its targets through ``attnspec_targets`` in pyproject.to
 
 The repository's own tests (planted bugs, adapters, ...) call the runner without an explicit profile:
 they run under attnspec's profile, loaded here for this repository only (attnspec-ci when $CI is set,
-else attnspec-dev), with one torch thread (the tensors are tiny; parallelism comes from xdist)."""
+else attnspec-dev), with one torch thread (the tensors are tiny; parallelism comes from xdist).
+Tests marked ``slow`` run first: one left for the end keeps one worker busy while the other waits."""
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -13,3 +15,9 @@ from attnspec import profiles
 
 settings.load_profile(profiles.default_profile())
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """The slow tests first, the rest in collection order (a stable sort: every xdist worker gets the same order)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

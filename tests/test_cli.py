@@ -276,6 +276,7 @@ def test_list_prints_every_invariant_id():
     assert len(CATALOGUE) >= 20
 
 
+@pytest.mark.slow
 def test_fresh_process_entry_points(tmp_path):
     """The real entry points, cold: `python -m spec` (a violation beside a good target, a usage error)
     and the installed `attnspec` console script."""

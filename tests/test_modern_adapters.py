@@ -47,6 +47,7 @@ def attnspec(*args, tmp_path):
 
 # --- 1. the adapters pass -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_modern_adapters_pass_without_kind(tmp_path):
     targets = [f"attnspec.adapters.transformers:{name}" for name in MODERN]
     code, output, report = attnspec("check", *targets, "--profile", "ci", "--max-examples", str(MAX_EXAMPLES),

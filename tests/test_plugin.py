@@ -8,6 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts pytest in a fresh process
+
 CONFTEST = textwrap.dedent('''\
     import torch
     from hypothesis import settings

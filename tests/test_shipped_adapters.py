@@ -109,6 +109,7 @@ def _assert_all_pass(targets, tmp_path, fused):
     return output, report, md
 
 
+@pytest.mark.slow
 def test_torch_adapters_pass_without_kind(tmp_path):
     targets = [f"attnspec.adapters.torch:{name}" for name in TORCH_ADAPTERS]
     output, report, md = _assert_all_pass(targets, tmp_path, fused=lambda t: True)
@@ -121,6 +122,7 @@ def test_torch_adapters_pass_without_kind(tmp_path):
 
 
 @needs_transformers
+@pytest.mark.slow
 def test_transformers_adapters_pass_without_kind(tmp_path):
     targets = [f"attnspec.adapters.transformers:{name}" for name in HF_ADAPTERS]
     _, report, _ = _assert_all_pass(targets, tmp_path, fused=lambda t: t.endswith("SDPA"))
