@@ -105,8 +105,10 @@ def fresh(tmp_path_factory):
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    shared = base / "shared"  # links to the reused third-party packages: no numpy, no attnspec
-    shared.mkdir()
+    # links to the reused third-party packages (no numpy, no attnspec), in a directory named site-packages as
+    # theirs is: Hypothesis reads the constants of every module outside one (all of torch: ~9 s a pytest run)
+    shared = base / "shared" / "site-packages"
+    shared.mkdir(parents=True)
     site = Path(sysconfig.get_paths()["purelib"])
     for entry in site.iterdir():
         if entry.name.lower().startswith(SHARED) and not entry.name.startswith(("pytest_", "numpy")) \
