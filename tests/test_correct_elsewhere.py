@@ -14,7 +14,7 @@ from attnspec.targets import resolve
 
 HERE = Path(__file__).resolve().parent
 FILE = HERE / "correct_elsewhere.py"
-MAX_EXAMPLES = 10  # per invariant; the simplest configuration is always tried first as well
+MAX_EXAMPLES = 8  # per invariant (the ci gate draws up to 25); the simplest configuration is always tried first as well
 
 # name -> (invariant id, why) for violations that are real, although the module is correct in exact
 # arithmetic: softmax over all positions, then tril and divide by the row sum: when a future score
