@@ -1,5 +1,3 @@
-import sys
+from attnspec.cli import console
 
-from attnspec.cli import main
-
-sys.exit(main())
+console()
