@@ -45,10 +45,15 @@ def softmax(scores):
 
 def attention_weights(queries, keys, causal, d_k=None, window=None):
     """softmax(Q K^T / sqrt(d_k)), masked scores (causal_mask) set to -inf first when causal. (..., T, T).
-    d_k defaults to the key width (the head dim)."""
-    scores = queries @ keys.transpose(-2, -1) / math.sqrt(d_k or keys.shape[-1])
+    d_k defaults to the key width (the head dim). In float64 the queries are scaled (one pass over (T, d), not
+    (T, T): the same weights to ~1e-16); in a low precision the scores, as the seed does."""
+    scale = math.sqrt(d_k or keys.shape[-1])
+    if queries.dtype == torch.float64:
+        scores = (queries / scale) @ keys.transpose(-2, -1)
+    else:
+        scores = queries @ keys.transpose(-2, -1) / scale
     if causal:
-        scores = scores.masked_fill(causal_mask(scores.shape[-1], scores.device, window), -math.inf)
+        scores.masked_fill_(causal_mask(scores.shape[-1], scores.device, window), -math.inf)
     return softmax(scores)
 
 

@@ -377,9 +377,6 @@ class Supervisor:
     def run(self):
         try:
             self._preload()
-            if _context(self.options.device).get_start_method() == "fork":  # (a forkserver's workers would not inherit them)
-                for kind in {job.target.kind for job in self.jobs if job.target.kind is not UNRESOLVED}:
-                    prepare_simplest(kind, self.options)  # before the forks: every worker starts with them
             self._resolve_all()
             if self.on_resolved:
                 self.on_resolved([job.target for job in self.jobs])
@@ -407,13 +404,19 @@ class Supervisor:
     def _resolve_all(self):
         """Every target imported before anything is checked: a usage error stops the run (exit 2). A run
         of fewer targets than JOBS starts each target's second worker now, so that its import overlaps
-        the first worker's (it takes work once output-contract holds)."""
+        the first worker's (it takes work once output-contract holds). While the first workers import, a
+        forking supervisor finds the simplest configurations (``prepare_simplest``), which later workers inherit."""
         pending = list(self.jobs) + self.jobs[:max(0, JOBS - len(self.jobs))]
+        prepared = _context(self.options.device).get_start_method() != "fork"  # (a forkserver's workers would not inherit)
         while self.stopped is None:
             resolving = [w for w in self.workers if w.state == "resolving"]
             while pending and len(resolving) < JOBS:
                 self._start(pending[0])
                 resolving.append(pending.pop(0).workers[-1])
+            if not prepared:  # while the first workers import: every worker forked later starts with them
+                prepared = True
+                for kind in {job.target.kind for job in self.jobs if job.target.kind is not UNRESOLVED}:
+                    prepare_simplest(kind, self.options)
             if not pending and not resolving:
                 return
             self._step()
