@@ -495,7 +495,38 @@ class Case:
             why = projection_layout(self.target.adapter, module)
             raise NotApplicable("the projections are not found (" + (why if why not in ("not found", "the adapter's "
                                 "projections()") else "no W_query/W_key/W_value") + "; an adapter can name them)")
+        parts = self._reading(module, parts)
         problem = self.kind.projection_problem(self.cfg, parts)
         if problem:
             raise NotApplicable(problem)
         return parts
+
+    def _reading(self, module, parts):
+        """Where the layout alone cannot tell how the parameters are read (a fused q/k/v per head or in thirds, a
+        bare 2-D Parameter (in, out) or (out, in), a feed-forward's two Linears; ``targets.readings``), the one of
+        those that fit the configuration under which the float64 oracle is closest to the module's own eval
+        output on this case's input. Every reading is a legitimate parametrization of attention, so a wrong
+        module fails under each; only an adapter's own projections() are taken as given."""
+        from attnspec import oracle
+        from attnspec.targets import Adapter, readings  # (targets imports this module)
+
+        if getattr(self.target.adapter.projections, "__func__", None) is not Adapter.projections:
+            return parts
+        fitting = [p for p in [parts, *readings(module, parts, self.kind.oracle_heads(self.cfg)[0])]
+                   if not self.kind.projection_problem(self.cfg, p)]
+        if len(fitting) < 2:
+            return fitting[0] if fitting else parts
+        if getattr(self, "_reading_index", None) is None:
+            x = self.input()
+            out = self.forward(x, module=module).double()
+
+            def error(candidate):
+                try:
+                    ref = oracle.reference(self.kind, self.cfg, candidate, x, gelu=self.contract.gelu)
+                    return (out - ref).abs().max().item() if ref.shape == out.shape else math.inf
+                except RuntimeError:  # (shapes that do not chain: not this module's reading)
+                    return math.inf
+
+            errors = [error(p) for p in fitting]
+            self._reading_index = min(range(len(fitting)), key=lambda i: (errors[i], i))
+        return fitting[min(self._reading_index, len(fitting) - 1)]

@@ -222,6 +222,11 @@ class Kind:
                     f"{cfg.num_heads} (the wrapper's heads): an adapter can name them per head")
         if self.structure != "wrapper" and not isinstance(parts, dict):
             return f"the projections found are a {type(parts).__name__}, not named query/key/value projections"
+        att = parts.get("att") if self.structure == "block" else parts if self.structure == "attention" else None
+        widths = {n: tuple(att[n][0].shape) for n in ("query", "key", "value") if isinstance(att, dict) and n in att}
+        if any(len(shape) != 2 or shape[1] != cfg.d_in for shape in widths.values()):
+            return (f"the projections found have shapes {widths} (nn.Linear's layout, (out, in)), not taking inputs of "
+                    f"d_in={cfg.d_in}: an adapter can say where they are and how they are laid out")
         if not self.grouped_kv:
             return None
         rows = {"query": cfg.num_heads * cfg.head_dim, "key": cfg.kv_heads * cfg.head_dim, "value": cfg.kv_heads * cfg.head_dim}

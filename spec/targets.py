@@ -212,6 +212,49 @@ def find_projections(module):
     return None, ""
 
 
+def _per_head_split(weight, bias, num_heads):
+    """q, k, v of a fused (3d, in) weight laid out per head, [q_h | k_h | v_h] for each head h in turn (GPT-NeoX's
+    and Megatron's ``query_key_value``): row block h of q is rows [3h hd, (3h+1) hd), and so on. Copies."""
+    if weight is None or weight.dim() != 2 or weight.shape[0] % (3 * num_heads):
+        return None
+    hd = weight.shape[0] // (3 * num_heads)
+    w = weight.detach().reshape(num_heads, 3, hd, -1)
+    b = None if bias is None else bias.detach().reshape(num_heads, 3, hd)
+    return {n: (w[:, i].reshape(num_heads * hd, -1), None if b is None else b[:, i].reshape(-1))
+            for i, n in enumerate(("query", "key", "value"))}
+
+
+def _attention_readings(module, parts, num_heads):
+    """Other readings of an attention's q/k/v parameters, each as ``parts`` with its q/k/v replaced: a fused
+    projection per head ([q_h | k_h | v_h], ``_per_head_split``) as well as [Q | K | V]; bare 2-D Parameters under the
+    seed's names in nn.Linear's (out, in) layout as well as SelfAttention_v1's (in, out)."""
+    found = []
+    for name in NAMES["qkv"]:
+        leaf = _linear(getattr(module, name, None))
+        if leaf is not None and _split3(*leaf) is not None:
+            split = _per_head_split(*leaf, num_heads) if num_heads > 1 else None
+            found += [split] if split is not None else []
+            break
+    seed = [getattr(module, NAMES[n][0], None) for n in ("query", "key", "value")]
+    if all(isinstance(p, nn.Parameter) and p.dim() == 2 for p in seed):
+        found.append({n: (p, None) for n, p in zip(("query", "key", "value"), seed)})
+    return [{**parts, **reading} for reading in found]
+
+
+def readings(module, parts, num_heads):
+    """The plausible readings of a module's parameters other than ``parts`` (the default, ``find_projections``):
+    where the layout alone cannot tell, the module's own forward decides between them (``Case.projections``). A
+    block's feed-forward Linears are also read in the other order (registered output first)."""
+    if not isinstance(parts, dict):
+        return []
+    if "att" not in parts:
+        return _attention_readings(module, parts, num_heads)
+    att = _named(module, NAMES["att"], nn.Module)
+    atts = [parts["att"], *(_attention_readings(att, parts["att"], num_heads) if att is not None else [])]
+    ffs = [parts["ff"], parts["ff"][::-1]]
+    return [{**parts, "att": a, "ff": f} for a in atts for f in ffs][1:]
+
+
 def _norm(obj):
     for scale, shift in (("scale", "shift"), ("weight", "bias")):
         s, b = getattr(obj, scale, None), getattr(obj, shift, None)
