@@ -218,21 +218,23 @@ def _modern_features(draw, kind, num_heads, head_dim, num_tokens, require=()):
 LANDMARKS = (
     # Past 1024 tokens (key chunks of 1024, the default of xformers and Rabe-Staats kernels; mask and position buffers
     # capped there), with 17 MB of float32 scores (batch x heads x T x T: past memory budgets that chunk the queries).
-    dict(num_tokens=1031, context_length=1031, batch=2, num_heads=2, head_dim=8, d_in=8, group=1),
+    dict(num_tokens=1031, context_length=1031, batch=2, num_heads=2, head_dim=8, d_in=8, group=1, rope=(1.0, False)),
     # Long and wide at once, batch 4, groups of 4: tiled kernels taken for head_dim >= 64 past 128 tokens, head_dim
-    # 96 (Phi-3) padded to a power of two, packed GQA groups, packed prefill of a batch of prompts.
-    dict(num_tokens=200, context_length=200, batch=4, num_heads=4, head_dim=96, d_in=16, group=4),
+    # 96 (Phi-3) padded to a power of two, packed GQA groups, packed prefill of a batch of prompts; 203 tokens (odd,
+    # as in flash-attention's tests): paths that pad the sequence to a multiple of 8 or 16 and leave the pad unmasked.
+    dict(num_tokens=203, context_length=203, batch=4, num_heads=4, head_dim=96, d_in=16, group=4, rope=(1.0, True)),
     # GPT-2's head_dim 64 past 512 tokens (long-context kernels and split-KV paths chosen by head size and length).
-    dict(num_tokens=520, context_length=520, batch=1, num_heads=1, head_dim=64, d_in=8, group=1),
+    # Rotary on half of the head (GPT-NeoX): a fused long-context rotary path that rotates the whole head.
+    dict(num_tokens=520, context_length=520, batch=1, num_heads=1, head_dim=64, d_in=8, group=1, rope=(0.5, False)),
     # Llama's head_dim 128 with batch x heads 68 (scale tables keyed by head size, bmm paths that fold heads into
     # the batch past 64).
-    dict(num_tokens=9, context_length=16, batch=17, num_heads=4, head_dim=128, d_in=16, group=2),
+    dict(num_tokens=9, context_length=16, batch=17, num_heads=4, head_dim=128, d_in=16, group=2, rope=(0.25, False)),
 )
 
 
 def landmarks(kind, simplest, dtype=None):
     """The LANDMARKS as configurations of ``kind``: the sizes as ``configs`` lays them out for the kind, grouped K/V
-    heads and Llama's rotary embeddings where the kind has them, in ``dtype`` (else the simplest's; an invariant's
+    heads and rotary embeddings (each landmark its fraction of the head and layout) where the kind has them, in ``dtype`` (else the simplest's; an invariant's
     ``extreme_dtype``: large sizes in float32, where the comparison is well conditioned), the rest from ``simplest``
     (the invariant's own simplest configuration: its dropout, scale, seed)."""
     found = []
@@ -241,7 +243,7 @@ def landmarks(kind, simplest, dtype=None):
         d_out = heads * size["head_dim"] if kind.head_split else size["head_dim"]
         features = dict(num_kv_heads=max(1, heads // size["group"])) if kind.grouped_kv else {}
         if kind.rotary:
-            features.update(rope_base=ROPE_BASES[0], rope_fraction=1.0, rope_interleaved=False)
+            features.update(rope_base=ROPE_BASES[0], rope_fraction=size["rope"][0], rope_interleaved=size["rope"][1])
         found.append(simplest.replace(d_in=d_out if kind.structure == "block" else size["d_in"], d_out=d_out,
                                       num_heads=heads, context_length=size["context_length"],
                                       num_tokens=size["num_tokens"], batch=size["batch"] if kind.batched else 1,

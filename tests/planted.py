@@ -2495,3 +2495,52 @@ CORPUS += [
     _bug(GQA, CacheKeptInFirstGenerationsDtype, "history", ["kv-cache-decoding"],
          "the KV cache keeps the dtype of the module's first generation: float32 decoding after bfloat16 is rounded"),
 ]
+
+
+# --- Red-team pass 12: sizes the landmarks did not reach -----------------------------------------------------
+
+
+class PadToMultipleOf8Unmasked(MultiHeadAttention):
+    """Red-team pass 12: a "tensor-core aligned" path for batch x heads > 4 from 16 tokens left-pads the sequence with
+    zero tokens to a multiple of 8 and keeps the last T output rows, without masking the pad: every query attends
+    the pad's keys. Only for T % 8 != 0 (the 203-token landmark)."""
+
+    def forward(self, x):
+        b, T, d = x.shape
+        if b * self.num_heads <= 4 or T < 16 or T % 8 == 0:
+            return super().forward(x)
+        pad = 8 - T % 8
+        xp = torch.cat([x.new_zeros(b, pad, d), x], dim=1)
+        q, k, v = (w(xp).view(b, T + pad, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        s = (q @ k.transpose(2, 3)).masked_fill(torch.ones(T + pad, T + pad, dtype=torch.bool).triu(1), -torch.inf)
+        w = self.dropout(torch.softmax(s / self.head_dim ** 0.5, dim=-1))
+        return self.out_proj((w @ v).transpose(1, 2).reshape(b, T + pad, self.d_out))[:, pad:]
+
+
+class FusedRotaryIgnoresFraction(GroupedQueryAttention):
+    """Red-team pass 12: a fused rotary kernel taken for head_dim >= 64 once positions reach 256 rotates the whole
+    head (rope_fraction ignored: inv_freq over head_dim). Only with partial rotary (the 520-token landmark's half)."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, num_kv_heads=None, qkv_bias=False,
+                 rope_base=None, rope_fraction=1.0, rope_interleaved=False, window=None):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, num_kv_heads, qkv_bias, rope_base,
+                         rope_fraction, rope_interleaved, window)
+        self.base = rope_base
+
+    def rope(self, t, start):
+        end = start + t.shape[2]
+        if self.cos is None or self.head_dim < 64 or end < 256:
+            return super().rope(t, start)
+        base = self.base
+        inv = base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        angles = torch.arange(start, end, dtype=torch.float64)[:, None] * inv
+        return rotate(t, angles.cos().to(t.dtype), angles.sin().to(t.dtype), self.rope_interleaved)
+
+
+CORPUS += [
+    _bug(MHA, PadToMultipleOf8Unmasked, "size", ["oracle-float64"],
+         "batch x heads > 4 from 16 tokens: the sequence left-padded to a multiple of 8, the pad not masked"),
+    _bug(GQA, FusedRotaryIgnoresFraction, "size", ["oracle-float64"],
+         "head_dim >= 64 from position 256: a fused rotary path rotates the whole head, whatever rope_fraction"),
+]
