@@ -2544,3 +2544,77 @@ CORPUS += [
     _bug(GQA, FusedRotaryIgnoresFraction, "size", ["oracle-float64"],
          "head_dim >= 64 from position 256: a fused rotary path rotates the whole head, whatever rope_fraction"),
 ]
+
+
+# --- Red-team pass 12: gradients and call history ----------------------------------------------------------
+
+
+class _SoftmaxGradientInPlace(torch.autograd.Function):
+    """softmax saving its output through .data and computing the gradient in place in it, to save memory."""
+
+    @staticmethod
+    def forward(ctx, s):
+        y = torch.softmax(s, dim=-1)
+        ctx.y = y.data
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y = ctx.y
+        return y.mul_(g - (g * y).sum(-1, keepdim=True))
+
+
+class SoftmaxBackwardOverwritesSaved(CausalAttention):
+    """Red-team pass 12: the softmax's backward overwrites its saved output: the first backward is right, a second
+    one through the same graph (retain_graph=True: two losses, GAN steps) is wrong."""
+
+    def forward(self, x):
+        T = x.shape[1]
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        s = (q @ k.transpose(1, 2)).masked_fill(self.mask.bool()[:T, :T], -torch.inf) / k.shape[-1] ** 0.5
+        return self.dropout(_SoftmaxGradientInPlace.apply(s)) @ v
+
+
+class WeightsListedAtConstruction(MultiHeadAttention):
+    """Red-team pass 12: the q/k/v weights are gathered once, at construction, into a plain list for one fused
+    matmul; load_state_dict(assign=True) (meta-device init, then a checkpoint) puts new Parameters in place and
+    forward keeps the old ones."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
+        self._weights = [self.W_query.weight, self.W_key.weight, self.W_value.weight]
+        self._biases = [self.W_query.bias, self.W_key.bias, self.W_value.bias] if qkv_bias else None
+
+    def forward(self, x):
+        b, T, _ = x.shape
+        qkv = F.linear(x, torch.cat(self._weights), None if self._biases is None else torch.cat(self._biases))
+        q, k, v = qkv.view(b, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:T, :T], -torch.inf)
+        w = self.dropout(torch.softmax(s / self.head_dim ** 0.5, dim=-1))
+        return self.out_proj((w @ v).transpose(1, 2).reshape(b, T, self.d_out))
+
+
+class ProjectionInAClosure(MultiHeadAttention):
+    """Red-team pass 12: the q/k/v projection is a lambda closing over self; copy.deepcopy (an EMA or teacher model)
+    copies functions by reference, so the copy computes with the original's weights."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
+        self._project = lambda x: (self.W_query(x), self.W_key(x), self.W_value(x))
+
+    def forward(self, x):
+        b, T, _ = x.shape
+        q, k, v = (t.view(b, T, self.num_heads, self.head_dim).transpose(1, 2) for t in self._project(x))
+        s = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:T, :T], -torch.inf) / self.head_dim ** 0.5
+        return self.out_proj((self.dropout(torch.softmax(s, dim=-1)) @ v).transpose(1, 2).reshape(b, T, self.d_out))
+
+
+CORPUS += [
+    _bug(CA, SoftmaxBackwardOverwritesSaved, "gradient", ["gradient-oracle"],
+         "a second backward through the same graph (retain_graph=True) gives other gradients: the backward overwrites "
+         "the softmax output it saved"),
+    _bug(MHA, WeightsListedAtConstruction, "call history", ["parameter-update-respected"],
+         "q/k/v weights kept in a plain list: stale after load_state_dict(assign=True)"),
+    _bug(MHA, ProjectionInAClosure, "call history", ["parameter-update-respected"],
+         "q/k/v projection in a lambda over self: a copy.deepcopy computes with the original's weights"),
+]

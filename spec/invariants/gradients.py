@@ -66,10 +66,12 @@ def _train(case):
     return case.cfg.dropout == 0
 
 
-def _vjp(case, x, tensors, unreached=None, train=None):
+def _vjp(case, x, tensors, unreached=None, train=None, twice=False):
     """(output, c, [d<c, forward(x)>/dt for t in tensors]), None-free (zeros where no gradient flows or a
     tensor does not require grad; their indices are added to the set ``unreached`` if one is given).
-    Violation if the output is cut off from autograd. ``train``: the mode, by default ``_train``."""
+    Violation if the output is cut off from autograd. ``train``: the mode, by default ``_train``. ``twice``: a
+    second backward through the same graph (retain_graph=True: several losses, GAN steps) must give the same
+    gradients: a hand-written backward that overwrites what it saved shows."""
     train = _train(case) if train is None else train
     validated = case.inference() == "torch.inference_mode()"
     if validated:  # a validation pass before the training step (Lightning's sanity check): what it caches must not
@@ -89,7 +91,14 @@ def _vjp(case, x, tensors, unreached=None, train=None):
             case.module.train()
             case.seed(case.cfg.seed + 7919)
         try:
-            return torch.autograd.grad(out, wanted, c, allow_unused=True)
+            first = torch.autograd.grad(out, wanted, c, allow_unused=True, retain_graph=twice)
+            if twice:
+                for t, g, again in zip(wanted, first, torch.autograd.grad(out, wanted, c, allow_unused=True)):
+                    if g is not None and again is not None:
+                        assert_close(again, g, dtype=x.dtype, what=f"gradient w.r.t. a tensor of shape {tuple(t.shape)} "
+                                     f"from a second backward through the same graph (retain_graph=True) vs the first: "
+                                     f"the backward changes what it saved?")
+            return first
         finally:
             if train:
                 case.module.eval()
@@ -205,7 +214,7 @@ def _freezing(case, named):
            "train mode, dropout 0: the gradients of <c, forward(x)> w.r.t. x and every projection parameter "
            "equal the float64 oracle's on the module's own parameters (c a random cotangent); also with every "
            "parameter frozen (x's alone), with every other parameter frozen, and with x constant (the parameters' "
-           "alone); in eval mode too",
+           "alone); in eval mode too; a second backward through the same graph gives the same gradients",
            ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=ZERO_OFFSET,
            regimes=(*REGIMES, "longest", "longest"))  # tiled backward kernels branch past 256 tokens as well
 def gradient_oracle(case):
@@ -235,7 +244,7 @@ def gradient_oracle(case):
     constant, frozen, setting = _freezing(case, named)
     x = x.requires_grad_(not constant)  # constant: the first layer, fed data: the parameters' gradients alone
     train = _train(case) and (case.cfg.seed >> 6) % 2 == 0
-    out, c, grads = _vjp(case, x, [x, *named.values()], train=train)
+    out, c, grads = _vjp(case, x, [x, *named.values()], train=train, twice=(case.cfg.seed >> 7) % 2 == 1)
     setting += "" if train else " (eval mode)"
     got = [] if constant else [(0, f"the input x{setting}", grads[0])]  # (index in the oracle's list: x first)
     for i, (label, t) in enumerate(labelled, start=1):

@@ -6,6 +6,7 @@ that is fresh. The dropout checks here are forward-level: they need no observabl
 apply to fused kernels (scaled_dot_product_attention) as well.
 """
 
+import copy
 import math
 
 import torch
@@ -157,26 +158,38 @@ def _after_a_lower_precision_call(case, x):
 
 
 @invariant("parameter-update-respected",
-           "after its parameters change in place (load_state_dict, an optimizer step on every parameter, then on one "
-           "alone; through .data too), forward equals a fresh module's given the same parameters",
+           "after its parameters change in place (load_state_dict, with assign=True too, an optimizer step on every "
+           "parameter, then on one alone; through .data too), forward equals a fresh module's given the same "
+           "parameters; so does a copy.deepcopy of it after the original's change",
            ALL_KINDS, "forward")
 def parameter_update_respected(case):
     """The module is called (eval and train) first, so anything computed lazily at the first call exists;
-    then (1) ``load_state_dict`` of a module built from another seed, (2) an in-place step
+    then (1) ``load_state_dict`` of a module built from another seed (for half the seeds with assign=True, which
+    puts new Parameter objects in place: a module that kept its weights in a plain list goes stale), (2) an in-place step
     p += 0.5 rms(p) N(0, 1) on every parameter, as an optimizer does, (3) the same step on one parameter
     tensor only, chosen by the seed (a LoRA merge into the value projection, ``load_state_dict(strict=False)``
     of a part: a fused-weight cache that watches some parameters' versions only). For half the seeds the steps
     write through ``p.data`` (an EMA or weight average does), which leaves ``p._version`` where it was: a cache
     refreshed when the version counter moves goes stale. After each, forward(x) must equal that of a module built
-    afresh with those parameters (set before its first call)."""
+    afresh with those parameters (set before its first call). A ``copy.deepcopy`` of the module made before its
+    first call (an EMA or teacher model) must then still compute with its own parameters: a projection held in a
+    closure over the original (a lambda, a bound method kept as an attribute) shows. Where deepcopy itself raises,
+    that part is skipped."""
     x, module = case.input(), case.module
+    try:
+        copied = case.guard("copy.deepcopy(module)", copy.deepcopy, module)
+    except Violation:
+        copied = None
     case.forward(x)
     case.forward(x, train=True)
     other = case.build(seed=case.cfg.seed + 1)
+    assign = (case.cfg.seed >> 4) % 2 == 1
+    state = {k: v.clone() for k, v in other.state_dict().items()} if assign else other.state_dict()
+    loading = "load_state_dict(assign=True)" if assign else "load_state_dict"
     with case.autograd_mode():  # (a buffer a forward made under inference mode is written only there)
-        case.guard("load_state_dict", module.load_state_dict, other.state_dict())
+        case.guard(loading, module.load_state_dict, state, **({"assign": True} if assign else {}))
     assert_close(case.forward(x), case.forward(x, module=other), dtype=x.dtype,
-                 what="output after load_state_dict of another module's state vs that module's output")
+                 what=f"output after {loading} of another module's state vs that module's output")
     generator = torch.Generator().manual_seed(case.cfg.seed)
     floating = [(name, p) for name, p in module.named_parameters()  # what an optimizer steps (frozen: buffers)
                 if p.is_floating_point() and p.requires_grad]
@@ -194,6 +207,10 @@ def parameter_update_respected(case):
                      what=f"output after an in-place step on {what} vs a fresh module given those parameters")
 
     step(floating, "every parameter")
+    if isinstance(copied, torch.nn.Module):
+        assert_close(case.forward(x, module=copied), case.forward(x, module=_fresh_with_parameters_of(case, copied)),
+                     dtype=x.dtype, what="output of a copy.deepcopy of the module (made before its first call), after "
+                                         "the original's parameters changed, vs a fresh module given the copy's parameters")
     if len(floating) > 1:
         name, p = floating[case.cfg.seed % len(floating)]
         step([(name, p)], f"{name!r} alone")
