@@ -2618,3 +2618,70 @@ CORPUS += [
     _bug(MHA, ProjectionInAClosure, "call history", ["parameter-update-respected"],
          "q/k/v projection in a lambda over self: a copy.deepcopy computes with the original's weights"),
 ]
+
+
+class _SoftmaxDropoutMaskIgnoredInBackward(torch.autograd.Function):
+    """softmax then dropout in one Function; the backward takes the incoming gradient as the softmax output's,
+    ignoring the mask and the 1 / (1 - p)."""
+
+    @staticmethod
+    def forward(ctx, s, p):
+        y = torch.softmax(s, dim=-1)
+        keep = torch.rand_like(y) >= p
+        ctx.save_for_backward(y)
+        return y * keep / (1 - p)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return y * (g - (g * y).sum(-1, keepdim=True)), None
+
+
+class FusedSoftmaxDropoutNotInFloat64(CausalAttention):
+    """Red-team pass 12: train mode at p > 0 takes a fused softmax-dropout kernel whose backward ignores the mask;
+    float64, which the kernel does not support, falls back to softmax and nn.Dropout (where finite differences ran)."""
+
+    def forward(self, x):
+        T = x.shape[1]
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        s = (q @ k.transpose(1, 2)).masked_fill(self.mask.bool()[:T, :T], -torch.inf) / k.shape[-1] ** 0.5
+        p = self.dropout.p
+        if self.training and p > 0 and x.dtype != torch.float64:
+            return _SoftmaxDropoutMaskIgnoredInBackward.apply(s, p) @ v
+        return self.dropout(torch.softmax(s, dim=-1)) @ v
+
+
+class _DropoutAddSharedGradient(torch.autograd.Function):
+    """residual + dropout(branch) in one Function (Megatron's bias_dropout_add without the bias); the backward hands
+    the residual the branch's masked gradient too (one buffer for both)."""
+
+    @staticmethod
+    def forward(ctx, branch, residual, p):
+        keep = (torch.rand_like(branch) >= p).to(branch.dtype) / (1 - p)
+        ctx.save_for_backward(keep)
+        return residual + branch * keep
+
+    @staticmethod
+    def backward(ctx, g):
+        (keep,) = ctx.saved_tensors
+        return g * keep, g * keep, None
+
+
+class FusedDropoutAddNotInFloat64(TransformerBlock):
+    """Red-team pass 12: in training at p > 0, outside float64, the shortcut dropout and the residual add run fused,
+    and the residual's gradient is masked and rescaled like the branch's."""
+
+    def forward(self, x):
+        p = self.drop_shortcut.p
+        if not (self.training and p > 0 and x.dtype != torch.float64):
+            return super().forward(x)
+        x = _DropoutAddSharedGradient.apply(self.att(self.norm1(x)), x, p)
+        return _DropoutAddSharedGradient.apply(self.ff(self.norm2(x)), x, p)
+
+
+CORPUS += [
+    _bug(CA, FusedSoftmaxDropoutNotInFloat64, "gradient", ["gradient-finite-differences"],
+         "outside float64, train mode at p > 0: a fused softmax-dropout whose backward ignores the mask"),
+    _bug(TB, FusedDropoutAddNotInFloat64, "gradient", ["gradient-finite-differences"],
+         "outside float64, train mode at p > 0: a fused dropout-add whose backward masks the residual's gradient too"),
+]

@@ -15,13 +15,15 @@ import torch.fx.experimental.symbolic_shapes  # noqa: F401  (torch.autograd.grad
 from hypothesis import strategies as st
 
 from attnspec import oracle
+from attnspec.case import Case
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import ALL_KINDS, invariant
 from attnspec.strategies import REGIMES, ZERO_OFFSET
 from attnspec.tolerance import ROPE_ANGLES, RTOL, allowed_error, assert_close, gradient_magnitudes
 
 COTANGENT_SALT = 7919  # the cotangent's seed is cfg.seed + this: independent of the input's
-FD_STEP = 1e-5  # central-difference step, relative to the tensor's rms (float64: ~eps^(1/3))
+# Central-difference steps, relative to a tensor's rms: ~eps^(1/3), where truncation (h^2) and rounding (eps / h) meet.
+FD_STEPS = {torch.float64: 1e-5, torch.float32: 5e-3}
 LOCAL_STEP = 1e-2  # gradient-reaches-parameters: a step this small (times rms) must move the output too
 
 
@@ -268,17 +270,18 @@ def gradient_oracle(case):
 
 
 @invariant("gradient-finite-differences",
-           "float64, train mode: the analytic directional derivative of <c, forward> along a random direction of x, "
-           "of all parameters and of one parameter alone, equals the central difference (with dropout, every call drops the same positions)",
+           "float64, train mode: the analytic directional derivative of <c, forward> along a random direction of x, of all "
+           "parameters and of one parameter alone, equals the central difference (with dropout, every call drops the "
+           "same positions; then in float32 too)",
            ALL_KINDS, "forward", dtypes=("float64",))
 def gradient_finite_differences(case):
     """Black-box: needs no projections. phi(s) = <c, forward(theta + s u)> for theta = x, then theta = all
     parameters at once (u ~ rms(t) N(0, 1) per tensor t; a wrong gradient of any one tensor shows,
-    unless errors cancel exactly: probability 0), h = FD_STEP. D(h) = (phi(h) - phi(-h)) / 2h = phi'(0)
+    unless errors cancel exactly: probability 0), h = FD_STEPS[dtype]. D(h) = (phi(h) - phi(-h)) / 2h = phi'(0)
     + h^2 phi3 / 6 + O(h^4), phi3 the third derivative. Its error has two parts, both given to
-    spec/tolerance.py: rounding, |phi error| <= RTOL[float64] * S with S = <|c|, |forward|> (the largest
+    spec/tolerance.py: rounding, |phi error| <= RTOL[dtype] * S with S = <|c|, |forward|> (the largest
     over the points evaluated: an output dropped to 0 at s = 0 is not at s = h), so
-    |D(h) error| <= RTOL[float64] * S / h (the magnitude S / h); truncation, measured as |D(h) - D(2h)|
+    |D(h) error| <= RTOL[dtype] * S / h (the magnitude S / h); truncation, measured as |D(h) - D(2h)|
     (= 3 h^2 |phi3| / 6, three times D(h)'s own). A failing parameter direction is then split per
     tensor to name the culprit; one tensor, chosen by the seed, is also checked alone (a wrong backward on one path,
     say the scores' through a fused softmax-dropout, is a small part of the joint derivative where the
@@ -286,10 +289,23 @@ def gradient_finite_differences(case):
     seeded alike, so the same positions drop and phi is the smooth function of one mask: a backward that
     recomputes forward with another mask (activation checkpointing without preserve_rng_state) or that
     ignores the mask shows. Every call runs with autograd on, so that the module takes one path. A module
-    whose masks do not follow the global RNG (a private generator) has its dropout examples redrawn."""
-    x = case.input()
-    if x.dtype != torch.float64:
+    whose masks do not follow the global RNG (a private generator) has its dropout examples redrawn. In float32 too
+    (the step larger, the bound looser): with dropout p > 0 on centred inputs of scale <= 3, the same check follows on
+    the example in float32, where a fused kernel that falls back to eager code in float64 (a softmax-dropout or
+    dropout-add Function whose backward ignores the mask) shows. At p = 0 gradient-oracle compares float32 gradients;
+    off-centre or large inputs saturate the softmax so far that a float32 difference quotient is rounding."""
+    if case.cfg.dtype != "float64":
         raise NotApplicable("finite differences need float64")
+    _finite_differences(case)
+    if case.cfg.dropout > 0 and case.cfg.offset == 0 and case.cfg.scale <= 3:
+        _finite_differences(Case(case.target, case.cfg.replace(dtype="float32"), case.time_limit, case.stdout_sink),
+                            " (the example in float32)")
+
+
+def _finite_differences(case, where=""):
+    """gradient-finite-differences on ``case``, in its dtype (float64 or float32); ``where`` ends each message."""
+    x = case.input()
+    step = FD_STEPS[x.dtype]
     params = _parameters(case.module)
     if case.cfg.dropout > 0 and not torch.equal(*(case.forward(x, train=True, needs_grad=True) for _ in range(2))):
         raise NotApplicable("train mode at dropout > 0 is not a function of the global RNG state (a private "
@@ -317,12 +333,12 @@ def gradient_finite_differences(case):
                         t.copy_(o)
 
         sizes = [scale]
-        d1 = (phi(FD_STEP) - phi(-FD_STEP)) / (2 * FD_STEP)
-        d2 = (phi(2 * FD_STEP) - phi(-2 * FD_STEP)) / (4 * FD_STEP)
-        analytic = sum((g.detach() * u).sum().item() for g, u in zip(tensor_grads, directions))
+        d1 = (phi(step) - phi(-step)) / (2 * step)
+        d2 = (phi(2 * step) - phi(-2 * step)) / (4 * step)
+        analytic = sum((g.detach().double() * u.double()).sum().item() for g, u in zip(tensor_grads, directions))
         assert_close(torch.tensor(analytic, dtype=torch.float64), torch.tensor(d1, dtype=torch.float64),
-                     dtype=torch.float64, magnitude=max(sizes) / FD_STEP, measured=abs(d1 - d2),
-                     what=f"directional derivative w.r.t. {label}, analytic vs central difference (step {FD_STEP:g})")
+                     dtype=x.dtype, magnitude=max(sizes) / step, measured=abs(d1 - d2),
+                     what=f"directional derivative w.r.t. {label}, analytic vs central difference (step {step:g}){where}")
 
     check("the input x", [x0], grads[:1], case.cfg.seed)
     if not params:
