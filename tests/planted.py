@@ -2685,3 +2685,49 @@ CORPUS += [
     _bug(TB, FusedDropoutAddNotInFloat64, "gradient", ["gradient-finite-differences"],
          "outside float64, train mode at p > 0: a fused dropout-add whose backward masks the residual's gradient too"),
 ]
+
+
+class _SoftmaxRecomputedWithoutPadding(torch.autograd.Function):
+    """A masked softmax that saves the scores and recomputes the softmax in backward (to save memory), re-applying the
+    causal mask only: the padding mask forward got is forgotten."""
+
+    @staticmethod
+    def forward(ctx, s, causal, padded):
+        ctx.save_for_backward(s)
+        ctx.causal = causal
+        return torch.softmax(s.masked_fill(causal | padded, -torch.inf), dim=-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (s,) = ctx.saved_tensors
+        y = torch.softmax(s.masked_fill(ctx.causal, -torch.inf), dim=-1)
+        return y * (g - (g * y).sum(-1, keepdim=True)), None, None
+
+
+class BackwardForgetsPaddingMask(GroupedQueryAttention):
+    """Red-team pass 12: forward is right with and without padding; with a padding mask the backward recomputes the
+    softmax without it, so a padded batch trains on wrong gradients and its padded tokens get gradient."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, num_kv_heads=None, qkv_bias=False,
+                 rope_base=None, rope_fraction=1.0, rope_interleaved=False, window=None):
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, num_kv_heads, qkv_bias, rope_base,
+                         rope_fraction, rope_interleaved, window)
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        if attention_mask is None or use_cache:
+            return super().forward(x, use_cache=use_cache, attention_mask=attention_mask)
+        b, T, _ = x.shape
+        q = self.rope(self.W_query(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2), 0)
+        k = self.rope(self.W_key(x).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2), 0)
+        v = self.W_value(x).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        g = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        s = (q @ k.transpose(2, 3)) / self.head_dim ** 0.5
+        w = _SoftmaxRecomputedWithoutPadding.apply(s, self.mask.bool()[:T, :T], self.padded(attention_mask, 0))
+        return self.out_proj((self.dropout(w) @ v).transpose(1, 2).reshape(b, T, self.d_out))
+
+
+CORPUS += [
+    _bug(GQA, BackwardForgetsPaddingMask, "gradient", ["padding-gradients"],
+         "with a padding mask, the backward recomputes the softmax without it: padded tokens get gradient"),
+]

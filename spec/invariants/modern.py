@@ -407,7 +407,7 @@ def _padded_decoding(case, x, real, out, plain, magnitude, what):
 
 @invariant("padding-gradients",
            "with a padding mask (left or right), a loss on the outputs at real tokens has finite gradients with respect "
-           "to the input and every parameter",
+           "to the input and every parameter, and none with respect to the input at padded tokens",
            PADDING_KINDS, "forward", min_tokens=2, dtypes=("float32", "bfloat16", "float16"))
 def padding_gradients(case):
     """Training on a padded batch: L = sum over real tokens t of c_t . out_t (c ~ N(0, 1)). The outputs at padded
@@ -415,7 +415,9 @@ def padding_gradients(case):
     query row with every key masked by -inf is softmax 0/0 = NaN, and its zero cotangent times that NaN is NaN in
     every parameter's gradient. A correct module keeps such rows finite (a finite fill, or rows zeroed). In the
     dtypes training runs in (Hugging Face's eager attention fills float64 masks with finfo(float64).min, which
-    its float32 softmax turns into -inf: NaN there, harmless to anyone training in float32 or less)."""
+    its float32 softmax turns into -inf: NaN there, harmless to anyone training in float32 or less). A real token's
+    output does not depend on a padded token (its key and value get weight exactly 0), so L's gradient with respect to
+    the input at padded positions is 0: a backward that recomputes the softmax without the padding mask shows."""
     from attnspec.invariants.gradients import cotangent
 
     x = case.input().requires_grad_()
@@ -432,6 +434,11 @@ def padding_gradients(case):
             raise Violation(f"{_described(left, pads)}: the gradient of a loss on the real tokens' outputs with respect "
                             f"to {name} is {g[index].item()} at {index}: a fully masked row's NaN (softmax over keys "
                             f"that are all -inf) reaches backward")
+    if grads[0] is not None and (~real).any():
+        assert_close(grads[0][~real], torch.zeros_like(grads[0][~real]), dtype=x.dtype,
+                     magnitude=grads[0][real].abs().max().item(),
+                     what=f"{_described(left, pads)}: the gradient of a loss on the real tokens' outputs with respect to "
+                          f"the input at padded tokens (a padded key or value reaches a real token in backward)")
 
 
 @invariant("padding-weights",
