@@ -251,7 +251,10 @@ def readings(module, parts, num_heads):
         return _attention_readings(module, parts, num_heads)
     att = _named(module, NAMES["att"], nn.Module)
     atts = [parts["att"], *(_attention_readings(att, parts["att"], num_heads) if att is not None else [])]
-    ffs = [parts["ff"], parts["ff"][::-1]]
+    emb = parts["norm1"][0].shape[0]
+    reversed_ff = parts["ff"][::-1]  # (only where its shapes chain: emb -> hidden -> emb)
+    chains = reversed_ff[0][0].shape[1] == emb and reversed_ff[1][0].shape[1] == reversed_ff[0][0].shape[0]
+    ffs = [parts["ff"], *([reversed_ff] if chains else [])]
     return [{**parts, "att": a, "ff": f} for a in atts for f in ffs][1:]
 
 
