@@ -2731,3 +2731,21 @@ CORPUS += [
     _bug(GQA, BackwardForgetsPaddingMask, "gradient", ["padding-gradients"],
          "with a padding mask, the backward recomputes the softmax without it: padded tokens get gradient"),
 ]
+
+
+class KVCacheCappedAt1024(GroupedQueryAttention):
+    """Red-team pass 12: the KV cache keeps the last 1024 tokens (a max_cache_len copied from a serving config), though
+    the module attends its whole context: past 1024 cached tokens the oldest are evicted (kv-cache-decoding's
+    1031-token landmark)."""
+
+    def forward(self, x, use_cache=False, attention_mask=None):
+        out = super().forward(x, use_cache=use_cache, attention_mask=attention_mask)
+        if use_cache and self.cache_k is not None and self.cache_k.shape[2] > 1024:
+            self.cache_k, self.cache_v = self.cache_k[:, :, -1024:], self.cache_v[:, :, -1024:]
+        return out
+
+
+CORPUS += [
+    _bug(GQA, KVCacheCappedAt1024, "size", ["kv-cache-decoding"],
+         "the KV cache keeps the last 1024 tokens only: decoding past 1024 tokens loses the first keys"),
+]

@@ -242,8 +242,8 @@ def _in_mode(case, what, fn, *args):
            "token, then in chunks after reset_cache()), gives forward(x)[:, s:e] at every step; a plain forward "
            "midway neither reads nor writes the cache; after crop_cache(k), forward(x[:, k:], use_cache=True) gives forward(x)[:, k:] "
            "(k at or past the cached tokens: a no-op); and so after a generation in bfloat16 and reset_cache()",
-           CACHE_KINDS, "forward", min_tokens=2, regimes=REGIMES[:-1] + ("longest",),
-           extreme_dtype="bfloat16")  # (bfloat16 positions past 256)
+           CACHE_KINDS, "forward", min_tokens=2, regimes=REGIMES[:-1] + ("longest",), landmarks=True,
+           extreme_dtype="bfloat16")  # (bfloat16 positions past 256; the landmarks: a cache capped at 1024 tokens)
 def kv_cache_decoding(case):
     """The cache contract of llms-from-scratch's KV-cache modules: ``forward(x, use_cache=True)`` appends
     x's keys and values to the cache and attends over every cached token, x's tokens taking the positions
