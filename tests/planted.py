@@ -2749,3 +2749,42 @@ CORPUS += [
     _bug(GQA, KVCacheCappedAt1024, "size", ["kv-cache-decoding"],
          "the KV cache keeps the last 1024 tokens only: decoding past 1024 tokens loses the first keys"),
 ]
+
+
+class _HalfScaledMaskedSoftmax(torch.autograd.Function):
+    """Megatron-style FusedScaleMaskSoftmax (float16/bfloat16 only): softmax(mask(scores) * scale) in one kernel; the
+    backward returns the gradient with respect to the scaled scores, without the factor ``scale``."""
+
+    @staticmethod
+    def forward(ctx, scores, mask, scale):
+        y = torch.softmax((scores * scale).masked_fill(mask, -torch.inf).float(), dim=-1).to(scores.dtype)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        gf, yf = g.float(), y.float()
+        return (yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(g.dtype), None, None
+
+
+class HalfPrecisionFusedSoftmaxBackwardUnscaled(MultiHeadAttention):
+    """Red-team pass 12: float16/bfloat16 scores take a fused scale-mask-softmax kernel (as Megatron's does only for
+    16-bit input), whose backward forgets the scale; float32 and float64 use torch.softmax."""
+
+    def forward(self, x):
+        b, T, _ = x.shape
+        q, k, v = (w(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        s, mask = q @ k.transpose(2, 3), self.mask.bool()[:T, :T]
+        if s.dtype in (torch.float16, torch.bfloat16):
+            w = _HalfScaledMaskedSoftmax.apply(s, mask, self.head_dim ** -0.5)
+        else:
+            w = torch.softmax(s.masked_fill(mask, -torch.inf) * self.head_dim ** -0.5, dim=-1)
+        return self.out_proj((self.dropout(w) @ v).transpose(1, 2).reshape(b, T, self.d_out))
+
+
+CORPUS += [
+    _bug(MHA, HalfPrecisionFusedSoftmaxBackwardUnscaled, "gradient", ["gradient-oracle"],
+         "float16/bfloat16 only: a fused softmax whose backward leaves out the scale"),
+]

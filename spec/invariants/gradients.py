@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from attnspec import oracle
 from attnspec.case import Case
-from attnspec.errors import NotApplicable, Violation
+from attnspec.errors import NotApplicable, Unsupported, Violation
 from attnspec.invariants.base import ALL_KINDS, invariant
 from attnspec.strategies import REGIMES, ZERO_OFFSET
 from attnspec.tolerance import ROPE_ANGLES, RTOL, allowed_error, assert_close, gradient_magnitudes
@@ -216,7 +216,8 @@ def _freezing(case, named):
            "train mode, dropout 0: the gradients of <c, forward(x)> w.r.t. x and every projection parameter "
            "equal the float64 oracle's on the module's own parameters (c a random cotangent); also with every "
            "parameter frozen (x's alone), with every other parameter frozen, and with x constant (the parameters' "
-           "alone); in eval mode too; a second backward through the same graph gives the same gradients",
+           "alone); in eval mode too; a second backward through the same graph gives the same gradients; for half the "
+           "float32 examples in float16 or bfloat16 as well",
            ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=ZERO_OFFSET,
            regimes=(*REGIMES, "longest", "longest"))  # tiled backward kernels branch past 256 tokens as well
 def gradient_oracle(case):
@@ -234,7 +235,25 @@ def gradient_oracle(case):
     backward that skips a gradient when another input needs none, or takes a fused path when one weight is
     frozen, shows. And the mode: train, or for half the seeds eval (saliency maps, fine-tuning with model.eval(),
     adversarial inputs: at dropout 0 the same function), where a path that detaches what eval needs no gradient
-    for shows."""
+    for shows. A float32 example of scale <= 3 is then checked in float16 (for a quarter of the seeds bfloat16, whose
+    rounding hides more) as well, where the same rule holds for what mixed-precision training gets wrong by far (a
+    fused half-precision softmax whose backward drops the scale: 500 times the reference's own error), not for
+    rounding."""
+    from attnspec.runner import unsupported_dtype  # (the runner imports the catalogue)
+
+    _gradient_oracle(case)
+    if case.cfg.dtype == "float32" and case.cfg.scale <= 3:
+        half = case.cfg.replace(dtype="bfloat16" if (case.cfg.seed >> 8) % 4 == 3 else "float16")
+        if unsupported_dtype(case.target, half, case.time_limit):  # (as in every example drawn in that dtype)
+            return
+        try:
+            _gradient_oracle(Case(case.target, half, case.time_limit, case.stdout_sink), f" (the example in {half.dtype})")
+        except (NotApplicable, Unsupported):  # (not checkable in that dtype: the float32 check stands)
+            pass
+
+
+def _gradient_oracle(case, where=""):
+    """gradient-oracle on ``case``, in its dtype; ``where`` ends each message."""
     parts, x = case.projections(), case.input()
     if case.kind.head_split and case.kind.structure == "attention" and "out" not in parts:
         raise NotApplicable("the output projection is not found (out_proj; an adapter can name it)")
@@ -266,7 +285,7 @@ def gradient_oracle(case):
         e, m, lo = expected[i], magnitudes[i], low[i]
         measured = (lo.double() - e).abs().max().item() if e.numel() else 0.0
         assert_close(g, e, dtype=x.dtype, magnitude=m, measured=measured,
-                     what=f"gradient w.r.t. {label} vs the float64 oracle's")
+                     what=f"gradient w.r.t. {label} vs the float64 oracle's{where}")
 
 
 @invariant("gradient-finite-differences",
