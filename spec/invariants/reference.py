@@ -36,12 +36,16 @@ def oracle_float64(case):
         raise NotApplicable(unusable, structural=False)
     gelu = case.contract.gelu
     expected = oracle.reference(case.kind, case.cfg, parts, x, gelu=gelu)
+    out, magnitude = case.forward(x), max(expected.abs().max().item(), 1e-30)
+    try:  # within RTOL[dtype] of the magnitude, the reference's own error need not be measured
+        return assert_close(out, expected, dtype=x.dtype, magnitude=magnitude, what="output vs float64 oracle")
+    except Violation:
+        pass
     held = held_dtype(x.dtype)  # the reference's own error, on inputs held as a correct module may hold them
     low = oracle.reference(case.kind, case.cfg, oracle.cast(parts, held), x.to(held), dtype=x.dtype, gelu=gelu,
                            angles=ROPE_ANGLES)
     measured = (low - expected).abs().max()
-    assert_close(case.forward(x), expected, dtype=x.dtype, measured=measured,
-                 magnitude=max(expected.abs().max().item(), 1e-30), what="output vs float64 oracle")
+    assert_close(out, expected, dtype=x.dtype, measured=measured, magnitude=magnitude, what="output vs float64 oracle")
 
 
 @invariant("qkv-bias", "qkv_bias=True gives the query/key/value projections a bias, False none; out_proj always has one "
