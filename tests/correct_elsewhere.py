@@ -1115,3 +1115,20 @@ class FeedForwardReversedRegistration(nn.Module):
 
 
 MODULES += [("mha", "NeoXFusedQKV"), ("mha", "RawLinearLayout"), ("transformer-block", "FeedForwardReversedRegistration")]
+
+
+class HeadsVisitedLastFirst(MultiHeadAttention):
+    """Kind mha: one softmax per head, the heads visited last to first, their outputs put back in order. Red-team pass
+    12: the per-head calls were stacked in call order, and the weights of head h met the oracle's of head H - 1 - h."""
+
+    def forward(self, x):
+        b, T, _ = x.shape
+        q, k, v = (w(x).view(b, T, self.num_heads, self.head_dim) for w in (self.W_query, self.W_key, self.W_value))
+        outs = [None] * self.num_heads
+        for h in reversed(range(self.num_heads)):
+            s = (q[:, :, h] @ k[:, :, h].transpose(1, 2)).masked_fill(_future(T, x.device), -torch.inf)
+            outs[h] = self.dropout(torch.softmax(s / math.sqrt(self.head_dim), dim=-1)) @ v[:, :, h]
+        return self.out_proj(torch.cat(outs, dim=-1))
+
+
+MODULES += [("mha", "HeadsVisitedLastFirst")]

@@ -129,6 +129,24 @@ def layout_of(case, x, seen, observe=None, train=False, also=()):
     return head_layout([h.weights for h in seen.heads], lead, x.shape[-2], perturbed if lead else None, also)
 
 
+def head_order(observed, expected):
+    """Indices putting the heads (axis -3) of ``observed`` in ``expected``'s order: identity unless another one-to-one
+    matching, each expected head given the observed one closest to it, is closer everywhere. A module making one
+    softmax call per head may visit the heads in any order (last head first) and put their outputs back in place;
+    a head that computes another head's weights still changes the output (oracle-float64)."""
+    heads = observed.shape[-3]
+    identity = torch.arange(heads, device=observed.device)
+    if heads < 2 or observed.shape != expected.shape:
+        return identity
+    o, e = observed.detach().double().nan_to_num(), expected.detach().double().nan_to_num()
+    cost = torch.stack([(o.select(-3, i) - e.select(-3, j)).abs().amax() for i in range(heads) for j in range(heads)])
+    cost = cost.reshape(heads, heads)  # [observed head, expected head]
+    matched = cost.argmin(0)
+    if len(set(matched.tolist())) < heads or not cost[matched, identity].max() < cost.diagonal().max():
+        return identity
+    return matched.to(observed.device)
+
+
 def observed_and_reference_weights(case, parts, x):
     """(observed, expected, measured): the observed weights on past positions (renormalized: the seed's
     first method masks after the softmax), the oracle's in float64, and the oracle's own error in x's dtype."""
@@ -140,6 +158,8 @@ def observed_and_reference_weights(case, parts, x):
     if observed.shape != expected.shape:
         raise Violation(f"observed attention weights of shape {tuple(observed.shape)} (heads stacked), expected "
                         f"{tuple(expected.shape)} (num_heads={case.cfg.num_heads}, num_tokens={x.shape[-2]})")
+    if len(seen.heads) > 1:  # one softmax call per head: in the order the module visits them
+        observed = observed.index_select(-3, head_order(observed, expected))
     low = oracle.reference_weights(case.kind, case.cfg, parts, x, dtype=x.dtype, angles=ROPE_ANGLES)
     measured = (low.reshape(expected.shape) - expected).abs().max()
     return observed, expected, measured
