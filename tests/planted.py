@@ -2708,11 +2708,6 @@ class BackwardForgetsPaddingMask(GroupedQueryAttention):
     """Red-team pass 12: forward is right with and without padding; with a padding mask the backward recomputes the
     softmax without it, so a padded batch trains on wrong gradients and its padded tokens get gradient."""
 
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, num_kv_heads=None, qkv_bias=False,
-                 rope_base=None, rope_fraction=1.0, rope_interleaved=False, window=None):
-        super().__init__(d_in, d_out, context_length, dropout, num_heads, num_kv_heads, qkv_bias, rope_base,
-                         rope_fraction, rope_interleaved, window)
-
     def forward(self, x, use_cache=False, attention_mask=None):
         if attention_mask is None or use_cache:
             return super().forward(x, use_cache=use_cache, attention_mask=attention_mask)

@@ -11,7 +11,7 @@ import torch
 from attnspec import oracle
 from attnspec.errors import NotApplicable, Violation
 from attnspec.invariants.base import CAUSAL_KINDS, invariant
-from attnspec.invariants.weights import head_order, layout_of, stacked
+from attnspec.invariants.weights import eval_head_order, layout_of
 from attnspec.strategies import MODERATE_DROPOUTS, NONZERO_DROPOUTS
 from attnspec.tolerance import allowed_error, assert_close, softmax_rounding
 
@@ -162,13 +162,12 @@ def dropout_output_from_applied_weights(case):
     if applied.shape[-3] != heads:
         raise NotApplicable(f"the applied weights are not observed as {heads} (num_tokens x num_tokens) matrices "
                             f"per batch element", structural=False)
-    if len(seen.heads) > 1:  # one softmax call per head, in the order the module visits them: as eval's calls match
-        _, eval_seen = case.observe(x)
-        evaluated = stacked(case, x, eval_seen)
-        evaluated = oracle.renormalized_causal(evaluated, case.cfg.window) if case.kind.causal else evaluated
-        reference = oracle.reference_weights(case.kind, case.cfg, parts, x)
-        if reference.numel() == evaluated.numel():
-            applied = applied.index_select(-3, head_order(evaluated, reference.reshape(evaluated.shape)))
+    if len(seen.heads) > 1:  # one softmax call per head, in the order the module visits them: as in eval mode
+        order = eval_head_order(case, parts, x)
+        if order is None:
+            raise NotApplicable("the heads' eval weights are equal: which head each softmax call computed cannot be "
+                                "told", structural=False)
+        applied = applied.index_select(-3, order.to(applied.device))
 
     def computed(dtype):
         return oracle.output_from_weights(case.kind, case.cfg, oracle.cast(parts, dtype), x.to(dtype), applied.to(dtype))

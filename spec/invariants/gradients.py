@@ -216,8 +216,8 @@ def _freezing(case, named):
            "train mode, dropout 0: the gradients of <c, forward(x)> w.r.t. x and every projection parameter "
            "equal the float64 oracle's on the module's own parameters (c a random cotangent); also with every "
            "parameter frozen (x's alone), with every other parameter frozen, and with x constant (the parameters' "
-           "alone); in eval mode too; a second backward through the same graph gives the same gradients; for half the "
-           "float32 examples in float16 or bfloat16 as well",
+           "alone); in eval mode too; a second backward through the same graph gives the same gradients; a float32 example "
+           "of scale <= 3 in float16 or bfloat16 as well",
            ALL_KINDS, "params", dropouts=st.just(0.0), dtypes=("float32", "float64"), offsets=ZERO_OFFSET,
            regimes=(*REGIMES, "longest", "longest"))  # tiled backward kernels branch past 256 tokens as well
 def gradient_oracle(case):

@@ -131,9 +131,10 @@ def layout_of(case, x, seen, observe=None, train=False, also=()):
 
 def head_order(observed, expected):
     """Indices putting the heads (axis -3) of ``observed`` in ``expected``'s order: identity unless another one-to-one
-    matching, each expected head given the observed one closest to it, is closer everywhere. A module making one
-    softmax call per head may visit the heads in any order (last head first) and put their outputs back in place;
-    a head that computes another head's weights still changes the output (oracle-float64)."""
+    matching, each expected head given the observed one closest to it, is closer everywhere; None where the weights
+    cannot tell the heads apart (some expected head as close to two observed ones: at one token every weight is 1).
+    A module making one softmax call per head may visit the heads in any order (last head first) and put their
+    outputs back in place; a head that computes another head's weights still changes the output (oracle-float64)."""
     heads = observed.shape[-3]
     identity = torch.arange(heads, device=observed.device)
     if heads < 2 or observed.shape != expected.shape:
@@ -141,15 +142,17 @@ def head_order(observed, expected):
     o, e = observed.detach().double().nan_to_num(), expected.detach().double().nan_to_num()
     cost = torch.stack([(o.select(-3, i) - e.select(-3, j)).abs().amax() for i in range(heads) for j in range(heads)])
     cost = cost.reshape(heads, heads)  # [observed head, expected head]
+    if ((cost == cost.min(0).values).sum(0) > 1).any():
+        return None
     matched = cost.argmin(0)
     if len(set(matched.tolist())) < heads or not cost[matched, identity].max() < cost.diagonal().max():
         return identity
     return matched.to(observed.device)
 
 
-def observed_and_reference_weights(case, parts, x):
-    """(observed, expected, measured): the observed weights on past positions (renormalized: the seed's
-    first method masks after the softmax), the oracle's in float64, and the oracle's own error in x's dtype."""
+def _eval_weights(case, parts, x):
+    """(observed eval weights on past positions, heads stacked in call order; the oracle's in float64; the head order
+    putting the observed heads in the oracle's: ``head_order`` where one softmax call per head was made)."""
     _, seen = case.observe(x)
     observed = stacked(case, x, seen)
     if case.kind.causal:
@@ -158,8 +161,24 @@ def observed_and_reference_weights(case, parts, x):
     if observed.shape != expected.shape:
         raise Violation(f"observed attention weights of shape {tuple(observed.shape)} (heads stacked), expected "
                         f"{tuple(expected.shape)} (num_heads={case.cfg.num_heads}, num_tokens={x.shape[-2]})")
-    if len(seen.heads) > 1:  # one softmax call per head: in the order the module visits them
-        observed = observed.index_select(-3, head_order(observed, expected))
+    one_call = len(seen.heads) == 1
+    order = torch.arange(observed.shape[-3], device=observed.device) if one_call else head_order(observed, expected)
+    return observed, expected, order
+
+
+def eval_head_order(case, parts, x):
+    """Indices putting the heads of ``x``'s observed weights (stacked in call order) in the oracle's order; None
+    where the weights cannot tell them apart (``head_order``)."""
+    return _eval_weights(case, parts, x)[2]
+
+
+def observed_and_reference_weights(case, parts, x):
+    """(observed, expected, measured): the observed weights on past positions (renormalized: the seed's
+    first method masks after the softmax), heads in the oracle's order (``eval_head_order``), the oracle's in
+    float64, and the oracle's own error in x's dtype."""
+    observed, expected, order = _eval_weights(case, parts, x)
+    if order is not None:  # (heads the weights cannot tell apart have equal weights: any order)
+        observed = observed.index_select(-3, order)
     low = oracle.reference_weights(case.kind, case.cfg, parts, x, dtype=x.dtype, angles=ROPE_ANGLES)
     measured = (low.reshape(expected.shape) - expected).abs().max()
     return observed, expected, measured
